@@ -1,0 +1,168 @@
+"""The `extproc` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import envoyconf
+from .config import ConfigError, GatewayConfig, load_config
+
+DEFAULT_CONFIG = "gateway.yaml"
+DEFAULT_ENVOY = "envoy/envoy.yaml"
+
+
+def _config_path(arg: str | None) -> str:
+    return arg or os.environ.get("EXTPROC_CONFIG") or DEFAULT_CONFIG
+
+
+def _load(arg: str | None) -> GatewayConfig:
+    try:
+        return load_config(_config_path(arg))
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logging.basicConfig(
+        level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from .server import run
+
+    run(config, args.listen)
+    return 0
+
+
+def cmd_mock(args: argparse.Namespace) -> int:
+    from .mock.server import MockOptions, run
+
+    run(
+        args.host,
+        args.port,
+        MockOptions(
+            openai_key=args.openai_key or os.environ.get("MOCK_OPENAI_KEY"),
+            anthropic_key=args.anthropic_key or os.environ.get("MOCK_ANTHROPIC_KEY"),
+        ),
+    )
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        envoy_cfg = envoyconf.load(args.envoy)
+    except (OSError, ValueError) as err:
+        print(f"{args.envoy}: {err}", file=sys.stderr)
+        return 2
+    problems = envoyconf.check(config, envoy_cfg)
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    routes = envoyconf.provider_clusters(envoy_cfg)
+    print(f"{_config_path(args.config)}: ok ({len(config.providers)} providers, {len(config.models)} model entries)")
+    for provider in config.providers:
+        print(f"  {provider} -> cluster {routes[provider]}")
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from .devstack import Stack
+
+    ports = envoyconf.LocalPorts(listener=args.port, admin=args.admin_port, extproc=args.extproc_port, mock=args.mock_port)
+    config = _load(args.config)
+    # A provider whose key is in the environment (OPENAI_API_KEY for "openai") goes to the real API.
+    real = frozenset(p for p in config.providers if os.environ.get(f"{p.upper().replace('-', '_')}_API_KEY"))
+    if args.print_envoy_config:
+        print(envoyconf.dump(envoyconf.derive_local(envoyconf.load(args.envoy), ports, real)), end="")
+        return 0
+    problems = envoyconf.check(config, envoyconf.load(args.envoy))
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 1
+    stack = Stack(
+        gateway_config=Path(_config_path(args.config)),
+        envoy_config=Path(args.envoy),
+        workdir=Path(".dev"),
+        ports=ports,
+        real_providers=real,
+        with_mock=len(real) < len(config.providers),
+    )
+    stack.start()
+    models = [m.name for m in config.models if not m.is_wildcard]
+    openai_model = next((m.name for m in config.models if config.providers[m.provider].schema_ == "openai" and not m.is_wildcard), "MODEL")
+    anthropic_model = next(
+        (m.name for m in config.models if config.providers[m.provider].schema_ == "anthropic" and not m.is_wildcard), "MODEL"
+    )
+    mocked = sorted(set(config.providers) - real)
+    print(
+        f"""
+gateway ready on {stack.base_url}   (logs in .dev/; Ctrl-C stops everything)
+  providers on the mock: {", ".join(mocked) or "none"}; real: {", ".join(sorted(real)) or "none"}
+  models: {", ".join(models)}
+
+  curl {stack.base_url}/v1/models
+  curl {stack.base_url}/v1/chat/completions -H 'content-type: application/json' \\
+       -d '{{"model":"{openai_model}","messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -N {stack.base_url}/v1/messages -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' \\
+       -d '{{"model":"{anthropic_model}","max_tokens":64,"stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
+
+  OpenAI SDK:    OpenAI(base_url="{stack.base_url}/v1", api_key="unused")
+  Anthropic SDK: Anthropic(base_url="{stack.base_url}", api_key="unused")
+""",
+        flush=True,
+    )
+    try:
+        return stack.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="LLM gateway: Envoy ext_proc server and tools.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gRPC ext_proc server")
+    p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18080)
+    p.add_argument("--openai-key", help="require this OpenAI key (default: $MOCK_OPENAI_KEY, else accept any)")
+    p.add_argument("--anthropic-key", help="require this Anthropic key (default: $MOCK_ANTHROPIC_KEY, else accept any)")
+    p.set_defaults(func=cmd_mock)
+
+    p = sub.add_parser("check", help="validate gateway.yaml and its routes in envoy.yaml")
+    p.add_argument("--config")
+    p.add_argument("--envoy", default=DEFAULT_ENVOY)
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("dev", help="run Envoy + server + mock provider locally")
+    p.add_argument("--config")
+    p.add_argument("--envoy", default=DEFAULT_ENVOY)
+    p.add_argument("--port", type=int, default=10000, help="Envoy listener port")
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--extproc-port", type=int, default=50051)
+    p.add_argument("--mock-port", type=int, default=18080)
+    p.add_argument("--print-envoy-config", action="store_true", help="print the derived Envoy config and exit")
+    p.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

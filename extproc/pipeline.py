@@ -1,0 +1,159 @@
+"""Per-request state and the stage interface.
+
+A stage is a small object with async hooks for the phases it cares about. It reads and edits the
+RequestContext; it never builds protobuf messages. To refuse a request a stage raises GatewayError;
+to answer it directly (e.g. /v1/models) it sets `ctx.reply`. The processor turns the context's
+pending edits into one ext_proc reply per phase, so stages compose without knowing about each other.
+
+Later issues (auth, quotas, redaction, cache, accounting) are new stages; they hook in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import orjson
+
+from .errors import ErrorKind, GatewayError
+from .providers import Endpoint, ProviderAdapter
+from .routing import Route
+from .sse import SSEEvent
+
+
+@dataclass(slots=True)
+class DirectReply:
+    """A response the gateway answers itself instead of forwarding."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+@dataclass(slots=True)
+class ResponseChunk:
+    data: bytes
+    end_of_stream: bool
+    # Complete SSE events in this chunk, when the response is an event stream and a stage asked for them.
+    events: list[SSEEvent] | None = None
+    # A stage that changes `data` sets this so the processor sends a body mutation.
+    replaced: bool = False
+
+
+class RequestContext:
+    """Everything known about one HTTP exchange, filled in phase by phase."""
+
+    __slots__ = (
+        "_json",
+        "adapter",
+        "body",
+        "body_dirty",
+        "clear_route_cache",
+        "endpoint",
+        "headers",
+        "metadata",
+        "method",
+        "path",
+        "remove_headers",
+        "reply",
+        "request_id",
+        "response_content_type",
+        "response_status",
+        "route",
+        "set_headers",
+        "streaming",
+        "wants_response_body",
+        "wants_response_events",
+        "wants_response_headers",
+    )
+
+    def __init__(self) -> None:
+        self.headers: dict[str, str] = {}
+        self.method = ""
+        self.path = ""
+        self.request_id = ""
+        self.endpoint: Endpoint | None = None
+        # Adapter of the schema the *client* speaks (from the path), used to render errors.
+        self.adapter: ProviderAdapter | None = None
+        self.body: bytes | None = None
+        self._json: dict[str, Any] | None = None
+        self.body_dirty = False
+        self.route: Route | None = None
+        self.streaming = False
+        self.reply: DirectReply | None = None
+        # Pending edits for the current phase; the processor drains them into the reply.
+        self.set_headers: dict[str, str] = {}
+        self.remove_headers: list[str] = []
+        self.clear_route_cache = False
+        # Values for Envoy's dynamic metadata (namespace "gateway"): access logs, rate limit filters.
+        self.metadata: dict[str, Any] = {}
+        self.wants_response_headers = False
+        self.wants_response_body = False
+        self.wants_response_events = False
+        self.response_status = 0
+        self.response_content_type = ""
+
+    @property
+    def json(self) -> dict[str, Any]:
+        """The request body as a JSON object, parsed once on first use."""
+        if self._json is None:
+            if not self.body:
+                raise GatewayError(
+                    ErrorKind.INVALID_REQUEST, "Request body is empty; expected a JSON object.", "empty_body"
+                )
+            try:
+                parsed = orjson.loads(self.body)
+            except orjson.JSONDecodeError as err:
+                raise GatewayError(
+                    ErrorKind.INVALID_REQUEST,
+                    f"Request body is not valid JSON (at byte {err.pos}).",
+                    "invalid_json",
+                ) from None
+            if not isinstance(parsed, dict):
+                raise GatewayError(ErrorKind.INVALID_REQUEST, "Request body must be a JSON object.", "invalid_json")
+            self._json = parsed
+        return self._json
+
+    def mark_body_changed(self) -> None:
+        """Stages edit `ctx.json` in place and call this; the processor serializes once."""
+        self.body_dirty = True
+
+
+class Stage:
+    """Base class with no-op hooks. Only overridden hooks are called (see Pipeline)."""
+
+    name: ClassVar[str] = "stage"
+
+    async def request_headers(self, ctx: RequestContext) -> None:
+        return None
+
+    async def request_body(self, ctx: RequestContext) -> None:
+        return None
+
+    async def response_headers(self, ctx: RequestContext) -> None:
+        return None
+
+    async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
+        return None
+
+    async def finish(self, ctx: RequestContext) -> None:
+        """Called once when the exchange ends, however it ends (completed, refused, client gone).
+        Stages that hold state for a request (reservations, partial records) release it here."""
+        return None
+
+
+_HOOKS = ("request_headers", "request_body", "response_headers", "response_body", "finish")
+
+
+class Pipeline:
+    """Ordered stages, pre-sorted per hook so the hot path never awaits a no-op."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = tuple(stages)
+        by_hook = {h: tuple(s for s in stages if getattr(type(s), h) is not getattr(Stage, h)) for h in _HOOKS}
+        self.on_request_headers = by_hook["request_headers"]
+        self.on_request_body = by_hook["request_body"]
+        self.on_response_headers = by_hook["response_headers"]
+        self.on_response_body = by_hook["response_body"]
+        self.on_finish = by_hook["finish"]

@@ -1,0 +1,249 @@
+"""One ext_proc stream = one HTTP exchange: walk its phases through the pipeline.
+
+The processor owns the protocol (which reply answers which message, when the stream can end); the
+stages own the policy. It ends its side of the stream as soon as no stage needs the rest of the
+exchange, so Envoy stops sending messages for it: most requests cost two round trips (request
+headers + buffered body), not four or more.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import orjson
+
+from . import replies
+from .errors import ErrorKind, GatewayError
+from .pipeline import Pipeline, RequestContext, ResponseChunk
+from .providers import ADAPTERS, ENDPOINTS
+from .sse import SSEError, SSEParser
+from .wire import external_processor_pb2 as ep
+
+if TYPE_CHECKING:
+    from .providers import ProviderAdapter
+
+log = logging.getLogger("extproc.processor")
+
+_OPENAI = ADAPTERS["openai"]
+_ANTHROPIC = ADAPTERS["anthropic"]
+
+
+def _headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+        key = h.key
+        out[key] = f"{out[key]},{value}" if key in out else value
+    return out
+
+
+def _client_adapter(headers: dict[str, str]) -> ProviderAdapter:
+    """Schema to answer in when the path does not say (unknown endpoints): the Anthropic SDK always
+    sends anthropic-version."""
+    return _ANTHROPIC if "anthropic-version" in headers else _OPENAI
+
+
+class Processor:
+    __slots__ = ("ctx", "done", "pipeline", "sse")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.ctx = RequestContext()
+        self.done = False
+        self.sse: SSEParser | None = None
+
+    async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "request_headers":
+                return await self._request_headers(req.request_headers)
+            if kind == "request_body":
+                return await self._request_body(req.request_body)
+            if kind == "response_headers":
+                return await self._response_headers(req.response_headers)
+            if kind == "response_body":
+                return await self._response_body(req.response_body)
+        except GatewayError as err:
+            return self._error(err)
+        except Exception:
+            log.exception("stage failed on %s (request %s)", kind, self.ctx.request_id)
+            return self._error(
+                GatewayError(ErrorKind.INTERNAL, "The gateway failed to process this request.", "gateway_error")
+            )
+        resp = ep.ProcessingResponse()
+        if kind == "request_trailers":
+            resp.request_trailers.SetInParent()
+        elif kind == "response_trailers":
+            resp.response_trailers.SetInParent()
+            self.done = True
+        else:
+            return None  # not a phase message (e.g. flow control): nothing to answer
+        return resp
+
+    async def finish(self) -> None:
+        for stage in self.pipeline.on_finish:
+            try:
+                await stage.finish(self.ctx)
+            except Exception:
+                log.exception("stage %s failed in finish (request %s)", stage.name, self.ctx.request_id)
+
+    # -- request phases ---------------------------------------------------------------------------
+
+    async def _request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        headers = _headers_of(msg)
+        ctx.method = headers.pop(":method", "")
+        raw_path = headers.pop(":path", "")
+        ctx.path = raw_path.split("?", 1)[0]
+        ctx.request_id = headers.get("x-request-id", "")
+        found = ENDPOINTS.get(ctx.path)
+        if found is not None:
+            ctx.adapter, ctx.endpoint = found
+        else:
+            ctx.adapter = _client_adapter(headers)
+        ctx.headers = headers
+        for stage in self.pipeline.on_request_headers:
+            await stage.request_headers(ctx)
+            if ctx.reply is not None:
+                return self._direct()
+        if msg.end_of_stream and ctx.endpoint is not None:
+            # A routed endpoint needs a body; Envoy will send no body message.
+            ctx.body = b""
+            return await self._request_body_done(phase="request_headers")
+        resp = ep.ProcessingResponse()
+        replies.common(resp.request_headers.response, {}, ctx.remove_headers)
+        resp.request_headers.SetInParent()
+        ctx.remove_headers = []
+        if msg.end_of_stream:
+            self.done = not ctx.wants_response_headers
+        return resp
+
+    async def _request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        # BUFFERED mode delivers the whole body in one message; accumulate anyway in case the
+        # filter is configured for streamed request bodies.
+        ctx.body = msg.body if ctx.body is None else ctx.body + msg.body
+        if not msg.end_of_stream:
+            resp = ep.ProcessingResponse()
+            resp.request_body.SetInParent()
+            return resp
+        return await self._request_body_done(phase="request_body")
+
+    async def _request_body_done(self, phase: str) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        for stage in self.pipeline.on_request_body:
+            await stage.request_body(ctx)
+            if ctx.reply is not None:
+                return self._direct()
+        new_body: bytes | None = None
+        if ctx.body_dirty:
+            new_body = orjson.dumps(ctx.json)
+            ctx.set_headers["content-length"] = str(len(new_body))
+        resp = ep.ProcessingResponse()
+        phase_resp = resp.request_body if phase == "request_body" else resp.request_headers
+        phase_resp.SetInParent()
+        replies.common(
+            phase_resp.response,
+            ctx.set_headers,
+            ctx.remove_headers,
+            body=new_body if phase == "request_body" else None,
+            clear_route_cache=ctx.clear_route_cache,
+        )
+        replies.add_metadata(resp, ctx.metadata)
+        ctx.set_headers, ctx.remove_headers, ctx.metadata = {}, [], {}
+        self.done = not ctx.wants_response_headers
+        return resp
+
+    # -- response phases --------------------------------------------------------------------------
+
+    async def _response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        headers = _headers_of(msg)
+        status = headers.get(":status", "0")
+        ctx.response_status = int(status) if status.isdigit() else 0
+        ctx.response_content_type = headers.get("content-type", "")
+        for stage in self.pipeline.on_response_headers:
+            await stage.response_headers(ctx)
+        resp = ep.ProcessingResponse()
+        resp.response_headers.SetInParent()
+        remove = ctx.remove_headers
+        if ctx.wants_response_body and not msg.end_of_stream:
+            replies.stream_response_body_override(resp)
+            # STREAMED bodies go out chunked; a stale content-length would truncate the client's view.
+            remove = [*remove, "content-length"]
+            if ctx.wants_response_events and "text/event-stream" in ctx.response_content_type:
+                self.sse = SSEParser()
+        else:
+            self.done = True
+        replies.common(resp.response_headers.response, ctx.set_headers, remove)
+        replies.add_metadata(resp, ctx.metadata)
+        ctx.set_headers, ctx.remove_headers, ctx.metadata = {}, [], {}
+        return resp
+
+    async def _response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        chunk = ResponseChunk(msg.body, msg.end_of_stream)
+        if self.sse is not None:
+            try:
+                chunk.events = self.sse.feed(msg.body)
+                if msg.end_of_stream:
+                    chunk.events.extend(self.sse.flush())
+            except SSEError:
+                log.warning("response for request %s is not a parseable event stream", ctx.request_id)
+                self.sse = None
+                chunk.events = None
+        try:
+            for stage in self.pipeline.on_response_body:
+                await stage.response_body(ctx, chunk)
+        except GatewayError as err:
+            # Headers already went to the client: the status cannot change any more.
+            log.warning(
+                "stage refused a response chunk after headers were sent (request %s): %s", ctx.request_id, err.code
+            )
+        resp = ep.ProcessingResponse()
+        resp.response_body.SetInParent()
+        replies.common(resp.response_body.response, {}, (), body=chunk.data if chunk.replaced else None)
+        replies.add_metadata(resp, ctx.metadata)
+        ctx.metadata = {}
+        if msg.end_of_stream:
+            self.done = True
+        return resp
+
+    # -- direct answers ---------------------------------------------------------------------------
+
+    def _direct(self) -> ep.ProcessingResponse:
+        reply = self.ctx.reply
+        assert reply is not None
+        headers = {"content-type": reply.content_type, **reply.headers}
+        self.done = True
+        resp = replies.immediate(reply.status, reply.body, headers, "extproc_direct_reply")
+        replies.add_metadata(resp, self.ctx.metadata)
+        return resp
+
+    def _error(self, err: GatewayError) -> ep.ProcessingResponse:
+        ctx = self.ctx
+        adapter = ctx.adapter or _OPENAI
+        headers = {"content-type": "application/json", **err.headers}
+        if ctx.request_id:
+            headers["x-request-id"] = ctx.request_id
+        self.done = True
+        resp = replies.immediate(err.status, adapter.error_body(err), headers, f"extproc_{err.code or 'error'}")
+        replies.add_metadata(resp, {**ctx.metadata, "error": err.code or "error"})
+        return resp
+
+
+async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Drive one ext_proc stream with context.read()/write() (cheaper than an async generator)."""
+    proc = Processor(pipeline)
+    try:
+        while not proc.done:
+            req = await context.read()
+            if req is grpc.aio.EOF:
+                break
+            resp = await proc.handle(req)
+            if resp is not None:
+                await context.write(resp)
+    finally:
+        await proc.finish()

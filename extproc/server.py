@@ -1,0 +1,85 @@
+"""The grpc.aio ext_proc server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Any
+
+import grpc
+
+from .config import GatewayConfig
+from .pipeline import Pipeline
+from .processor import serve_stream
+from .routing import Router
+from .stages import default_stages
+from .wire import external_processor_pb2_grpc as ep_grpc
+
+log = logging.getLogger("extproc.server")
+
+
+class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await serve_stream(self.pipeline, context)
+
+
+def build_pipeline(config: GatewayConfig) -> Pipeline:
+    return Pipeline(default_stages(Router(config)))
+
+
+def create_server(
+    config: GatewayConfig, pipeline: Pipeline | None = None, listen: str | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
+    limit = config.server.max_message_bytes
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            # Envoy keeps one long-lived HTTP/2 connection per worker; allow its keepalive pings.
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(pipeline or build_pipeline(config)), server)
+    address = listen or config.server.listen
+    port = server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+async def serve(config: GatewayConfig, listen: str | None = None, ready: asyncio.Event | None = None) -> None:
+    server, port = create_server(config, listen=listen)
+    await server.start()
+    log.info("ext_proc server listening on %s", listen or config.server.listen)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        # Let in-flight streams (long SSE responses) finish; Kubernetes' grace period bounds this.
+        log.info("shutting down; waiting up to 25s for open streams")
+        await server.stop(grace=25)
+    waiter.cancel()
+    stopper.cancel()
+
+
+def run(config: GatewayConfig, listen: str | None = None) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(serve(config, listen))
+    except ImportError:
+        asyncio.run(serve(config, listen))

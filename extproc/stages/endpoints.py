@@ -1,0 +1,30 @@
+"""Refuse what the gateway does not proxy, before any body is buffered.
+
+Only known LLM endpoints go upstream: an unknown path or method gets a 404/405 here rather than
+reaching a provider with the gateway's credentials (later) attached.
+"""
+
+from __future__ import annotations
+
+from ..errors import ErrorKind, GatewayError
+from ..pipeline import RequestContext, Stage
+
+
+class EndpointStage(Stage):
+    name = "endpoints"
+
+    async def request_headers(self, ctx: RequestContext) -> None:
+        ep = ctx.endpoint
+        if ep is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"Invalid URL ({ctx.method} {ctx.path}).", "unknown_endpoint")
+        if ctx.method != ep.method:
+            raise GatewayError(
+                ErrorKind.METHOD_NOT_ALLOWED, f"Method {ctx.method} not allowed on {ctx.path}.", "method_not_allowed"
+            )
+        ctype = ctx.headers.get("content-type", "application/json")
+        if "json" not in ctype.lower():
+            raise GatewayError(
+                ErrorKind.UNSUPPORTED_MEDIA,
+                f"Unsupported content-type {ctype[:64]!r}; send application/json.",
+                "unsupported_media_type",
+            )

@@ -1,0 +1,42 @@
+"""GET /v1/models and /v1/models/{id}, answered from config so clients can discover routable names.
+
+The list is rendered in the caller's schema: Anthropic's SDK sends `anthropic-version`, OpenAI's does not.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote
+
+from ..errors import ErrorKind, GatewayError
+from ..pipeline import DirectReply, RequestContext, Stage
+from ..providers import ADAPTERS
+from ..routing import Router
+
+_PREFIX = "/v1/models/"
+
+
+class ModelsStage(Stage):
+    name = "models"
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+        self._lists = {schema: a.models_body(router.listed) for schema, a in ADAPTERS.items()}
+
+    async def request_headers(self, ctx: RequestContext) -> None:
+        path = ctx.path
+        if path != "/v1/models" and not path.startswith(_PREFIX):
+            return
+        adapter = ADAPTERS["anthropic"] if "anthropic-version" in ctx.headers else ADAPTERS["openai"]
+        ctx.adapter = adapter
+        if ctx.method != "GET":
+            raise GatewayError(
+                ErrorKind.METHOD_NOT_ALLOWED, f"Method {ctx.method} not allowed on {path}.", "method_not_allowed"
+            )
+        if path == "/v1/models":
+            ctx.reply = DirectReply(200, self._lists[adapter.schema])
+            return
+        model = unquote(path[len(_PREFIX) :])
+        route = self._router.resolve(model)
+        if route is None:
+            raise GatewayError(ErrorKind.NOT_FOUND, f"The model '{model}' does not exist.", "model_not_found", "model")
+        ctx.reply = DirectReply(200, adapter.model_body(route))

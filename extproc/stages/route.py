@@ -1,0 +1,58 @@
+"""Pick the provider from the body's model and tell Envoy where to send the request.
+
+Envoy picks a route from headers before the body arrives; this stage sets the routing headers on
+the body reply with clear_route_cache so Envoy re-evaluates routes with them. When the public model
+name differs from the provider's, the body's `model` is rewritten (the processor fixes
+content-length).
+"""
+
+from __future__ import annotations
+
+from ..errors import ErrorKind, GatewayError
+from ..pipeline import RequestContext, Stage
+from ..routing import Router
+
+PROVIDER_HEADER = "x-gateway-provider"
+MODEL_HEADER = "x-gateway-model"
+
+
+class RoutingStage(Stage):
+    name = "routing"
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def request_body(self, ctx: RequestContext) -> None:
+        adapter = ctx.adapter
+        if adapter is None or ctx.endpoint is None or not ctx.endpoint.routed:
+            return
+        body = ctx.json
+        model = adapter.model_of(body)
+        route = self._router.resolve(model)
+        if route is None:
+            raise GatewayError(
+                ErrorKind.NOT_FOUND,
+                f"The model '{model[:256]}' does not exist or is not served by this gateway.",
+                "model_not_found",
+                "model",
+            )
+        if route.schema != adapter.schema:
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                f"The model '{model}' is served through the {route.schema} API; "
+                f"call it with the {route.schema} SDK (translation between schemas is not enabled).",
+                "schema_mismatch",
+                "model",
+            )
+        ctx.route = route
+        ctx.streaming = adapter.is_streaming(body)
+        if route.rewrites_model:
+            body["model"] = route.upstream_model
+            ctx.mark_body_changed()
+        ctx.set_headers[PROVIDER_HEADER] = route.provider
+        ctx.set_headers[MODEL_HEADER] = route.upstream_model
+        ctx.clear_route_cache = True
+        ctx.metadata["provider"] = route.provider
+        ctx.metadata["model"] = route.public_model
+        ctx.metadata["upstream_model"] = route.upstream_model
+        ctx.metadata["stream"] = ctx.streaming
