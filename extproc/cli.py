@@ -30,7 +30,9 @@ def _load(arg: str | None) -> GatewayConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     logging.basicConfig(
-        level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=config.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     from .server import run
 
@@ -74,7 +76,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_dev(args: argparse.Namespace) -> int:
     from .devstack import Stack
 
-    ports = envoyconf.LocalPorts(listener=args.port, admin=args.admin_port, extproc=args.extproc_port, mock=args.mock_port)
+    ports = envoyconf.LocalPorts(
+        listener=args.port, admin=args.admin_port, extproc=args.extproc_port, mock=args.mock_port
+    )
     config = _load(args.config)
     # A provider whose key is in the environment (OPENAI_API_KEY for "openai") goes to the real API.
     real = frozenset(p for p in config.providers if os.environ.get(f"{p.upper().replace('-', '_')}_API_KEY"))
@@ -96,11 +100,19 @@ def cmd_dev(args: argparse.Namespace) -> int:
     )
     stack.start()
     models = [m.name for m in config.models if not m.is_wildcard]
-    openai_model = next((m.name for m in config.models if config.providers[m.provider].schema_ == "openai" and not m.is_wildcard), "MODEL")
+    openai_model = next(
+        (m.name for m in config.models if config.providers[m.provider].schema_ == "openai" and not m.is_wildcard),
+        "MODEL",
+    )
     anthropic_model = next(
-        (m.name for m in config.models if config.providers[m.provider].schema_ == "anthropic" and not m.is_wildcard), "MODEL"
+        (m.name for m in config.models if config.providers[m.provider].schema_ == "anthropic" and not m.is_wildcard),
+        "MODEL",
     )
     mocked = sorted(set(config.providers) - real)
+    anthropic_body = (
+        f'{{"model":"{anthropic_model}","max_tokens":64,"stream":true,'
+        '"messages":[{"role":"user","content":"hello"}]}'
+    )
     print(
         f"""
 gateway ready on {stack.base_url}   (logs in .dev/; Ctrl-C stops everything)
@@ -110,8 +122,8 @@ gateway ready on {stack.base_url}   (logs in .dev/; Ctrl-C stops everything)
   curl {stack.base_url}/v1/models
   curl {stack.base_url}/v1/chat/completions -H 'content-type: application/json' \\
        -d '{{"model":"{openai_model}","messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -N {stack.base_url}/v1/messages -H 'content-type: application/json' -H 'anthropic-version: 2023-06-01' \\
-       -d '{{"model":"{anthropic_model}","max_tokens":64,"stream":true,"messages":[{{"role":"user","content":"hello"}}]}}'
+  curl -N {stack.base_url}/v1/messages -H 'content-type: application/json' \\
+       -H 'anthropic-version: 2023-06-01' -d '{anthropic_body}'
 
   OpenAI SDK:    OpenAI(base_url="{stack.base_url}/v1", api_key="unused")
   Anthropic SDK: Anthropic(base_url="{stack.base_url}", api_key="unused")
@@ -124,6 +136,21 @@ gateway ready on {stack.base_url}   (logs in .dev/; Ctrl-C stops everything)
         return 0
     finally:
         stack.stop()
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    source = envoyconf.load(args.envoy)
+    root = Path(args.envoy).resolve().parent.parent
+    for flavor in envoyconf.FLAVORS:
+        text = envoyconf.render_flavor(source, flavor)
+        target = root / flavor.path
+        if args.write:
+            target.write_text(text)
+            print(f"wrote {flavor.path}")
+        elif not target.exists() or target.read_text() != text:
+            print(f"out of date: {flavor.path} (run `extproc envoy-config --write`)", file=sys.stderr)
+            return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("envoy-config", help="check (or --write) the configs derived from envoy.yaml")
+    p.add_argument("--envoy", default=DEFAULT_ENVOY)
+    p.add_argument("--write", action="store_true")
+    p.set_defaults(func=cmd_envoy_config)
 
     p = sub.add_parser("dev", help="run Envoy + server + mock provider locally")
     p.add_argument("--config")

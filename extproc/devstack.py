@@ -32,7 +32,7 @@ def _wait(what: str, check: object, procs: Sequence[subprocess.Popen[bytes]], ti
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
-                raise RuntimeError(f"{what}: a process exited early with code {p.returncode} (args: {p.args})")
+                raise RuntimeError(f"{what}: a process exited early with code {p.returncode} (args: {p.args!r})")
         try:
             if check():  # type: ignore[operator]
                 return
@@ -102,7 +102,10 @@ class Stack:
         py = [sys.executable, "-m", "extproc"]
         try:
             if self.with_mock:
-                self._spawn("mock", [*py, "mock-provider", "--host", self.ports.host, "--port", str(self.ports.mock), *self.mock_args])
+                self._spawn(
+                    "mock",
+                    [*py, "mock-provider", "--host", self.ports.host, "--port", str(self.ports.mock), *self.mock_args],
+                )
             if self.with_server:
                 self.start_server()
             self._spawn(

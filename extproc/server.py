@@ -46,7 +46,9 @@ def create_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
-    ep_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(pipeline or build_pipeline(config)), server)
+    ep_grpc.add_ExternalProcessorServicer_to_server(  # type: ignore[no-untyped-call]
+        ExternalProcessor(pipeline or build_pipeline(config)), server
+    )
     address = listen or config.server.listen
     port = server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
@@ -55,7 +57,7 @@ def create_server(
 
 
 async def serve(config: GatewayConfig, listen: str | None = None, ready: asyncio.Event | None = None) -> None:
-    server, port = create_server(config, listen=listen)
+    server, _ = create_server(config, listen=listen)
     await server.start()
     log.info("ext_proc server listening on %s", listen or config.server.listen)
     if ready is not None:

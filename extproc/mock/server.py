@@ -32,7 +32,23 @@ from aiohttp import web
 
 from . import wire
 
-WORDS = "The quick brown fox jumps over the lazy dog while the gateway counts every token".split()
+WORDS = [
+    "The",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "the",
+    "gateway",
+    "counts",
+    "every",
+    "token",
+]
 _ids = itertools.count(1)
 
 
@@ -101,7 +117,7 @@ class MockProvider:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw = await request.read()
-        record = {
+        record: dict[str, Any] = {
             "path": request.path,
             "method": request.method,
             "headers": {k.lower(): v for k, v in request.headers.items()},

@@ -1,0 +1,97 @@
+"""What clients see when the ext_proc server is not there, and the dev command as a newcomer runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from extproc.devstack import Stack, free_port
+from tests.e2e.conftest import ROOT, Mock, start_stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def serverless(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("serverless"))
+    s.stop_server()
+    yield s
+    s.stop()
+
+
+def test_server_down_fails_closed_with_clear_json(serverless: Stack) -> None:
+    mock = Mock(serverless.mock_url)
+    client = openai.OpenAI(
+        base_url=f"{serverless.base_url}/v1", api_key="x", max_retries=0, default_headers={"x-mock-tag": "fc"}
+    )
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model="gpt-5.5", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.status_code == 503
+    assert err.value.body == {
+        "message": "The gateway's policy service is unavailable; the request was not sent to any provider. "
+        "Retry shortly.",
+        "type": "gateway_error",
+        "code": "gateway_unavailable",
+    }
+    # Forged routing headers do not sneak a request past a missing server either.
+    r = httpx.post(
+        f"{serverless.base_url}/v1/chat/completions",
+        json={"model": "gpt-5.5", "messages": []},
+        headers={"x-gateway-provider": "openai", "x-mock-tag": "fc"},
+    )
+    assert r.status_code == 503
+    assert mock.requests("fc") == []
+
+
+def test_server_restart_recovers(tmp_path: Path) -> None:
+    s = start_stack(tmp_path)
+    try:
+        url = f"{s.base_url}/v1/chat/completions"
+        body = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(url, json=body).status_code == 200
+        s.stop_server()
+        assert httpx.post(url, json=body).status_code == 503
+        s.start_server()
+        deadline = time.monotonic() + 15
+        while httpx.post(url, json=body).status_code != 200:
+            assert time.monotonic() < deadline, "Envoy did not reconnect to the restarted server"
+            time.sleep(0.2)
+    finally:
+        s.stop()
+
+
+def test_dev_command_serves_a_first_curl(tmp_path: Path) -> None:
+    ports = {n: free_port() for n in ("port", "admin-port", "extproc-port", "mock-port")}
+    args = [sys.executable, "-m", "extproc", "dev", *[f"--{k}={v}" for k, v in ports.items()]]
+    env = {**os.environ, "OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": ""}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        assert proc.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "OpenAI SDK:" in line or not line:
+                break
+        out = "".join(lines)
+        assert f"gateway ready on http://127.0.0.1:{ports['port']}" in out, out
+        assert "providers on the mock: anthropic, openai" in out
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            json={"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "hello"}]},
+        )
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert proc.returncode == 0

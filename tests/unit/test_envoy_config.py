@@ -1,0 +1,103 @@
+"""The shipped Envoy configs are valid for Envoy 1.40 and consistent with gateway.yaml."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from extproc import envoyconf
+from extproc.config import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = [*sorted((ROOT / "envoy").glob("*.yaml")), ROOT / "k8s" / "envoy.yaml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_envoy_validates_shipped_config(path: Path) -> None:
+    out = subprocess.run(
+        [envoyconf.envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "OK" in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("flavor", envoyconf.FLAVORS, ids=lambda f: f.path)
+def test_derived_configs_are_up_to_date(flavor: envoyconf.Flavor) -> None:
+    prod = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    assert (ROOT / flavor.path).read_text() == envoyconf.render_flavor(prod, flavor), (
+        "regenerate: extproc envoy-config --write"
+    )
+
+
+def test_derivation_only_touches_endpoints() -> None:
+    prod = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    local = envoyconf.derive_local(prod, envoyconf.LocalPorts(listener=1, admin=2, extproc=3, mock=4))
+    # Routes, filters and access logs are exactly what ops ship.
+    assert (
+        local["static_resources"]["listeners"][0]["filter_chains"]
+        == prod["static_resources"]["listeners"][0]["filter_chains"]
+    )
+    clusters = envoyconf.clusters(local)
+    assert "transport_socket" not in clusters["openai"]
+    assert clusters["openai"]["outlier_detection"] == envoyconf.clusters(prod)["openai"]["outlier_detection"]
+    endpoint = clusters["anthropic"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"]["port_value"] == 4
+    real = envoyconf.derive_local(prod, envoyconf.LocalPorts(), real_providers=frozenset({"openai"}))
+    assert envoyconf.clusters(real)["openai"]["transport_socket"]["typed_config"]["sni"] == "api.openai.com"
+
+
+def test_provider_routes_and_ext_proc_settings() -> None:
+    cfg = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    assert envoyconf.provider_clusters(cfg) == {"openai": "openai", "anthropic": "anthropic"}
+    hcm = next(envoyconf._hcms(cfg))
+    ext = hcm["http_filters"][0]
+    assert ext["name"] == "envoy.filters.http.ext_proc", "ext_proc must run before the router"
+    conf = ext["typed_config"]
+    assert conf["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert conf["processing_mode"]["response_body_mode"] == "NONE"
+    assert conf["allow_mode_override"] is True
+    assert conf["failure_mode_allow"] is False
+    assert conf["metadata_options"]["receiving_namespaces"]["untyped"] == ["gateway"]
+    limit = cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]
+    assert limit >= 4 * 1024 * 1024
+    assert load_config(ROOT / "gateway.yaml").server.max_message_bytes > limit, "gRPC limit must exceed the body limit"
+
+
+def run_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "check", *args], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+
+
+def test_check_command_ok_and_failures(tmp_path: Path) -> None:
+    ok = run_check()
+    assert ok.returncode == 0, ok.stderr
+    assert "openai -> cluster openai" in ok.stdout
+    extra = tmp_path / "g.yaml"
+    extra.write_text(
+        "providers:\n  openai: {schema: openai}\n  mistral: {schema: openai}\n"
+        "models:\n  - {name: m, provider: mistral}\n"
+    )
+    bad = run_check("--config", str(extra))
+    assert bad.returncode == 1
+    assert "provider 'mistral': no route in envoy.yaml matches header x-gateway-provider: mistral" in bad.stderr
+    broken = tmp_path / "b.yaml"
+    broken.write_text("providers: {openai: {schema: nope}}\n")
+    res = run_check("--config", str(broken))
+    assert res.returncode == 2 and "providers.openai.schema" in res.stderr
+
+
+def test_check_detects_missing_cluster() -> None:
+    cfg = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    cfg["static_resources"]["clusters"] = [c for c in cfg["static_resources"]["clusters"] if c["name"] != "anthropic"]
+    gw = parse_config({"providers": {"openai": {"schema": "openai"}, "anthropic": {"schema": "anthropic"}}})
+    assert envoyconf.check(gw, cfg) == [
+        "provider 'anthropic': route points at cluster 'anthropic', which is not defined"
+    ]
