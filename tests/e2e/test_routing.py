@@ -146,4 +146,16 @@ def test_long_prompt_fits_and_oversized_body_is_413(raw: httpx.Client, mock: Moc
     )
     assert r.status_code == 413
     assert r.json()["error"]["type"] == "gateway_error"
+    assert r.json()["error"]["code"] == "request_payload_too_large"
+    assert len(mock.requests(tag)) == 1
+
+
+def test_paths_are_normalized_before_the_gateway_sees_them(raw: httpx.Client, mock: Mock, tag: str) -> None:
+    body = {"model": "gpt-5.5", "messages": MSGS}
+    assert raw.post("/v1//chat/./completions?trace=1", json=body).status_code == 200
+    assert mock.one(tag)["path"] == "/v1/chat/completions"
+    r = raw.post("/v1%2Fchat/completions", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "path_normalization_failed")
+    r = raw.post("/v1/chat/completions/../../v1/embeddings", json=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_endpoint")
     assert len(mock.requests(tag)) == 1
