@@ -6,7 +6,9 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
-COPY gateway.yaml /etc/gateway/gateway.yaml
+# Default config: Redis-backed (the embedded store needs a writable directory; mount one and
+# your own gateway.yaml to use it).
+COPY k8s/gateway.yaml /etc/gateway/gateway.yaml
 
 # Non-root; the server needs no writable filesystem.
 USER 65532:65532

@@ -36,7 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     from .server import run
 
-    run(config, args.listen)
+    try:
+        run(config, args.listen)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
     return 0
 
 
@@ -73,15 +77,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_demo_key(config: GatewayConfig) -> str:
+    """A fresh demo key (tenant "demo") for the dev stack; earlier demo keys are revoked."""
+    import asyncio
+
+    from .auth import open_store
+    from .auth.service import KeyService
+
+    async def make() -> str:
+        store = open_store(config)
+        await store.start(watch=False)
+        try:
+            svc = KeyService(store, config)
+            if await svc.tenant("demo") is None:
+                await svc.create_tenant("demo", None)
+            for old in await svc.list_keys("demo"):
+                if old.name == "dev-demo" and old.status() == "active" and not old.static:
+                    await svc.revoke_key(old.id)
+            secret, _ = await svc.create_key("demo", "dev-demo")
+            return secret
+        finally:
+            await store.close()
+
+    return asyncio.run(make())
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
+    import secrets
+
     from .devstack import Stack
 
     ports = envoyconf.LocalPorts(
         listener=args.port, admin=args.admin_port, extproc=args.extproc_port, mock=args.mock_port
     )
     config = _load(args.config)
-    # A provider whose key is in the environment (OPENAI_API_KEY for "openai") goes to the real API.
-    real = frozenset(p for p in config.providers if os.environ.get(f"{p.upper().replace('-', '_')}_API_KEY"))
+    # A provider whose api_key_env is set in the environment goes to the real API; the others go
+    # to the mock provider, which is given a made-up key per schema so that credential injection
+    # works (and is checked) exactly as in production.
+    real = frozenset(p for p, pc in config.providers.items() if pc.api_key_env and os.environ.get(pc.api_key_env))
     if args.print_envoy_config:
         print(envoyconf.dump(envoyconf.derive_local(envoyconf.load(args.envoy), ports, real)), end="")
         return 0
@@ -90,13 +123,29 @@ def cmd_dev(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
         return 1
+    mock_keys = {
+        "openai": "sk-mock-" + secrets.token_urlsafe(12),
+        "anthropic": "sk-ant-mock-" + secrets.token_urlsafe(12),
+    }
+    env = {
+        pc.api_key_env: mock_keys[pc.schema_]
+        for name, pc in config.providers.items()
+        if name not in real and pc.api_key_env
+    }
+    try:
+        demo_key = _dev_demo_key(config)
+    except Exception as err:  # the store is unreachable or the config is wrong: say so plainly
+        print(f"error: cannot create the demo key: {err}", file=sys.stderr)
+        return 1
     stack = Stack(
         gateway_config=Path(_config_path(args.config)),
         envoy_config=Path(args.envoy),
-        workdir=Path(".dev"),
+        workdir=Path(_config_path(args.config)).resolve().parent / ".dev",
         ports=ports,
         real_providers=real,
         with_mock=len(real) < len(config.providers),
+        mock_args=("--openai-key", mock_keys["openai"], "--anthropic-key", mock_keys["anthropic"]),
+        env=env,
     )
     stack.start()
     models = [m.name for m in config.models if not m.is_wildcard]
@@ -113,20 +162,24 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f'{{"model":"{anthropic_model}","max_tokens":64,"stream":true,'
         '"messages":[{"role":"user","content":"hello"}]}'
     )
+    url = stack.base_url
     print(
         f"""
-gateway ready on {stack.base_url}   (logs in .dev/; Ctrl-C stops everything)
+gateway ready on {url}   (logs in {stack.workdir}; Ctrl-C stops everything)
   providers on the mock: {", ".join(mocked) or "none"}; real: {", ".join(sorted(real)) or "none"}
   models: {", ".join(models)}
+  demo key (tenant "demo"): {demo_key}
 
-  curl {stack.base_url}/v1/models
-  curl {stack.base_url}/v1/chat/completions -H 'content-type: application/json' \\
+  export GATEWAY_KEY={demo_key}
+  curl {url}/v1/models -H "Authorization: Bearer $GATEWAY_KEY"
+  curl {url}/v1/chat/completions -H "Authorization: Bearer $GATEWAY_KEY" -H 'content-type: application/json' \\
        -d '{{"model":"{openai_model}","messages":[{{"role":"user","content":"hello"}}]}}'
-  curl -N {stack.base_url}/v1/messages -H 'content-type: application/json' \\
+  curl -N {url}/v1/messages -H "x-api-key: $GATEWAY_KEY" -H 'content-type: application/json' \\
        -H 'anthropic-version: 2023-06-01' -d '{anthropic_body}'
 
-  OpenAI SDK:    OpenAI(base_url="{stack.base_url}/v1", api_key="unused")
-  Anthropic SDK: Anthropic(base_url="{stack.base_url}", api_key="unused")
+  OpenAI SDK:    OpenAI(base_url="{url}/v1", api_key=GATEWAY_KEY)
+  Anthropic SDK: Anthropic(base_url="{url}", api_key=GATEWAY_KEY)
+  More keys:     extproc keys create --tenant demo --name me
 """,
         flush=True,
     )
@@ -153,6 +206,18 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    from . import admin_cli
+
+    return admin_cli.run(_load(args.config), args)
+
+
+def _admin_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_admin)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="LLM gateway: Envoy ext_proc server and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)
     p.set_defaults(func=cmd_check)
+
+    from . import admin_cli
+
+    admin_cli.add_parsers(sub, _admin_common)
 
     p = sub.add_parser("envoy-config", help="check (or --write) the configs derived from envoy.yaml")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)

@@ -7,11 +7,12 @@ file can be committed and reviewed like envoy.yaml.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 Schema = Literal["openai", "anthropic"]
 
@@ -39,6 +40,55 @@ class ServerConfig(_Strict):
 class ProviderConfig(_Strict):
     # Which wire format the provider speaks; picks the provider adapter.
     schema_: Schema = Field(alias="schema")
+    # Where the provider's API key comes from: an env var name, or a file (e.g. a mounted secret).
+    # Neither: the request goes upstream without credentials (a self-hosted server without auth).
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    # Sent to Anthropic-schema providers when the client did not send its own.
+    anthropic_version: str = "2023-06-01"
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderConfig:
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
+
+
+class StoreConfig(_Strict):
+    # embedded: SQLite file + memory, zero setup, one server process. redis: shared by replicas.
+    backend: Literal["embedded", "redis"] = "embedded"
+    # Embedded store file; relative paths are relative to this config file's directory.
+    path: str = ".extproc/state.db"
+    # Name of the env var holding the Redis URL (it may contain a password, so it is not in this file).
+    redis_url_env: str = "REDIS_URL"
+    redis_prefix: str = "gw:"
+
+
+class TenantConfig(_Strict):
+    # Models the tenant's keys may use by default (names or globs like "gpt-*"); absent = all.
+    models: tuple[str, ...] | None = None
+    # Defaults for later policy stages (limits, budgets, PII); keys override per field.
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class StaticKeyConfig(_Strict):
+    """A key kept in this file for small deployments: only its SHA-256 is written here."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str
+    tenant: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    models: tuple[str, ...] | None = None
+    expires_at: datetime | None = None
+
+
+class AuthConfig(_Strict):
+    # When the key store is unreachable: "closed" refuses with 503 (default); "open" lets
+    # requests through unauthenticated (availability over control; logged and marked in metadata).
+    failure_mode: Literal["closed", "open"] = "closed"
+    # Backstop for cached key lookups; revocations normally arrive by invalidation within ~1s.
+    cache_ttl_seconds: float = Field(default=5.0, gt=0, le=300)
+    static_keys: tuple[StaticKeyConfig, ...] = ()
 
 
 class ModelConfig(_Strict):
@@ -82,6 +132,19 @@ class GatewayConfig(_Strict):
     server: ServerConfig = ServerConfig()
     providers: dict[str, ProviderConfig]
     models: tuple[ModelConfig, ...] = ()
+    store: StoreConfig = StoreConfig()
+    auth: AuthConfig = AuthConfig()
+    tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    # Directory relative paths in this config are resolved against (the config file's).
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else self._base_dir / p
 
     @field_validator("providers")
     @classmethod
@@ -104,6 +167,15 @@ class GatewayConfig(_Strict):
                 if public in seen:
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")
                 seen[public] = m.name
+        ids: set[str] = set()
+        hashes: set[str] = set()
+        for k in self.auth.static_keys:
+            if k.tenant not in self.tenants:
+                raise ValueError(f"static key {k.id!r}: tenant {k.tenant!r} is not defined under 'tenants'")
+            if k.id in ids or k.sha256 in hashes:
+                raise ValueError(f"static key {k.id!r}: duplicate id or sha256")
+            ids.add(k.id)
+            hashes.add(k.sha256)
         return self
 
 
@@ -116,13 +188,16 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(data: object, source: str = "gateway.yaml") -> GatewayConfig:
+def parse_config(data: object, source: str = "gateway.yaml", base_dir: Path | None = None) -> GatewayConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     try:
-        return GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(source, err)) from None
+    if base_dir is not None:
+        config._base_dir = base_dir
+    return config
 
 
 def load_config(path: str | Path) -> GatewayConfig:
@@ -135,4 +210,4 @@ def load_config(path: str | Path) -> GatewayConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), path.resolve().parent)

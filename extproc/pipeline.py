@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from .auth.keys import Identity
 from .errors import ErrorKind, GatewayError
 from .providers import Endpoint, ProviderAdapter
 from .routing import Route
@@ -52,6 +53,7 @@ class RequestContext:
         "clear_route_cache",
         "endpoint",
         "headers",
+        "identity",
         "metadata",
         "method",
         "path",
@@ -80,6 +82,8 @@ class RequestContext:
         self._json: dict[str, Any] | None = None
         self.body_dirty = False
         self.route: Route | None = None
+        # Who is calling (set by the auth stage); None only when auth failed open.
+        self.identity: Identity | None = None
         self.streaming = False
         self.reply: DirectReply | None = None
         # Pending edits for the current phase; the processor drains them into the reply.

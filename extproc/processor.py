@@ -121,7 +121,8 @@ class Processor:
         resp = ep.ProcessingResponse()
         replies.common(resp.request_headers.response, {}, ctx.remove_headers)
         resp.request_headers.SetInParent()
-        ctx.remove_headers = []
+        replies.add_metadata(resp, ctx.metadata)
+        ctx.remove_headers, ctx.metadata = [], {}
         if msg.end_of_stream:
             self.done = not ctx.wants_response_headers
         return resp

@@ -10,8 +10,11 @@ from typing import Any
 
 import grpc
 
+from .auth import KeyStore, open_store
+from .auth.credentials import load_provider_auth
+from .auth.service import KeyService
 from .config import GatewayConfig
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Stage
 from .processor import serve_stream
 from .routing import Router
 from .stages import default_stages
@@ -28,13 +31,18 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         await serve_stream(self.pipeline, context)
 
 
-def build_pipeline(config: GatewayConfig) -> Pipeline:
-    return Pipeline(default_stages(Router(config)))
+async def build_pipeline(config: GatewayConfig, extra_stages: tuple[Stage, ...] = ()) -> tuple[Pipeline, KeyStore]:
+    """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
+    provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
+    provider_auth = load_provider_auth(config)
+    store = open_store(config)
+    await store.start()
+    keys = KeyService(store, config)
+    stages = default_stages(Router(config), keys, provider_auth, fail_open=config.auth.failure_mode == "open")
+    return Pipeline([*stages, *extra_stages]), store
 
 
-def create_server(
-    config: GatewayConfig, pipeline: Pipeline | None = None, listen: str | None = None
-) -> tuple[grpc.aio.Server, int]:
+def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
     limit = config.server.max_message_bytes
     server = grpc.aio.server(
@@ -47,7 +55,7 @@ def create_server(
         ]
     )
     ep_grpc.add_ExternalProcessorServicer_to_server(  # type: ignore[no-untyped-call]
-        ExternalProcessor(pipeline or build_pipeline(config)), server
+        ExternalProcessor(pipeline), server
     )
     address = listen or config.server.listen
     port = server.add_insecure_port(address)
@@ -57,7 +65,15 @@ def create_server(
 
 
 async def serve(config: GatewayConfig, listen: str | None = None, ready: asyncio.Event | None = None) -> None:
-    server, _ = create_server(config, listen=listen)
+    pipeline, store = await build_pipeline(config)
+    try:
+        await _serve(config, pipeline, listen, ready)
+    finally:
+        await store.close()
+
+
+async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, ready: asyncio.Event | None) -> None:
+    server, _ = create_server(config, pipeline, listen)
     await server.start()
     log.info("ext_proc server listening on %s", listen or config.server.listen)
     if ready is not None:

@@ -1,4 +1,5 @@
-"""GET /v1/models and /v1/models/{id}, answered from config so clients can discover routable names.
+"""GET /v1/models and /v1/models/{id}, answered from config so clients can discover routable names
+(only those the caller's key may use).
 
 The list is rendered in the caller's schema: Anthropic's SDK sends `anthropic-version`, OpenAI's does not.
 """
@@ -32,11 +33,16 @@ class ModelsStage(Stage):
             raise GatewayError(
                 ErrorKind.METHOD_NOT_ALLOWED, f"Method {ctx.method} not allowed on {path}.", "method_not_allowed"
             )
+        allowed = ctx.identity.models if ctx.identity is not None else None
         if path == "/v1/models":
-            ctx.reply = DirectReply(200, self._lists[adapter.schema])
+            if allowed is None or allowed.patterns is None:
+                ctx.reply = DirectReply(200, self._lists[adapter.schema])
+            else:
+                visible = tuple(r for r in self._router.listed if allowed.allows(r.public_model))
+                ctx.reply = DirectReply(200, adapter.models_body(visible))
             return
         model = unquote(path[len(_PREFIX) :])
         route = self._router.resolve(model)
-        if route is None:
+        if route is None or (allowed is not None and not allowed.allows(model)):
             raise GatewayError(ErrorKind.NOT_FOUND, f"The model '{model}' does not exist.", "model_not_found", "model")
         ctx.reply = DirectReply(200, adapter.model_body(route))

@@ -1,43 +1,144 @@
-"""End-to-end fixtures: the real Envoy binary, the real server (via the CLI) and the mock provider,
-on free loopback ports, started exactly as `extproc dev` starts them."""
+"""End-to-end fixtures: the real Envoy binary, the real server (via the CLI), the mock provider and
+a real redis-server, on free loopback ports, started exactly as `extproc dev` starts them.
+
+The mock provider only accepts the *provider* keys below, so any request that reaches it with a
+virtual key (or none) fails loudly: credential swapping is checked on every e2e request.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
 import httpx
 import openai
 import pytest
+import yaml
 
+from extproc.auth.embedded import EmbeddedStore
+from extproc.auth.keys import VirtualKey
+from extproc.auth.redis_store import RedisStore
+from extproc.auth.service import KeyService
+from extproc.auth.store import KeyStore
+from extproc.config import load_config
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
 
 ROOT = Path(__file__).resolve().parents[2]
+PROVIDER_KEYS = {"OPENAI_API_KEY": "sk-provider-openai-e2e-0000", "ANTHROPIC_API_KEY": "sk-ant-provider-e2e-0000"}
+MOCK_ARGS = ("--openai-key", PROVIDER_KEYS["OPENAI_API_KEY"], "--anthropic-key", PROVIDER_KEYS["ANTHROPIC_API_KEY"])
+T = TypeVar("T")
 
 
 def free_ports() -> LocalPorts:
     return LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=free_port())
 
 
-def start_stack(tmp: Path, **kw: Any) -> Stack:
-    return Stack(
-        gateway_config=ROOT / "gateway.yaml",
+def write_config(workdir: Path, redis: bool, prefix: str | None = None) -> Path:
+    """The shipped gateway.yaml with the store pointed at this test's Redis prefix or a tmp file."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+    if redis:
+        data["store"] = {"backend": "redis", "redis_prefix": prefix or f"e2e{uuid.uuid4().hex[:8]}:"}
+    else:
+        data["store"] = {"backend": "embedded", "path": str(workdir / "state.db")}
+    path = workdir / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Admin:
+    """Key management on a stack's store, through the same KeyService the CLI uses."""
+
+    def __init__(self, config_path: Path, redis_url: str | None) -> None:
+        self.config_path = config_path
+        self.config = load_config(config_path)
+        self.redis_url = redis_url
+
+    def _store(self) -> KeyStore:
+        if self.config.store.backend == "redis":
+            assert self.redis_url
+            return RedisStore(self.redis_url, prefix=self.config.store.redis_prefix)
+        return EmbeddedStore(self.config.resolve(self.config.store.path))
+
+    def run(self, op: Callable[[KeyService], Awaitable[T]]) -> T:
+        async def go() -> T:
+            store = self._store()
+            await store.start(watch=False)
+            try:
+                return await op(KeyService(store, self.config))
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+    def key(
+        self, tenant: str = "e2e", name: str = "k", models: tuple[str, ...] | None = None
+    ) -> tuple[str, VirtualKey]:
+        async def op(svc: KeyService) -> tuple[str, VirtualKey]:
+            if await svc.tenant(tenant) is None:
+                await svc.create_tenant(tenant, None)
+            return await svc.create_key(tenant, name, models)
+
+        return self.run(op)
+
+    def put(self, key: VirtualKey) -> None:
+        self.run(lambda svc: svc.store.put_key(key))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **({"REDIS_URL": self.redis_url} if self.redis_url else {})}
+        return subprocess.run(
+            [sys.executable, "-m", "extproc", *args, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+
+
+def make_stack(workdir: Path, redis_url: str | None, prefix: str | None = None, **kw: Any) -> tuple[Stack, Admin]:
+    config = write_config(workdir, redis=redis_url is not None, prefix=prefix)
+    env = {**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {})}
+    stack = Stack(
+        gateway_config=config,
         envoy_config=ROOT / "envoy" / "envoy.yaml",
-        workdir=tmp,
-        ports=free_ports(),
+        workdir=workdir,
+        ports=kw.pop("ports", None) or free_ports(),
+        env=env,
+        mock_args=kw.pop("mock_args", MOCK_ARGS),
         **kw,
-    ).start()
+    )
+    return stack, Admin(config, redis_url)
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    s = start_stack(tmp_path_factory.mktemp("stack"))
-    yield s
-    s.stop()
+def stack_and_admin(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[Stack, Admin]]:
+    stack, admin = make_stack(tmp_path_factory.mktemp("stack"), redis_url)
+    stack.start()
+    yield stack, admin
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(stack_and_admin: tuple[Stack, Admin]) -> Stack:
+    return stack_and_admin[0]
+
+
+@pytest.fixture(scope="session")
+def admin(stack_and_admin: tuple[Stack, Admin]) -> Admin:
+    return stack_and_admin[1]
+
+
+@pytest.fixture(scope="session")
+def api_key(admin: Admin) -> str:
+    return admin.key("e2e", "session")[0]
 
 
 class Mock:
@@ -67,22 +168,29 @@ def tag() -> str:
     return uuid.uuid4().hex
 
 
-@pytest.fixture
-def oai(stack: Stack, tag: str) -> openai.OpenAI:
+def openai_client(stack: Stack, key: str, tag: str = "-") -> openai.OpenAI:
     # max_retries=0: each test sees exactly what one request did.
     return openai.OpenAI(
-        base_url=f"{stack.base_url}/v1", api_key="sk-test", max_retries=0, default_headers={"x-mock-tag": tag}
+        base_url=f"{stack.base_url}/v1", api_key=key, max_retries=0, default_headers={"x-mock-tag": tag}
     )
 
 
-@pytest.fixture
-def claude(stack: Stack, tag: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=stack.base_url, api_key="sk-ant-test", max_retries=0, default_headers={"x-mock-tag": tag}
-    )
+def anthropic_client(stack: Stack, key: str, tag: str = "-") -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=stack.base_url, api_key=key, max_retries=0, default_headers={"x-mock-tag": tag})
 
 
 @pytest.fixture
-def raw(stack: Stack, tag: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=stack.base_url, timeout=30, headers={"x-mock-tag": tag}) as c:
+def oai(stack: Stack, api_key: str, tag: str) -> openai.OpenAI:
+    return openai_client(stack, api_key, tag)
+
+
+@pytest.fixture
+def claude(stack: Stack, api_key: str, tag: str) -> anthropic.Anthropic:
+    return anthropic_client(stack, api_key, tag)
+
+
+@pytest.fixture
+def raw(stack: Stack, api_key: str, tag: str) -> Iterator[httpx.Client]:
+    headers = {"x-mock-tag": tag, "authorization": f"Bearer {api_key}"}
+    with httpx.Client(base_url=stack.base_url, timeout=30, headers=headers) as c:
         yield c

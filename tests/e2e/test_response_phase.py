@@ -6,23 +6,18 @@ two-message fast path. The server runs in-process here so the test can plug in i
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-import anthropic
 import httpx
-import openai
 import pytest
 
-from extproc.config import load_config
 from extproc.devstack import Stack
-from extproc.pipeline import Pipeline, RequestContext, ResponseChunk, Stage
+from extproc.pipeline import RequestContext, ResponseChunk, Stage
 from extproc.providers import StreamReader
-from extproc.routing import Router
-from extproc.server import create_server
-from extproc.stages import default_stages
-from tests.e2e.conftest import ROOT, free_ports
+from extproc.server import build_pipeline, create_server
+from tests.e2e.conftest import PROVIDER_KEYS, anthropic_client, make_stack, openai_client
 
 pytestmark = pytest.mark.e2e
 
@@ -67,46 +62,49 @@ class UsageProbe(Stage):
 
 
 @pytest.fixture(scope="module")
-def probe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, UsageProbe]]:
-    config = load_config(ROOT / "gateway.yaml")
+def probe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, UsageProbe, str]]:
+    workdir = tmp_path_factory.mktemp("probe")
+    stack, admin = make_stack(workdir, None, with_server=False)
+    secret, _ = admin.key()
     probe = UsageProbe()
-    ports = free_ports()
     loop = asyncio.new_event_loop()
     started = threading.Event()
-    holder: dict[str, object] = {}
+    holder: dict[str, asyncio.Event] = {}
+    saved = {k: os.environ.get(k) for k in PROVIDER_KEYS}
+    os.environ.update(PROVIDER_KEYS)
 
     async def main() -> None:
-        server, _ = create_server(
-            config, Pipeline([*default_stages(Router(config)), probe]), f"127.0.0.1:{ports.extproc}"
-        )
+        pipeline, store = await build_pipeline(admin.config, (probe,))
+        server, _ = create_server(admin.config, pipeline, f"127.0.0.1:{stack.ports.extproc}")
         await server.start()
-        stop = asyncio.Event()
-        holder["stop"] = stop
+        holder["stop"] = asyncio.Event()
         started.set()
-        await stop.wait()
+        await holder["stop"].wait()
         await server.stop(0)
+        await store.close()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
-    assert started.wait(10)
-    stack = Stack(
-        ROOT / "gateway.yaml",
-        ROOT / "envoy" / "envoy.yaml",
-        Path(tmp_path_factory.mktemp("probe")),
-        ports,
-        with_server=False,
-    )
-    stack.start()
-    yield stack, probe
-    stack.stop()
-    loop.call_soon_threadsafe(holder["stop"].set)  # type: ignore[attr-defined]
-    thread.join(10)
+    try:
+        assert started.wait(10)
+        stack.start()
+        yield stack, probe, secret
+    finally:
+        stack.stop()
+        if "stop" in holder:
+            loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     assert not thread.is_alive()
 
 
-def test_stream_seen_event_by_event_and_delivered_whole(probe_stack: tuple[Stack, UsageProbe]) -> None:
-    stack, probe = probe_stack
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0)
+def test_stream_seen_event_by_event_and_delivered_whole(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
+    stack, probe, key = probe_stack
+    client = openai_client(stack, key)
     hdrs = {"x-probe": "oai-stream", "x-mock-split": "5", "x-mock-output-tokens": "9"}
     chunks = list(
         client.chat.completions.create(
@@ -128,9 +126,9 @@ def test_stream_seen_event_by_event_and_delivered_whole(probe_stack: tuple[Stack
     assert (usage.input_tokens, usage.output_tokens) == (3, 9)  # type: ignore[attr-defined]
 
 
-def test_anthropic_stream_and_json_usage(probe_stack: tuple[Stack, UsageProbe]) -> None:
-    stack, probe = probe_stack
-    client = anthropic.Anthropic(base_url=stack.base_url, api_key="x", max_retries=0)
+def test_anthropic_stream_and_json_usage(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
+    stack, probe, key = probe_stack
+    client = anthropic_client(stack, key)
     with client.messages.stream(
         model="haiku",
         max_tokens=50,
@@ -149,16 +147,15 @@ def test_anthropic_stream_and_json_usage(probe_stack: tuple[Stack, UsageProbe]) 
     assert (usage.input_tokens, usage.output_tokens) == (1, 8)  # type: ignore[attr-defined]
 
 
-def test_unprobed_requests_skip_the_response_phase(probe_stack: tuple[Stack, UsageProbe]) -> None:
-    stack, probe = probe_stack
+def test_unprobed_requests_skip_the_response_phase(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
+    stack, probe, key = probe_stack
     before = dict(probe.results)
     r = httpx.post(
         f"{stack.base_url}/v1/chat/completions",
         json={"model": "gpt-5.5", "messages": []},
-        headers={"content-length-check": "1"},
+        headers={"authorization": f"Bearer {key}"},
     )
-    assert (
-        r.status_code == 200 and "content-length" in r.headers
-    )  # untouched response: Envoy kept the provider's length
+    # Untouched response: Envoy kept the provider's content-length.
+    assert r.status_code == 200 and "content-length" in r.headers
     assert probe.results == before
     assert "-" in probe.finished, "finish runs for every exchange, probed or not"

@@ -56,10 +56,24 @@ def test_kustomization_files_and_config_map_names() -> None:
     assert {v["configMap"]["name"] for v in volumes} == set(generated)
 
 
+def test_k8s_gateway_config_is_the_repo_one_with_redis() -> None:
+    repo = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+    k8s = yaml.safe_load((K8S / "gateway.yaml").read_text())
+    assert {k: v for k, v in k8s.items() if k != "store"} == {k: v for k, v in repo.items() if k != "store"}
+    assert load_config(K8S / "gateway.yaml").store.backend == "redis", "replicas need the shared store"
+
+
 def test_k8s_configs_are_consistent() -> None:
     envoy_cfg = envoyconf.load(K8S / "envoy.yaml")
     gateway = load_config(K8S / "gateway.yaml")
     assert envoyconf.check(gateway, envoy_cfg) == []
+    env = {e["name"]: e for e in containers()["extproc"]["env"]}
+    for name, provider in gateway.providers.items():
+        assert provider.api_key_env in env, f"provider {name}: {provider.api_key_env} not set in the pod"
+        assert "secretKeyRef" in env[provider.api_key_env]["valueFrom"], "provider keys come from a Secret"
+    redis_url = env[gateway.store.redis_url_env]["value"]
+    redis_svc = next(d for d in k8s_docs() if d["kind"] == "Service" and "redis" in d["metadata"]["name"])
+    assert redis_url == f"redis://{redis_svc['metadata']['name']}:{redis_svc['spec']['ports'][0]['port']}/0"
     listener = envoy_cfg["static_resources"]["listeners"][0]["address"]["socket_address"]
     assert listener["address"] == "0.0.0.0"
     c = containers()
@@ -98,11 +112,16 @@ def test_compose_wiring() -> None:
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
             assert (ROOT / src).exists(), f"{name}: {src} does not exist"
-        if name != "envoy":
+        if name in ("extproc", "mock-provider"):
             assert svc["network_mode"] == "service:envoy", "sidecars share Envoy's network namespace"
     envoy_cfg = envoyconf.load(ROOT / "envoy" / "envoy-compose.yaml")
-    mock_cmd = services["mock-provider"]["command"]
-    mock_port = int(mock_cmd[mock_cmd.index("--port") + 1])
+    mock_flags = dict(a.removeprefix("--").split("=", 1) for a in services["mock-provider"]["command"][1:])
+    mock_port = int(mock_flags["port"])
+    env = services["extproc"]["environment"]
+    assert mock_flags["openai-key"] == env["OPENAI_API_KEY"]
+    assert mock_flags["anthropic-key"] == env["ANTHROPIC_API_KEY"]
+    gateway = load_config(ROOT / services["extproc"]["volumes"][0].split(":")[0])
+    assert env[gateway.store.redis_url_env] == "redis://redis:6379/0" and "redis" in services
     for cluster in envoyconf.provider_clusters(envoy_cfg).values():
         addr = envoyconf.clusters(envoy_cfg)[cluster]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
         assert addr["endpoint"]["address"]["socket_address"]["port_value"] == mock_port

@@ -5,6 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from extproc.auth.credentials import load_provider_auth
+from extproc.auth.keys import hash_key
+from extproc.auth.service import KeyService
 from extproc.config import parse_config
 from extproc.pipeline import Pipeline, RequestContext, ResponseChunk, Stage
 from extproc.processor import Processor
@@ -13,9 +16,13 @@ from extproc.stages import default_stages
 from extproc.wire import core_pb2
 from extproc.wire import external_processor_pb2 as ep
 from extproc.wire import processing_mode_pb2 as pm
+from tests.memstore import CountingStore
 
+KEY = "sk-gw-" + "k" * 32
 CONFIG = parse_config(
     {
+        "tenants": {"t": {}},
+        "auth": {"static_keys": [{"id": "k", "name": "k", "tenant": "t", "sha256": hash_key(KEY)}]},
         "providers": {"openai": {"schema": "openai"}, "anthropic": {"schema": "anthropic"}},
         "models": [
             {"name": "gpt-5.5", "provider": "openai"},
@@ -27,13 +34,20 @@ CONFIG = parse_config(
 
 
 def pipeline(*extra: Stage) -> Pipeline:
-    return Pipeline([*default_stages(Router(CONFIG)), *extra])
+    keys = KeyService(CountingStore(), CONFIG)
+    return Pipeline([*default_stages(Router(CONFIG), keys, load_provider_auth(CONFIG)), *extra])
 
 
 def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str) -> ep.ProcessingRequest:
     req = ep.ProcessingRequest()
     hm = req.request_headers.headers
-    pairs = {":method": method, ":path": path, "content-type": "application/json", "x-request-id": "rid-1"}
+    pairs = {
+        ":method": method,
+        ":path": path,
+        "content-type": "application/json",
+        "x-request-id": "rid-1",
+        "authorization": f"Bearer {KEY}",
+    }
     pairs.update({k.replace("_", "-"): v for k, v in extra.items()})
     for k, v in pairs.items():
         h = hm.headers.add()
@@ -73,7 +87,7 @@ async def test_route_and_rewrite_alias() -> None:
     body = orjson.dumps({"model": "fast", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5})
     r1, r2 = await run(proc, headers_msg("/v1/chat/completions", x_gateway_provider="anthropic"), body_msg(body))
     assert r1.WhichOneof("response") == "request_headers"
-    assert list(r1.request_headers.response.header_mutation.remove_headers) == ["x-gateway-provider"]
+    assert list(r1.request_headers.response.header_mutation.remove_headers) == ["x-gateway-provider", "authorization"]
     common = r2.request_body.response
     assert common.clear_route_cache
     new_body = common.body_mutation.body
