@@ -2,7 +2,7 @@
 
 Two Envoys from the same envoy.yaml in front of the same mock provider: "envoy" has the ext_proc
 filter removed and one route to the provider; "gateway" is the shipped config with the ext_proc
-server. wrk drives both with identical requests. Run by hand (not part of the test suite):
+server doing everything it does in production (key check, routing, credential swap). wrk drives both with identical requests. Run by hand (not part of the test suite):
 
     .venv/bin/python tests/bench/bench_gateway.py [--duration 10] [--connections 16]
 
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import Stack, _http_ok, free_port  # noqa: E402
+from extproc.devstack import _http_ok, free_port  # noqa: E402
+from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 CHAT = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
 STREAM = '{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hello there, how are you today?"}]}'
@@ -74,9 +75,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-"))
-    ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=free_port())
-    stack = Stack(ROOT / "gateway.yaml", ROOT / "envoy" / "envoy.yaml", work, ports)
+    stack, admin = make_stack(work, None)  # the shipped configs, embedded key store
+    secret, _ = admin.key("bench", "wrk")
     stack.start()
+    ports = stack.ports
     alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=ports.extproc, mock=ports.mock)
     alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
     (work / "alone.yaml").write_text(envoyconf.dump(alone_cfg))
@@ -109,8 +111,12 @@ def main() -> None:
         for name, body, n_conns, hdrs in scenarios:
             res = {}
             for target, url in targets.items():
-                wrk(url + "/v1/chat/completions", body, n_conns, 2, hdrs)  # warm-up
-                res[target] = wrk(url + "/v1/chat/completions", body, n_conns, args.duration, hdrs)
+                # Envoy alone is called the way a client calls the provider directly: with the
+                # provider key. The gateway gets a virtual key and swaps it.
+                key = PROVIDER_KEYS["OPENAI_API_KEY"] if target == "envoy" else secret
+                target_hdrs = {**hdrs, "Authorization": f"Bearer {key}"}
+                wrk(url + "/v1/chat/completions", body, n_conns, 2, target_hdrs)  # warm-up
+                res[target] = wrk(url + "/v1/chat/completions", body, n_conns, args.duration, target_hdrs)
                 r = res[target]
                 print(f"{name:42} {target:8} {r['rps']:8.0f} {r['p50']:8.2f} {r['p90']:8.2f} {r['p99']:8.2f}")
             e, g = res["envoy"], res["gateway"]

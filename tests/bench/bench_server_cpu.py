@@ -1,0 +1,66 @@
+"""CPU the ext_proc server spends per request, measured from /proc (independent of machine noise
+in a way latency is not). Drives the real stack with wrk at one connection for a fixed time and
+divides the server process's user+system CPU by the requests served.
+
+    .venv/bin/python tests/bench/bench_server_cpu.py [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.e2e.conftest import make_stack  # noqa: E402
+
+BODY = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=1)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
+    stack, admin = make_stack(work, None)
+    secret, _ = admin.key("bench", "cpu")
+    stack.start()
+    try:
+        pid = stack.procs["server"].pid
+        lua = work / "post.lua"
+        lua.write_text(
+            f'wrk.method = "POST"\nwrk.body = {BODY!r}\nwrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {secret}"\n'
+        )
+        url = stack.base_url + "/v1/chat/completions"
+        subprocess.run(["wrk", "-t1", "-c1", "-d2s", "-s", str(lua), url], capture_output=True, check=True)
+        before = cpu_seconds(pid)
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "-s", str(lua), url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        used = cpu_seconds(pid) - before
+        m = re.search(r"(\d+) requests in", out)
+        assert m and "Non-2xx" not in out, out
+        n = int(m.group(1))
+        print(f"{n} requests, server CPU {used:.2f} s -> {used / n * 1e6:.0f} us CPU per request")
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    main()
