@@ -89,8 +89,7 @@ def _dev_demo_key(config: GatewayConfig) -> str:
         await store.start(watch=False)
         try:
             svc = KeyService(store, config)
-            if await svc.tenant("demo") is None:
-                await svc.create_tenant("demo", None)
+            await svc.ensure_tenant("demo")
             for old in await svc.list_keys("demo"):
                 if old.name == "dev-demo" and old.status() == "active" and not old.static:
                     await svc.revoke_key(old.id)

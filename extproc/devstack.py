@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -27,14 +27,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _wait(what: str, check: object, procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+def wait_until(what: str, check: Callable[[], bool], procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Poll `check` until true; fail early if any of `procs` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{what}: a process exited early with code {p.returncode} (args: {p.args!r})")
         try:
-            if check():  # type: ignore[operator]
+            if check():
                 return
         except OSError:
             pass
@@ -42,12 +43,12 @@ def _wait(what: str, check: object, procs: Sequence[subprocess.Popen[bytes]], ti
     raise TimeoutError(f"{what} not ready after {timeout}s")
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as r:
         return bool(r.status == 200)
 
 
-def _tcp_open(port: int, host: str = "127.0.0.1") -> bool:
+def tcp_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.create_connection((host, port), timeout=1):
         return True
 
@@ -89,7 +90,7 @@ class Stack:
         py = [sys.executable, "-m", "extproc"]
         listen = f"{self.ports.host}:{self.ports.extproc}"
         self._spawn("server", [*py, "serve", "--config", str(self.gateway_config), "--listen", listen])
-        _wait("ext_proc server", lambda: _tcp_open(self.ports.extproc), list(self.procs.values()), 30)
+        wait_until("ext_proc server", lambda: tcp_open(self.ports.extproc), list(self.procs.values()), 30)
 
     def stop_server(self) -> None:
         self._stop("server")
@@ -122,9 +123,9 @@ class Stack:
                 ],
             )
             procs = list(self.procs.values())
-            _wait("envoy", lambda: _http_ok(f"http://{self.ports.host}:{self.ports.admin}/ready"), procs, timeout)
+            wait_until("envoy", lambda: http_ok(f"http://{self.ports.host}:{self.ports.admin}/ready"), procs, timeout)
             if self.with_mock:
-                _wait("mock provider", lambda: _http_ok(f"{self.mock_url}/_mock/health"), procs, timeout)
+                wait_until("mock provider", lambda: http_ok(f"{self.mock_url}/_mock/health"), procs, timeout)
         except BaseException:
             self.stop()
             raise

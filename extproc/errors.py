@@ -52,3 +52,7 @@ class GatewayError(Exception):
     @property
     def status(self) -> int:
         return self.kind.status
+
+
+def method_not_allowed(method: str, path: str) -> GatewayError:
+    return GatewayError(ErrorKind.METHOD_NOT_ALLOWED, f"Method {method} not allowed on {path}.", "method_not_allowed")

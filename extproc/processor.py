@@ -119,10 +119,8 @@ class Processor:
             ctx.body = b""
             return await self._request_body_done(phase="request_headers")
         resp = ep.ProcessingResponse()
-        replies.common(resp.request_headers.response, {}, ctx.remove_headers)
         resp.request_headers.SetInParent()
-        replies.add_metadata(resp, ctx.metadata)
-        ctx.remove_headers, ctx.metadata = [], {}
+        self._flush_edits(resp, resp.request_headers.response)
         if msg.end_of_stream:
             self.done = not ctx.wants_response_headers
         return resp
@@ -151,15 +149,12 @@ class Processor:
         resp = ep.ProcessingResponse()
         phase_resp = resp.request_body if phase == "request_body" else resp.request_headers
         phase_resp.SetInParent()
-        replies.common(
+        self._flush_edits(
+            resp,
             phase_resp.response,
-            ctx.set_headers,
-            ctx.remove_headers,
             body=new_body if phase == "request_body" else None,
             clear_route_cache=ctx.clear_route_cache,
         )
-        replies.add_metadata(resp, ctx.metadata)
-        ctx.set_headers, ctx.remove_headers, ctx.metadata = {}, [], {}
         self.done = not ctx.wants_response_headers
         return resp
 
@@ -175,18 +170,15 @@ class Processor:
             await stage.response_headers(ctx)
         resp = ep.ProcessingResponse()
         resp.response_headers.SetInParent()
-        remove = ctx.remove_headers
         if ctx.wants_response_body and not msg.end_of_stream:
             replies.stream_response_body_override(resp)
             # STREAMED bodies go out chunked; a stale content-length would truncate the client's view.
-            remove = [*remove, "content-length"]
+            ctx.remove_headers.append("content-length")
             if ctx.wants_response_events and "text/event-stream" in ctx.response_content_type:
                 self.sse = SSEParser()
         else:
             self.done = True
-        replies.common(resp.response_headers.response, ctx.set_headers, remove)
-        replies.add_metadata(resp, ctx.metadata)
-        ctx.set_headers, ctx.remove_headers, ctx.metadata = {}, [], {}
+        self._flush_edits(resp, resp.response_headers.response)
         return resp
 
     async def _response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
@@ -211,12 +203,25 @@ class Processor:
             )
         resp = ep.ProcessingResponse()
         resp.response_body.SetInParent()
-        replies.common(resp.response_body.response, {}, (), body=chunk.data if chunk.replaced else None)
-        replies.add_metadata(resp, ctx.metadata)
-        ctx.metadata = {}
+        # Envoy ignores header mutations on streamed body chunks; only the body and metadata count.
+        ctx.set_headers, ctx.remove_headers = {}, []
+        self._flush_edits(resp, resp.response_body.response, body=chunk.data if chunk.replaced else None)
         if msg.end_of_stream:
             self.done = True
         return resp
+
+    def _flush_edits(
+        self,
+        resp: ep.ProcessingResponse,
+        common: ep.CommonResponse,
+        body: bytes | None = None,
+        clear_route_cache: bool = False,
+    ) -> None:
+        """Move the stages' pending edits into this phase's reply; the next phase starts clean."""
+        ctx = self.ctx
+        replies.common(common, ctx.set_headers, ctx.remove_headers, body=body, clear_route_cache=clear_route_cache)
+        replies.add_metadata(resp, ctx.metadata)
+        ctx.set_headers, ctx.remove_headers, ctx.metadata = {}, [], {}
 
     # -- direct answers ---------------------------------------------------------------------------
 

@@ -108,6 +108,10 @@ class KeyService:
         await self.store.put_tenant(tenant)
         return tenant
 
+    async def ensure_tenant(self, name: str) -> Tenant:
+        """The tenant, created with no defaults if it does not exist yet."""
+        return await self.tenant(name) or await self.create_tenant(name, None)
+
     async def update_tenant(self, name: str, models: tuple[str, ...] | None) -> Tenant:
         if name in self.static_tenants:
             raise AdminError(f"tenant {name!r} is defined in gateway.yaml; edit it there")

@@ -167,43 +167,34 @@ class MockProvider:
 
     # -- OpenAI -----------------------------------------------------------------------------------
 
-    def _openai_auth_error(self, request: web.Request) -> web.Response | None:
-        key = self.options.openai_key
-        if key is None or request.headers.get("authorization") == f"Bearer {key}":
-            return None
-        return web.Response(status=401, body=wire.openai_error(401), content_type="application/json")
+    @staticmethod
+    def _openai_error(
+        status: int, message: str | None = None, param: str | None = None, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        return web.Response(
+            status=status,
+            body=wire.openai_error(status, message, param),
+            content_type="application/json",
+            headers=headers,
+        )
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
         record, raw = await self._record(request)
-        denied = self._openai_auth_error(request)
-        if denied is not None:
-            return denied
+        key = self.options.openai_key
+        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+            return self._openai_error(401)
         forced = _int_header(request, "x-mock-status", 0)
         if forced:
             headers = {"retry-after": request.headers.get("x-mock-retry-after", "1")} if forced == 429 else {}
-            return web.Response(
-                status=forced, body=wire.openai_error(forced), content_type="application/json", headers=headers
-            )
+            return self._openai_error(forced, headers=headers)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return web.Response(
-                status=400,
-                body=wire.openai_error(400, "We could not parse the JSON body of your request."),
-                content_type="application/json",
-            )
+            return self._openai_error(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return web.Response(
-                status=400,
-                body=wire.openai_error(400, "you must provide a model parameter", "model"),
-                content_type="application/json",
-            )
+            return self._openai_error(400, "you must provide a model parameter", "model")
         if not isinstance(body.get("messages"), list):
-            return web.Response(
-                status=400,
-                body=wire.openai_error(400, "Missing required parameter: 'messages'.", "messages"),
-                content_type="application/json",
-            )
+            return self._openai_error(400, "Missing required parameter: 'messages'.", "messages")
         pieces, finish = self._answer(request, body)
         prompt = _tokens(body["messages"])
         cid, created, model = f"chatcmpl-mock{next(_ids)}", int(time.time()), body["model"]

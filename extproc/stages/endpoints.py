@@ -6,7 +6,7 @@ reaching a provider with the gateway's credentials (later) attached.
 
 from __future__ import annotations
 
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, method_not_allowed
 from ..pipeline import RequestContext, Stage
 
 
@@ -18,9 +18,7 @@ class EndpointStage(Stage):
         if ep is None:
             raise GatewayError(ErrorKind.NOT_FOUND, f"Invalid URL ({ctx.method} {ctx.path}).", "unknown_endpoint")
         if ctx.method != ep.method:
-            raise GatewayError(
-                ErrorKind.METHOD_NOT_ALLOWED, f"Method {ctx.method} not allowed on {ctx.path}.", "method_not_allowed"
-            )
+            raise method_not_allowed(ctx.method, ctx.path)
         ctype = ctx.headers.get("content-type", "application/json")
         if "json" not in ctype.lower():
             raise GatewayError(

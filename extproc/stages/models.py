@@ -1,14 +1,14 @@
 """GET /v1/models and /v1/models/{id}, answered from config so clients can discover routable names
 (only those the caller's key may use).
 
-The list is rendered in the caller's schema: Anthropic's SDK sends `anthropic-version`, OpenAI's does not.
+The list is rendered in the caller's schema.
 """
 
 from __future__ import annotations
 
 from urllib.parse import unquote
 
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, method_not_allowed
 from ..pipeline import DirectReply, RequestContext, Stage
 from ..providers import ADAPTERS
 from ..routing import Router
@@ -27,12 +27,11 @@ class ModelsStage(Stage):
         path = ctx.path
         if path != "/v1/models" and not path.startswith(_PREFIX):
             return
-        adapter = ADAPTERS["anthropic"] if "anthropic-version" in ctx.headers else ADAPTERS["openai"]
-        ctx.adapter = adapter
+        # The processor already picked the caller's schema (Anthropic's SDK sends anthropic-version).
+        adapter = ctx.adapter
+        assert adapter is not None
         if ctx.method != "GET":
-            raise GatewayError(
-                ErrorKind.METHOD_NOT_ALLOWED, f"Method {ctx.method} not allowed on {path}.", "method_not_allowed"
-            )
+            raise method_not_allowed(ctx.method, path)
         allowed = ctx.identity.models if ctx.identity is not None else None
         if path == "/v1/models":
             if allowed is None or allowed.patterns is None:

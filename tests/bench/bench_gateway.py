@@ -2,7 +2,8 @@
 
 Two Envoys from the same envoy.yaml in front of the same mock provider: "envoy" has the ext_proc
 filter removed and one route to the provider; "gateway" is the shipped config with the ext_proc
-server doing everything it does in production (key check, routing, credential swap). wrk drives both with identical requests. Run by hand (not part of the test suite):
+server doing everything it does in production (key check, routing, credential swap). wrk drives
+both with identical requests. Run by hand (not part of the test suite):
 
     .venv/bin/python tests/bench/bench_gateway.py [--duration 10] [--connections 16]
 
@@ -18,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import _http_ok, free_port  # noqa: E402
+from extproc.devstack import free_port, http_ok, wait_until  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 CHAT = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
@@ -89,15 +89,7 @@ def main() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if _http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"):
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
         targets = {"envoy": f"http://127.0.0.1:{alone_ports.listener}", "gateway": stack.base_url}
         sse = {"x-mock-output-tokens": "20"}
         conns = args.connections

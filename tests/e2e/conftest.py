@@ -83,8 +83,7 @@ class Admin:
         self, tenant: str = "e2e", name: str = "k", models: tuple[str, ...] | None = None
     ) -> tuple[str, VirtualKey]:
         async def op(svc: KeyService) -> tuple[str, VirtualKey]:
-            if await svc.tenant(tenant) is None:
-                await svc.create_tenant(tenant, None)
+            await svc.ensure_tenant(tenant)
             return await svc.create_key(tenant, name, models)
 
         return self.run(op)

@@ -78,8 +78,7 @@ async def gw(monkeypatch: pytest.MonkeyPatch) -> Gateway:
 
 
 async def key_for(gw: Gateway, models: tuple[str, ...] | None = None) -> str:
-    if await gw.keys.tenant("acme") is None:
-        await gw.keys.create_tenant("acme", None)
+    await gw.keys.ensure_tenant("acme")
     secret, _ = await gw.keys.create_key("acme", "app", models)
     return secret
 
