@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .auth import StoreUnavailable, open_store
-from .auth.keys import Tenant, VirtualKey, parse_duration
+from .auth.keys import Tenant, VirtualKey, hash_key, new_secret, parse_duration
 from .auth.service import AdminError, KeyService
 from .config import ConfigError, GatewayConfig
 
@@ -125,6 +125,20 @@ async def keys_create(svc: KeyService, args: argparse.Namespace) -> None:
     _print_secret(secret, key, args.json, "Created")
 
 
+def keys_generate(args: argparse.Namespace) -> int:
+    """A secret and its SHA-256 for `auth.static_keys` in gateway.yaml; nothing is stored."""
+    secret = new_secret()
+    digest = hash_key(secret)
+    if args.json:
+        print(json.dumps({"secret": secret, "sha256": digest}))
+        return 0
+    print("Secret (give it to the app; it is not stored anywhere):\n")
+    print(f"  {secret}\n")
+    print("For gateway.yaml, under auth.static_keys:\n")
+    print(f'  - {{id: my-app, name: my-app, tenant: <tenant>, sha256: "{digest}"}}')
+    return 0
+
+
 async def keys_list(svc: KeyService, args: argparse.Namespace) -> None:
     _print_keys(await svc.list_keys(args.tenant), args.json)
 
@@ -203,6 +217,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
     p.add_argument("--models", nargs="+", metavar="MODEL", help="allowed models or globs (default: the tenant's)")
     p.add_argument("--expires", metavar="DURATION", help="e.g. 90s, 12h, 30d, 2w (default: never)")
     p.set_defaults(admin=keys_create)
+    p = keys.add_parser("generate", help="print a new secret and its sha256 for a static key (stores nothing)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=keys_generate)
     p = keys.add_parser("list", help="list keys")
     p.add_argument("--tenant")
     p.set_defaults(admin=keys_list)
@@ -214,8 +231,9 @@ def add_parsers(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> 
         p = keys.add_parser(name, help=help_)
         p.add_argument("id")
         p.set_defaults(admin=func)
-    for p in keys.choices.values():
-        common(p)
+    for name, p in keys.choices.items():
+        if name != "generate":
+            common(p)
 
     tenants = sub.add_parser("tenants", help="manage tenants (defaults keys inherit)").add_subparsers(
         dest="tenants_command", required=True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +115,9 @@ def test_revoked_and_expired_keys(stack: Stack, admin: Admin, mock: Mock, tag: s
     with pytest.raises(openai.AuthenticationError) as err:
         chat(openai_client(stack, old_secret, tag))
     assert err.value.code == "expired_api_key"
+    with pytest.raises(anthropic.AuthenticationError) as aerr:
+        anthropic_client(stack, old_secret, tag).messages.create(model="haiku", max_tokens=5, messages=HI)  # type: ignore[arg-type]
+    assert aerr.value.body["error"]["code"] == "expired_api_key"  # type: ignore[index]
     assert len(mock.requests(tag)) == 1
 
 
@@ -174,16 +179,36 @@ def test_revocation_reaches_a_second_server_within_a_second(
 
 
 @pytest.fixture(scope="module")
-def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Admin]]:
+def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Admin, str]]:
+    """The zero-setup default: embedded store, plus one static key kept in gateway.yaml by hash."""
     stack, admin = make_stack(tmp_path_factory.mktemp("embedded"), None)
+    generated = subprocess.run(
+        [sys.executable, "-m", "extproc", "keys", "generate", "--json"], capture_output=True, text=True, check=True
+    )
+    static = json.loads(generated.stdout)
+    data = yaml.safe_load(admin.config_path.read_text())
+    data["auth"] = {"static_keys": [{"id": "ci", "name": "ci", "tenant": "platform", "sha256": static["sha256"]}]}
+    admin.config_path.write_text(yaml.safe_dump(data))
+    assert static["secret"] not in admin.config_path.read_text()
     assert admin.cli("tenants", "create", "team").returncode == 0
     stack.start()
-    yield stack, admin
+    yield stack, admin, static["secret"]
     stack.stop()
 
 
-def test_cli_changes_reach_the_running_server_on_the_embedded_store(embedded_stack: tuple[Stack, Admin]) -> None:
-    stack, admin = embedded_stack
+def test_static_key_from_gateway_yaml(embedded_stack: tuple[Stack, Admin, str]) -> None:
+    stack, admin, secret = embedded_stack
+    assert chat(openai_client(stack, secret))  # tenant "platform" allows gpt-* and claude-*
+    anthropic_client(stack, secret).messages.create(model="claude-haiku-5-5", max_tokens=5, messages=HI)  # type: ignore[arg-type]
+    with pytest.raises(anthropic.PermissionDeniedError):  # "haiku" is an alias outside the tenant's globs
+        anthropic_client(stack, secret).messages.create(model="haiku", max_tokens=5, messages=HI)  # type: ignore[arg-type]
+    refused = admin.cli("keys", "revoke", "ci")
+    assert refused.returncode == 1 and "defined in gateway.yaml" in refused.stderr
+    assert "ci" in admin.cli("keys", "list", "--tenant", "platform").stdout
+
+
+def test_cli_changes_reach_the_running_server_on_the_embedded_store(embedded_stack: tuple[Stack, Admin, str]) -> None:
+    stack, admin, _ = embedded_stack
     out = admin.cli("keys", "create", "--tenant", "team", "--name", "cli", "--json")
     assert out.returncode == 0, out.stderr
     created = json.loads(out.stdout)
