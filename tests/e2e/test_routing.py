@@ -150,6 +150,16 @@ def test_long_prompt_fits_and_oversized_body_is_413(raw: httpx.Client, mock: Moc
     assert len(mock.requests(tag)) == 1
 
 
+def test_clients_cannot_steer_envoy_retries_or_timeouts(raw: httpx.Client, mock: Mock, tag: str) -> None:
+    body = {"model": "gpt-5.5", "messages": MSGS}
+    steer = {"x-envoy-retry-on": "5xx", "x-envoy-max-retries": "5", "x-envoy-upstream-rq-timeout-ms": "1"}
+    r = raw.post("/v1/chat/completions", json=body, headers={**steer, "x-mock-status": "500"})
+    assert r.status_code == 500
+    assert len(mock.requests(tag)) == 1, "a client header must not multiply upstream attempts"
+    r = raw.post("/v1/chat/completions", json=body, headers={**steer, "x-mock-latency-ms": "50"})
+    assert r.status_code == 200
+
+
 def test_paths_are_normalized_before_the_gateway_sees_them(raw: httpx.Client, mock: Mock, tag: str) -> None:
     body = {"model": "gpt-5.5", "messages": MSGS}
     assert raw.post("/v1//chat/./completions?trace=1", json=body).status_code == 200
