@@ -120,6 +120,9 @@ class Stack:
                     "--log-level",
                     "warn",
                     "--disable-hot-restart",  # lets several stacks (tests, dev) share a machine
+                    # Access log lines show up within 0.1 s instead of Envoy's default 10 s.
+                    "--file-flush-interval-msec",
+                    "100",
                 ],
             )
             procs = list(self.procs.values())

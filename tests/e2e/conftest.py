@@ -8,9 +8,11 @@ virtual key (or none) fails loudly: credential swapping is checked on every e2e 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -138,6 +140,23 @@ def admin(stack_and_admin: tuple[Stack, Admin]) -> Admin:
 @pytest.fixture(scope="session")
 def api_key(admin: Admin) -> str:
     return admin.key("e2e", "session")[0]
+
+
+def access_log_lines(stack: Stack, match: Callable[[dict[str, Any]], bool], wait: float = 5.0) -> list[dict[str, Any]]:
+    """Envoy's JSON access log lines that satisfy `match`, waiting for Envoy to flush them."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = [json.loads(x) for x in stack.log_path("envoy").read_text().splitlines() if x.startswith("{")]
+        found = [line for line in lines if match(line)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def access_log(stack: Stack, request_id: str) -> dict[str, Any]:
+    found = access_log_lines(stack, lambda line: line["request_id"] == request_id)
+    assert found, f"no access log line for {request_id}"
+    return found[0]
 
 
 class Mock:

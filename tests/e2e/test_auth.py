@@ -18,7 +18,16 @@ import yaml
 from extproc.auth.keys import mint
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
-from tests.e2e.conftest import PROVIDER_KEYS, Admin, Mock, anthropic_client, make_stack, openai_client
+from tests.e2e.conftest import (
+    PROVIDER_KEYS,
+    Admin,
+    Mock,
+    access_log,
+    access_log_lines,
+    anthropic_client,
+    make_stack,
+    openai_client,
+)
 
 pytestmark = pytest.mark.e2e
 HI = [{"role": "user", "content": "hi"}]
@@ -62,12 +71,10 @@ def test_provider_key_injected_virtual_key_never_forwarded(stack: Stack, admin: 
     ).raise_for_status()
     assert mock.one(tag + "-raw")["headers"]["anthropic-version"] == "2023-06-01"
     # ...nor the logs: Envoy's access log names the key id and tenant only.
-    time.sleep(1.2)  # Envoy flushes the access log every second
+    mine = access_log(stack, oai_req["headers"]["x-request-id"])
+    assert mine["tenant"] == "e2e" and mine["key_id"].startswith("key_")
     for name in ("envoy", "server"):
         assert secret not in stack.log_path(name).read_text()
-    lines = [json.loads(line) for line in stack.log_path("envoy").read_text().splitlines() if line.startswith("{")]
-    mine = [line for line in lines if line["request_id"] == oai_req["headers"]["x-request-id"]]
-    assert mine and mine[0]["tenant"] == "e2e" and mine[0]["key_id"].startswith("key_")
 
 
 def test_wrong_missing_and_malformed_keys(stack: Stack, mock: Mock, tag: str) -> None:
@@ -94,8 +101,8 @@ def test_wrong_missing_and_malformed_keys(stack: Stack, mock: Mock, tag: str) ->
     try:
         huge = httpx.post(url, json=body, headers={"x-api-key": "k" * 100_000, "x-mock-tag": tag})
         assert huge.status_code == 431
-    except httpx.RemoteProtocolError:
-        pass
+    except (httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # closed or reset: either way the request never got past Envoy
     assert mock.requests(tag) == []
 
 
@@ -258,8 +265,6 @@ def test_redis_down_fail_open_when_configured(tmp_path: Path, redis_url: str) ->
         # Credentials still get swapped, and malformed keys are still refused.
         with pytest.raises(openai.AuthenticationError):
             chat(openai_client(stack, "not-a-key"))
-        time.sleep(1.2)
-        lines = [json.loads(x) for x in stack.log_path("envoy").read_text().splitlines() if x.startswith("{")]
-        assert any(line["auth"] == "bypassed" and line["status"] == 200 for line in lines)
+        assert access_log_lines(stack, lambda line: line["auth"] == "bypassed" and line["status"] == 200)
     finally:
         stack.stop()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 import anthropic
@@ -15,21 +13,11 @@ from anthropic.types import MessageParam
 from openai.types.chat import ChatCompletionMessageParam
 
 from extproc.devstack import Stack
-from tests.e2e.conftest import Mock
+from tests.e2e.conftest import Mock, access_log
 
 pytestmark = pytest.mark.e2e
 MSGS: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 A_MSGS: list[MessageParam] = [{"role": "user", "content": "hello"}]
-
-
-def access_log(stack: Stack, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in stack.log_path("envoy").read_text().splitlines():
-            if line.startswith("{") and request_id in line:
-                return dict(json.loads(line))
-        time.sleep(0.05)
-    raise AssertionError(f"no access log line for {request_id}")
 
 
 def test_alias_rewrites_body_and_keeps_everything_else(oai: openai.OpenAI, mock: Mock, tag: str, stack: Stack) -> None:
