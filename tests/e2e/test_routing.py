@@ -157,3 +157,17 @@ def test_paths_are_normalized_before_the_gateway_sees_them(raw: httpx.Client, mo
     r = raw.post("/v1/chat/completions/../../v1/embeddings", json=body)
     assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_endpoint")
     assert len(mock.requests(tag)) == 1
+
+
+def test_a_provider_stream_broken_midway_reaches_the_client_as_an_error(
+    oai: openai.OpenAI, stack: Stack, mock: Mock, tag: str
+) -> None:
+    hdrs = {"x-mock-fail-after": "3", "x-mock-output-tokens": "20"}
+    received: list[str] = []
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for chunk in oai.chat.completions.create(model="gpt-5.5", messages=MSGS, stream=True, extra_headers=hdrs):
+            received += [c.delta.content or "" for c in chunk.choices]
+    assert 0 < len(received) < 20, "some events arrived, then the break surfaced as an error"
+    log = access_log(stack, mock.one(tag)["headers"]["x-request-id"])
+    assert "UPE" in log["flags"] or "UR" in log["flags"], log["flags"]  # Envoy saw the upstream break
+    assert oai.chat.completions.create(model="gpt-5.5", messages=MSGS).choices, "the gateway keeps serving"
