@@ -11,10 +11,10 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-from .auth import StoreUnavailable, open_store
+from .auth import StoreUnavailable, key_service
 from .auth.keys import Tenant, VirtualKey, hash_key, new_secret, parse_duration
 from .auth.service import AdminError, KeyService
 from .config import ConfigError, GatewayConfig
@@ -83,21 +83,13 @@ def _print_secret(secret: str, key: VirtualKey, as_json: bool, verb: str) -> Non
     print(f"  {secret}\n")
 
 
-async def _with_service(config: GatewayConfig, op: Callable[[KeyService], Awaitable[None]]) -> None:
-    store = open_store(config)
-    await store.start(watch=False)
-    try:
-        await op(KeyService(store, config))
-    finally:
-        await store.close()
-
-
 def run(config: GatewayConfig, args: argparse.Namespace) -> int:
-    async def op(svc: KeyService) -> None:
-        await args.admin(svc, args)
+    async def op() -> None:
+        async with key_service(config) as svc:
+            await args.admin(svc, args)
 
     try:
-        asyncio.run(_with_service(config, op))
+        asyncio.run(op())
     except AdminError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

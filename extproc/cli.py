@@ -81,22 +81,16 @@ def _dev_demo_key(config: GatewayConfig) -> str:
     """A fresh demo key (tenant "demo") for the dev stack; earlier demo keys are revoked."""
     import asyncio
 
-    from .auth import open_store
-    from .auth.service import KeyService
+    from .auth import key_service
 
     async def make() -> str:
-        store = open_store(config)
-        await store.start(watch=False)
-        try:
-            svc = KeyService(store, config)
+        async with key_service(config) as svc:
             await svc.ensure_tenant("demo")
             for old in await svc.list_keys("demo"):
                 if old.name == "dev-demo" and old.status() == "active" and not old.static:
                     await svc.revoke_key(old.id)
             secret, _ = await svc.create_key("demo", "dev-demo")
             return secret
-        finally:
-            await store.close()
 
     return asyncio.run(make())
 
@@ -147,15 +141,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
         env=env,
     )
     stack.start()
-    models = [m.name for m in config.models if not m.is_wildcard]
-    openai_model = next(
-        (m.name for m in config.models if config.providers[m.provider].schema_ == "openai" and not m.is_wildcard),
-        "MODEL",
-    )
-    anthropic_model = next(
-        (m.name for m in config.models if config.providers[m.provider].schema_ == "anthropic" and not m.is_wildcard),
-        "MODEL",
-    )
+    models = [m for m in config.models if not m.is_wildcard]
+
+    def example(schema: str) -> str:
+        return next((m.name for m in models if config.providers[m.provider].schema_ == schema), "MODEL")
+
+    openai_model, anthropic_model = example("openai"), example("anthropic")
     mocked = sorted(set(config.providers) - real)
     anthropic_body = (
         f'{{"model":"{anthropic_model}","max_tokens":64,"stream":true,'
@@ -166,7 +157,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         f"""
 gateway ready on {url}   (logs in {stack.workdir}; Ctrl-C stops everything)
   providers on the mock: {", ".join(mocked) or "none"}; real: {", ".join(sorted(real)) or "none"}
-  models: {", ".join(models)}
+  models: {", ".join(m.name for m in models)}
   demo key (tenant "demo"): {demo_key}
 
   export GATEWAY_KEY={demo_key}

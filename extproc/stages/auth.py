@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 
 from ..auth.credentials import ProviderAuth
-from ..auth.keys import KEY_PREFIX, looks_like_key
+from ..auth.keys import KEY_PREFIX, display_prefix, looks_like_key
 from ..auth.service import AuthFailure, KeyService
 from ..auth.store import StoreUnavailable
 from ..errors import ErrorKind, GatewayError
@@ -76,7 +76,7 @@ class AuthStage(Stage):
         try:
             identity = await self.keys.authenticate(secret)
         except AuthFailure as failure:
-            prefix = failure.key.prefix if failure.key else secret[: len(KEY_PREFIX) + 4] + "…"
+            prefix = failure.key.prefix if failure.key else display_prefix(secret)
             log.info("auth refused: %s key=%s request=%s", failure.code, prefix, ctx.request_id)
             raise GatewayError(
                 ErrorKind.UNAUTHENTICATED, _MESSAGES[failure.code].format(prefix=prefix), failure.code

@@ -24,11 +24,9 @@ import openai
 import pytest
 import yaml
 
-from extproc.auth.embedded import EmbeddedStore
+from extproc.auth import key_service
 from extproc.auth.keys import VirtualKey
-from extproc.auth.redis_store import RedisStore
 from extproc.auth.service import KeyService
-from extproc.auth.store import KeyStore
 from extproc.config import load_config
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
@@ -64,20 +62,12 @@ class Admin:
         self.config = load_config(config_path)
         self.redis_url = redis_url
 
-    def _store(self) -> KeyStore:
-        if self.config.store.backend == "redis":
-            assert self.redis_url
-            return RedisStore(self.redis_url, prefix=self.config.store.redis_prefix)
-        return EmbeddedStore(self.config.resolve(self.config.store.path))
-
     def run(self, op: Callable[[KeyService], Awaitable[T]]) -> T:
+        env = {self.config.store.redis_url_env: self.redis_url} if self.redis_url else {}
+
         async def go() -> T:
-            store = self._store()
-            await store.start(watch=False)
-            try:
-                return await op(KeyService(store, self.config))
-            finally:
-                await store.close()
+            async with key_service(self.config, env) as svc:
+                return await op(svc)
 
         return asyncio.run(go())
 

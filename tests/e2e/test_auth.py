@@ -82,7 +82,7 @@ def test_wrong_missing_and_malformed_keys(stack: Stack, mock: Mock, tag: str) ->
         with pytest.raises(openai.AuthenticationError) as e1:
             chat(openai_client(stack, key, tag))
         assert e1.value.code == "invalid_api_key"
-        assert key not in e1.value.message or key.startswith("sk-gw-x")  # only a short prefix is ever echoed
+        assert key not in e1.value.message  # at most a short prefix is ever echoed
         with pytest.raises(anthropic.AuthenticationError) as e2:
             anthropic_client(stack, key, tag).messages.create(model="haiku", max_tokens=5, messages=HI)  # type: ignore[arg-type]
         assert e2.value.body["error"]["type"] == "authentication_error"  # type: ignore[index]
