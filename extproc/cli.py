@@ -51,8 +51,9 @@ def cmd_mock(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         MockOptions(
-            openai_key=args.openai_key or os.environ.get("MOCK_OPENAI_KEY"),
-            anthropic_key=args.anthropic_key or os.environ.get("MOCK_ANTHROPIC_KEY"),
+            # From the environment only: a key on the command line is readable by anyone via `ps`.
+            openai_key=os.environ.get("MOCK_OPENAI_KEY") or None,
+            anthropic_key=os.environ.get("MOCK_ANTHROPIC_KEY") or None,
         ),
     )
     return 0
@@ -137,7 +138,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         ports=ports,
         real_providers=real,
         with_mock=len(real) < len(config.providers),
-        mock_args=("--openai-key", mock_keys["openai"], "--anthropic-key", mock_keys["anthropic"]),
+        mock_env={"MOCK_OPENAI_KEY": mock_keys["openai"], "MOCK_ANTHROPIC_KEY": mock_keys["anthropic"]},
         env=env,
     )
     stack.start()
@@ -220,8 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=18080)
-    p.add_argument("--openai-key", help="require this OpenAI key (default: $MOCK_OPENAI_KEY, else accept any)")
-    p.add_argument("--anthropic-key", help="require this Anthropic key (default: $MOCK_ANTHROPIC_KEY, else accept any)")
+    p.epilog = "Provider keys it requires come from $MOCK_OPENAI_KEY / $MOCK_ANTHROPIC_KEY (unset: accept any)."
     p.set_defaults(func=cmd_mock)
 
     p = sub.add_parser("check", help="validate gateway.yaml and its routes in envoy.yaml")

@@ -18,6 +18,40 @@ Schema = Literal["openai", "anthropic"]
 
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _MODEL_NAME = re.compile(r"^[^\s\x00-\x1f*]{1,256}$")
+_HEADER_GLOB = re.compile(r"^[a-z0-9][a-z0-9!#$%&'+.^_`|~-]*\*?$")
+# Client headers that carry credentials or session state: removed from every request, and refused
+# in forward_headers. Globs cover vendor variants (x-goog-api-key, x-amz-security-token, ...).
+_CREDENTIAL_HEADERS = re.compile(
+    r"^(authorization|proxy-authorization|cookie|x-api-key|api-key|"
+    r".*-(key|token|secret|secrets|credential|credentials|auth|password|session))$|"
+    r"(^x-gateway-)|(^x-envoy-)"
+)
+
+
+def is_credential_header(name: str) -> bool:
+    """Whether a client header carries credentials or is gateway-internal: never forwarded, whatever
+    forward_headers says."""
+    return _CREDENTIAL_HEADERS.match(name) is not None
+
+
+_FIXED_CREDENTIALS = (
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-gateway-",
+    "x-envoy-",
+)
+
+
+def _glob_reaches_credentials(glob: str) -> bool:
+    prefix = glob[:-1] if glob.endswith("*") else None
+    if prefix is None:
+        return is_credential_header(glob)
+    return any(c.startswith(prefix) or prefix.startswith(c) for c in _FIXED_CREDENTIALS if c.endswith("-")) or any(
+        c.startswith(prefix) for c in _FIXED_CREDENTIALS
+    )
 
 
 class ConfigError(Exception):
@@ -35,6 +69,17 @@ class ServerConfig(_Strict):
     # per_connection_buffer_limit_bytes in envoy.yaml.
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Client header limits, below Envoy's own (envoy.yaml max_headers_count / max_request_headers_kb)
+    # so the headers the gateway adds always fit; `extproc check` verifies the room. Over: 431.
+    max_request_headers: int = Field(default=80, ge=16, le=1000)
+    max_request_headers_kb: int = Field(default=48, ge=8, le=8192)
+    # Open ext_proc streams (HTTP exchanges, SSE included) one process serves; past it new requests
+    # get 503 gateway_overloaded with retry-after instead of queueing without bound.
+    max_concurrent_streams: int = Field(default=5000, ge=1)
+    # Request bodies held in this process at once (bytes as sent). A body that would pass it gets
+    # 503 gateway_overloaded. Peak memory per body is ~2-3x its size (gRPC message, bytes, parsed
+    # JSON): see the README's sizing rule next to the container memory limit.
+    max_body_bytes_in_flight: int = Field(default=96 * 1024 * 1024, ge=1024 * 1024)
 
 
 class ProviderConfig(_Strict):
@@ -46,12 +91,30 @@ class ProviderConfig(_Strict):
     api_key_file: str | None = None
     # Sent to Anthropic-schema providers when the client did not send its own.
     anthropic_version: str = "2023-06-01"
+    # Client headers forwarded to this provider (names or "prefix-*" globs, lowercase); everything
+    # else the client sent is removed. Absent: the schema's defaults (README). Credentials never.
+    forward_headers: tuple[str, ...] | None = None
+    # OpenAI organization / project, chosen here and never by the client (openai schema only).
+    organization: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    project: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ProviderConfig:
         if self.api_key_env and self.api_key_file:
             raise ValueError("set api_key_env or api_key_file, not both")
+        if (self.organization or self.project) and self.schema_ != "openai":
+            raise ValueError("organization and project apply to openai-schema providers only")
         return self
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in v or ():
+            if not _HEADER_GLOB.match(name):
+                raise ValueError(f"bad header name {name!r}: lowercase token, optionally ending in '*'")
+            if _glob_reaches_credentials(name):
+                raise ValueError(f"{name!r} carries credentials and is never forwarded from clients")
+        return v
 
 
 class StoreConfig(_Strict):

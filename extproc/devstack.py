@@ -62,7 +62,8 @@ class Stack:
     real_providers: frozenset[str] = frozenset()
     with_mock: bool = True
     with_server: bool = True
-    mock_args: Sequence[str] = ()
+    # The mock provider's required keys (MOCK_OPENAI_KEY, MOCK_ANTHROPIC_KEY): environment, not argv.
+    mock_env: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
@@ -78,11 +79,20 @@ class Stack:
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
 
-    def _spawn(self, name: str, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    def _open_log(self, name: str) -> IO[bytes]:
         log = open(self.log_path(name), "wb")  # noqa: SIM115  # closed in stop()
         self._logs.append(log)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return log
+
+    def _spawn(
+        self, name: str, args: Sequence[str], stdout_log: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start a process logging to <name>.log; with `stdout_log`, its stdout goes to a file of its
+        own (Envoy's JSON access log stays parseable, apart from Envoy's own messages on stderr)."""
+        log = self._open_log(name)
+        out = self._open_log(stdout_log) if stdout_log else log
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
+        proc = subprocess.Popen(args, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=full_env)
         self.procs[name] = proc
         return proc
 
@@ -105,7 +115,8 @@ class Stack:
             if self.with_mock:
                 self._spawn(
                     "mock",
-                    [*py, "mock-provider", "--host", self.ports.host, "--port", str(self.ports.mock), *self.mock_args],
+                    [*py, "mock-provider", "--host", self.ports.host, "--port", str(self.ports.mock)],
+                    env=self.mock_env,
                 )
             if self.with_server:
                 self.start_server()
@@ -124,6 +135,7 @@ class Stack:
                     "--file-flush-interval-msec",
                     "100",
                 ],
+                stdout_log="access",
             )
             procs = list(self.procs.values())
             wait_until("envoy", lambda: http_ok(f"http://{self.ports.host}:{self.ports.admin}/ready"), procs, timeout)

@@ -135,7 +135,47 @@ def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
     )
     if not has_filter:
         problems.append("envoy.yaml has no envoy.filters.http.ext_proc filter")
+    problems.extend(_limit_problems(gateway, cfg))
     return problems
+
+
+# Headers the gateway may add to a request (routing, credentials, organization/project, version)
+# and their size: the server's client-header limits must leave this much room below Envoy's.
+HEADER_ROOM = 16
+HEADER_ROOM_KB = 8
+
+
+def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
+    problems: list[str] = []
+    server = gateway.server
+    for hcm in _hcms(cfg):
+        count = (hcm.get("common_http_protocol_options") or {}).get("max_headers_count", 100)
+        kb = hcm.get("max_request_headers_kb", 60)
+        if server.max_request_headers + HEADER_ROOM > count:
+            problems.append(
+                f"gateway.yaml server.max_request_headers ({server.max_request_headers}) must be at least "
+                f"{HEADER_ROOM} below envoy.yaml max_headers_count ({count})"
+            )
+        if server.max_request_headers_kb + HEADER_ROOM_KB > kb:
+            problems.append(
+                f"gateway.yaml server.max_request_headers_kb ({server.max_request_headers_kb}) must be at least "
+                f"{HEADER_ROOM_KB} below envoy.yaml max_request_headers_kb ({kb})"
+            )
+        body = request_body_limit(hcm)
+        if body is not None and body >= server.max_message_bytes:
+            problems.append(
+                f"gateway.yaml server.max_message_bytes ({server.max_message_bytes}) must exceed envoy.yaml's "
+                f"buffer filter max_request_bytes ({body})"
+            )
+    return problems
+
+
+def request_body_limit(hcm: dict[str, Any]) -> int | None:
+    """The largest request body Envoy buffers for the server: the buffer filter's limit."""
+    for f in hcm.get("http_filters", []):
+        if f.get("name") == "envoy.filters.http.buffer":
+            return int(f["typed_config"]["max_request_bytes"])
+    return None
 
 
 def _static_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:

@@ -21,8 +21,11 @@ class ErrorKind(Enum):
     TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "invalid_request_error")
     RATE_LIMITED = (429, "rate_limit_error", "rate_limit_error")
+    HEADERS_TOO_LARGE = (431, "invalid_request_error", "invalid_request_error")
     INTERNAL = (500, "server_error", "api_error")
     UNAVAILABLE = (503, "server_error", "api_error")
+    # The gateway itself is at capacity (streams or body memory): retry later, not a provider error.
+    OVERLOADED = (503, "server_error", "overloaded_error")
 
     @property
     def status(self) -> int:
@@ -54,5 +57,29 @@ class GatewayError(Exception):
         return self.kind.status
 
 
+QUOTE_LIMIT = 64
+
+
+def quote(value: str, limit: int = QUOTE_LIMIT) -> str:
+    """A client-supplied value as error messages may show it: a short, printable prefix in quotes.
+    Every echo of client input goes through here, so a 1 MB model name or a control character
+    never reaches a response body, a header or a log line whole."""
+    shown = value[:limit]
+    text = repr(shown)  # escapes control characters and quotes
+    return text[:-1] + "…" + text[-1] if len(value) > limit else text
+
+
 def method_not_allowed(method: str, path: str) -> GatewayError:
-    return GatewayError(ErrorKind.METHOD_NOT_ALLOWED, f"Method {method} not allowed on {path}.", "method_not_allowed")
+    return GatewayError(
+        ErrorKind.METHOD_NOT_ALLOWED, f"Method {quote(method)} not allowed on {quote(path)}.", "method_not_allowed"
+    )
+
+
+def overloaded(what: str) -> GatewayError:
+    """503 gateway_overloaded with retry-after: the gateway sheds load instead of growing without bound."""
+    return GatewayError(
+        ErrorKind.OVERLOADED,
+        f"The gateway is at capacity ({what}); retry shortly.",
+        "gateway_overloaded",
+        headers={"retry-after": "1"},
+    )

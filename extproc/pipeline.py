@@ -10,13 +10,16 @@ Later issues (auth, quotas, redaction, cache, accounting) are new stages; they h
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import orjson
 
 from .auth.keys import Identity
-from .errors import ErrorKind, GatewayError
+from .errors import ErrorKind, GatewayError, quote
 from .providers import Endpoint, ProviderAdapter
 from .routing import Route
 from .sse import SSEEvent
@@ -52,11 +55,14 @@ class RequestContext:
         "body_dirty",
         "clear_route_cache",
         "endpoint",
+        "header_bytes",
+        "header_count",
         "headers",
         "identity",
         "metadata",
         "method",
         "path",
+        "query",
         "remove_headers",
         "reply",
         "request_id",
@@ -64,6 +70,7 @@ class RequestContext:
         "response_status",
         "route",
         "set_headers",
+        "state",
         "streaming",
         "wants_response_body",
         "wants_response_events",
@@ -74,7 +81,14 @@ class RequestContext:
         self.headers: dict[str, str] = {}
         self.method = ""
         self.path = ""
+        # The raw query string (without "?"), if any. Never logged: it may hold anything.
+        self.query = ""
+        # Header lines as the client sent them (before merging repeats), and their size in bytes.
+        self.header_count = 0
+        self.header_bytes = 0
         self.request_id = ""
+        # Per-request state of each stage, by stage name: nothing per-request lives on a stage.
+        self.state: dict[str, Any] = {}
         self.endpoint: Endpoint | None = None
         # Adapter of the schema the *client* speaks (from the path), used to render errors.
         self.adapter: ProviderAdapter | None = None
@@ -106,22 +120,88 @@ class RequestContext:
                 raise GatewayError(
                     ErrorKind.INVALID_REQUEST, "Request body is empty; expected a JSON object.", "empty_body"
                 )
-            try:
-                parsed = orjson.loads(self.body)
-            except orjson.JSONDecodeError as err:
-                raise GatewayError(
-                    ErrorKind.INVALID_REQUEST,
-                    f"Request body is not valid JSON (at byte {err.pos}).",
-                    "invalid_json",
-                ) from None
-            if not isinstance(parsed, dict):
-                raise GatewayError(ErrorKind.INVALID_REQUEST, "Request body must be a JSON object.", "invalid_json")
-            self._json = parsed
+            self._json = parse_request_json(self.body)
         return self._json
+
+    def release_body(self) -> None:
+        self.body = None
+        self._json = None
 
     def mark_body_changed(self) -> None:
         """Stages edit `ctx.json` in place and call this; the processor serializes once."""
         self.body_dirty = True
+
+
+def parse_request_json(body: bytes) -> dict[str, Any]:
+    """Parse a request body, refusing duplicate keys at any depth.
+
+    With `{"model": "allowed", "model": "forbidden"}` the gateway would check one value and a
+    provider whose parser keeps the first key would act on the other; refusing duplicates makes
+    the provider see exactly what the gateway checked. orjson parses (fast, strict, no copy of the
+    bytes); duplicates are found by comparing the keys kept with the keys written (`count_json_keys`),
+    and only a body that has some is parsed again, by the stdlib, to name the key.
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        raise GatewayError(
+            ErrorKind.INVALID_REQUEST, f"Request body is not valid JSON (at byte {err.pos}).", "invalid_json"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise GatewayError(ErrorKind.INVALID_REQUEST, "Request body must be a JSON object.", "invalid_json")
+    if _kept_keys(parsed) != count_json_keys(body):
+        name = _first_duplicate(body)
+        raise GatewayError(
+            ErrorKind.INVALID_REQUEST,
+            f"Request body has a duplicate key {quote(name)}; each key may appear once per object.",
+            "invalid_json",
+        )
+    return parsed
+
+
+# In valid JSON an unescaped '"' followed by optional whitespace and ':' closes an object key, and
+# nothing else: inside strings every '"' is escaped.
+_KEY_END = re.compile(rb'"[ \t\r\n]*:')
+
+
+def count_json_keys(body: bytes) -> int:
+    """Object keys written in a valid JSON document, duplicates included (see parse_request_json)."""
+    n = 0
+    for m in _KEY_END.finditer(body):
+        i = j = m.start()
+        while j > 0 and body[j - 1] == 0x5C:  # backslashes before the quote: odd count = escaped
+            j -= 1
+        n += (i - j) % 2 == 0
+    return n
+
+
+def _kept_keys(obj: Any) -> int:
+    n = 0
+    todo = [obj]
+    while todo:
+        x = todo.pop()
+        if type(x) is dict:
+            n += len(x)
+            todo.extend(x.values())
+        elif type(x) is list:
+            todo.extend(x)
+    return n
+
+
+def _first_duplicate(body: bytes) -> str:
+    found: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return {}
+
+    with contextlib.suppress(ValueError):
+        json.loads(body, object_pairs_hook=pairs_hook)
+    return found[0] if found else "?"
 
 
 class Stage:

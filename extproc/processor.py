@@ -30,12 +30,19 @@ _OPENAI = ADAPTERS["openai"]
 _ANTHROPIC = ADAPTERS["anthropic"]
 
 
-def _headers_of(msg: ep.HttpHeaders) -> dict[str, str]:
+def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[str, str]:
+    """Headers by name (repeats joined with ','); with `ctx`, also records the request's header
+    count and size as the client sent them, for the header limits."""
     out: dict[str, str] = {}
+    size = 0
     for h in msg.headers.headers:
         value = h.raw_value.decode("latin-1") if h.raw_value else h.value
         key = h.key
+        size += len(key) + len(value)
         out[key] = f"{out[key]},{value}" if key in out else value
+    if ctx is not None:
+        ctx.header_count = len(msg.headers.headers)
+        ctx.header_bytes = size
     return out
 
 
@@ -99,10 +106,9 @@ class Processor:
 
     async def _request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         ctx = self.ctx
-        headers = _headers_of(msg)
+        headers = _headers_of(msg, ctx)
         ctx.method = headers.pop(":method", "")
-        raw_path = headers.pop(":path", "")
-        ctx.path = raw_path.split("?", 1)[0]
+        ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
         ctx.request_id = headers.get("x-request-id", "")
         found = ENDPOINTS.get(ctx.path)
         if found is not None:
@@ -146,6 +152,9 @@ class Processor:
         if ctx.body_dirty:
             new_body = orjson.dumps(ctx.json)
             ctx.set_headers["content-length"] = str(len(new_body))
+        # The request phases are over: a long stream must not keep a large body (and its parsed
+        # copy) alive for minutes. Stages keep what they need of it in ctx.state.
+        ctx.release_body()
         resp = ep.ProcessingResponse()
         phase_resp = resp.request_body if phase == "request_body" else resp.request_headers
         phase_resp.SetInParent()
@@ -255,7 +264,10 @@ async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any
             if req is grpc.aio.EOF:
                 break
             resp = await proc.handle(req)
+            # Drop the message (it may hold a 16 MiB body) before waiting on the next one.
+            del req
             if resp is not None:
                 await context.write(resp)
+                del resp
     finally:
         await proc.finish()

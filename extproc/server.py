@@ -16,7 +16,6 @@ from .auth.service import KeyService
 from .config import GatewayConfig
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .routing import Router
 from .stages import default_stages
 from .wire import external_processor_pb2_grpc as ep_grpc
 
@@ -38,7 +37,7 @@ async def build_pipeline(config: GatewayConfig, extra_stages: tuple[Stage, ...] 
     store = open_store(config)
     await store.start()
     keys = KeyService(store, config)
-    stages = default_stages(Router(config), keys, provider_auth, fail_open=config.auth.failure_mode == "open")
+    stages = default_stages(config, keys, provider_auth)
     return Pipeline([*stages, *extra_stages]), store
 
 

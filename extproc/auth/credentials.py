@@ -19,7 +19,6 @@ _PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))
 class ProviderAuth:
     provider: str
     headers: tuple[tuple[str, str], ...]
-    anthropic_version: str | None
 
     def __repr__(self) -> str:
         return f"ProviderAuth({self.provider}, headers={[k for k, _ in self.headers]}, secret=***)"
@@ -54,5 +53,10 @@ def load_provider_auth(config: GatewayConfig) -> dict[str, ProviderAuth]:
         headers: tuple[tuple[str, str], ...] = ()
         if secret is not None:
             headers = (("authorization", f"Bearer {secret}"),) if p.schema_ == "openai" else (("x-api-key", secret),)
-        out[name] = ProviderAuth(name, headers, p.anthropic_version if p.schema_ == "anthropic" else None)
+        # Organization and project are the gateway's choice (the client's own are dropped).
+        if p.organization:
+            headers += (("openai-organization", p.organization),)
+        if p.project:
+            headers += (("openai-project", p.project),)
+        out[name] = ProviderAuth(name, headers)
     return out

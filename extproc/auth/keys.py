@@ -39,6 +39,15 @@ def looks_like_key(value: str) -> bool:
     return KEY_RE.match(value) is not None
 
 
+# Anything that could be a gateway key (or most of one) inside a longer text: a key pasted into a
+# query string or a cookie is refused before it can be forwarded or logged.
+_KEY_INSIDE = re.compile(rf"{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{8}}", re.IGNORECASE)
+
+
+def contains_key(text: str) -> bool:
+    return _KEY_INSIDE.search(text) is not None
+
+
 def display_prefix(secret: str) -> str:
     return secret[: len(KEY_PREFIX) + DISPLAY_CHARS] + "…"
 

@@ -12,7 +12,7 @@ Behaviour is steered per request by `x-mock-*` headers, which pass through Envoy
   x-mock-tag: T              label for GET /_mock/requests?tag=T
 
 Every request is recorded (path, headers, raw body, when each SSE event went out) in a bounded
-ring buffer that tests read from GET /_mock/requests. With --openai-key/--anthropic-key the mock
+ring buffer that tests read from GET /_mock/requests. With $MOCK_OPENAI_KEY / $MOCK_ANTHROPIC_KEY set the mock
 rejects requests that do not carry that credential, as the real APIs would.
 """
 
@@ -119,6 +119,7 @@ class MockProvider:
         raw = await request.read()
         record: dict[str, Any] = {
             "path": request.path,
+            "query": request.query_string,
             "method": request.method,
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body": raw.decode("utf-8", "replace"),

@@ -9,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..routing import Route
 from ..sse import SSEEvent
-from .base import Endpoint, ProviderAdapter, StreamReader, Usage
+from .base import COMMON_FORWARD_HEADERS, Endpoint, ProviderAdapter, StreamReader, Usage
 
 
 def _int(v: Any) -> int:
@@ -60,9 +60,11 @@ class AnthropicStreamReader(StreamReader):
 
 class AnthropicAdapter(ProviderAdapter):
     schema = "anthropic"
+    forward_headers = (*COMMON_FORWARD_HEADERS, "anthropic-version", "anthropic-beta")
     endpoints = {
-        "/v1/messages": Endpoint("/v1/messages", "POST"),
-        "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "POST"),
+        # The SDK's client.beta.* calls add ?beta=true.
+        "/v1/messages": Endpoint("/v1/messages", "POST", query=frozenset({"beta"})),
+        "/v1/messages/count_tokens": Endpoint("/v1/messages/count_tokens", "POST", query=frozenset({"beta"})),
     }
 
     def error_body(self, err: GatewayError) -> bytes:

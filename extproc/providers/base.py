@@ -7,13 +7,17 @@ module, and translation between schemas (a later issue) becomes one translator p
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, quote
 from ..routing import Route
 from ..sse import SSEEvent
+
+MAX_MODEL_CHARS = 256
+_MODEL_CHARS = re.compile(r"^[\x21-\x7e]+$")
 
 
 @dataclass(slots=True)
@@ -30,6 +34,9 @@ class Endpoint:
     method: str
     # Whether the JSON body names a model the gateway must route on.
     routed: bool = True
+    # Query parameters the provider reads on this endpoint; every other one is dropped before the
+    # request leaves (and never logged).
+    query: frozenset[str] = frozenset()
 
 
 class StreamReader(ABC):
@@ -44,9 +51,16 @@ class StreamReader(ABC):
     def on_event(self, event: SSEEvent) -> None: ...
 
 
+# Client headers every provider may see by default (each schema adds its own). Everything else the
+# client sent is removed before the request leaves; gateway.yaml `providers.<name>.forward_headers`
+# replaces the list.
+COMMON_FORWARD_HEADERS = ("accept", "content-type", "user-agent", "x-stainless-*")
+
+
 class ProviderAdapter(ABC):
     schema: str
     endpoints: dict[str, Endpoint]
+    forward_headers: tuple[str, ...] = COMMON_FORWARD_HEADERS
 
     def model_of(self, body: dict[str, Any]) -> str:
         model = body.get("model")
@@ -57,6 +71,16 @@ class ProviderAdapter(ABC):
         if not isinstance(model, str) or not model:
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST, "Invalid 'model': expected a non-empty string.", "invalid_model", "model"
+            )
+        if len(model) > MAX_MODEL_CHARS or not _MODEL_CHARS.match(model):
+            # The name becomes a routing header and an upstream body field: a bounded, printable
+            # name is a client error here rather than a header-mutation failure (503) in Envoy.
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                f"Invalid 'model' {quote(model)}: use at most {MAX_MODEL_CHARS} printable ASCII characters "
+                "without spaces.",
+                "invalid_model",
+                "model",
             )
         return model
 

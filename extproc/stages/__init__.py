@@ -4,36 +4,48 @@ from __future__ import annotations
 
 from ..auth.credentials import ProviderAuth
 from ..auth.service import KeyService
+from ..config import GatewayConfig
 from ..pipeline import Stage
 from ..routing import Router
+from .admission import AdmissionStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
 from .endpoints import EndpointStage
 from .headers import StripInternalHeaders
+from .hygiene import RequestHygieneStage
 from .models import ModelsStage
 from .route import RoutingStage
+from .upstream_headers import UpstreamHeadersStage
 
 
-def default_stages(
-    router: Router, keys: KeyService, provider_auth: dict[str, ProviderAuth], fail_open: bool = False
-) -> list[Stage]:
+def default_stages(config: GatewayConfig, keys: KeyService, provider_auth: dict[str, ProviderAuth]) -> list[Stage]:
+    router = Router(config)
+    server = config.server
     return [
+        # Shed load before doing any work for a request.
+        AdmissionStage(server.max_concurrent_streams, server.max_body_bytes_in_flight),
         StripInternalHeaders(),
-        AuthStage(keys, fail_open),
+        RequestHygieneStage(server.max_request_headers, server.max_request_headers_kb),
+        AuthStage(keys, fail_open=config.auth.failure_mode == "open"),
         ModelsStage(router),
         EndpointStage(),
         RoutingStage(router),
         ModelAccessStage(),
         ProviderCredentialsStage(provider_auth),
+        # Last: it must see every header the stages above set, so it never removes one of them.
+        UpstreamHeadersStage(config),
     ]
 
 
 __all__ = [
+    "AdmissionStage",
     "AuthStage",
     "EndpointStage",
     "ModelAccessStage",
     "ModelsStage",
     "ProviderCredentialsStage",
+    "RequestHygieneStage",
     "RoutingStage",
     "StripInternalHeaders",
+    "UpstreamHeadersStage",
     "default_stages",
 ]

@@ -130,5 +130,3 @@ class ProviderCredentialsStage(Stage):
         auth = self.provider_auth[ctx.route.provider]
         for key, value in auth.headers:
             ctx.set_headers[key] = value
-        if auth.anthropic_version and "anthropic-version" not in ctx.headers:
-            ctx.set_headers["anthropic-version"] = auth.anthropic_version

@@ -6,7 +6,7 @@ reaching a provider with the gateway's credentials (later) attached.
 
 from __future__ import annotations
 
-from ..errors import ErrorKind, GatewayError, method_not_allowed
+from ..errors import ErrorKind, GatewayError, method_not_allowed, quote
 from ..pipeline import RequestContext, Stage
 
 
@@ -16,13 +16,15 @@ class EndpointStage(Stage):
     async def request_headers(self, ctx: RequestContext) -> None:
         ep = ctx.endpoint
         if ep is None:
-            raise GatewayError(ErrorKind.NOT_FOUND, f"Invalid URL ({ctx.method} {ctx.path}).", "unknown_endpoint")
+            raise GatewayError(
+                ErrorKind.NOT_FOUND, f"Invalid URL ({quote(ctx.method, 16)} {quote(ctx.path)}).", "unknown_endpoint"
+            )
         if ctx.method != ep.method:
             raise method_not_allowed(ctx.method, ctx.path)
         ctype = ctx.headers.get("content-type", "application/json")
         if "json" not in ctype.lower():
             raise GatewayError(
                 ErrorKind.UNSUPPORTED_MEDIA,
-                f"Unsupported content-type {ctype[:64]!r}; send application/json.",
+                f"Unsupported content-type {quote(ctype)}; send application/json.",
                 "unsupported_media_type",
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote
 
-from ..errors import ErrorKind, GatewayError, method_not_allowed
+from ..errors import ErrorKind, GatewayError, method_not_allowed, quote
 from ..pipeline import DirectReply, RequestContext, Stage
 from ..providers import ADAPTERS
 from ..routing import Router
@@ -43,5 +43,7 @@ class ModelsStage(Stage):
         model = unquote(path[len(_PREFIX) :])
         route = self._router.resolve(model)
         if route is None or (allowed is not None and not allowed.allows(model)):
-            raise GatewayError(ErrorKind.NOT_FOUND, f"The model '{model}' does not exist.", "model_not_found", "model")
+            raise GatewayError(
+                ErrorKind.NOT_FOUND, f"The model {quote(model)} does not exist.", "model_not_found", "model"
+            )
         ctx.reply = DirectReply(200, adapter.model_body(route))

@@ -8,7 +8,7 @@ content-length).
 
 from __future__ import annotations
 
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, quote
 from ..pipeline import RequestContext, Stage
 from ..routing import Router
 
@@ -32,14 +32,14 @@ class RoutingStage(Stage):
         if route is None:
             raise GatewayError(
                 ErrorKind.NOT_FOUND,
-                f"The model '{model[:256]}' does not exist or is not served by this gateway.",
+                f"The model {quote(model)} does not exist or is not served by this gateway.",
                 "model_not_found",
                 "model",
             )
         if route.schema != adapter.schema:
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
-                f"The model '{model}' is served through the {route.schema} API; "
+                f"The model {quote(model)} is served through the {route.schema} API; "
                 f"call it with the {route.schema} SDK (translation between schemas is not enabled).",
                 "schema_mismatch",
                 "model",

@@ -30,10 +30,14 @@ from extproc.auth.service import KeyService
 from extproc.config import load_config
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
+from extproc.providers import ADAPTERS
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEYS = {"OPENAI_API_KEY": "sk-provider-openai-e2e-0000", "ANTHROPIC_API_KEY": "sk-ant-provider-e2e-0000"}
-MOCK_ARGS = ("--openai-key", PROVIDER_KEYS["OPENAI_API_KEY"], "--anthropic-key", PROVIDER_KEYS["ANTHROPIC_API_KEY"])
+MOCK_ENV = {
+    "MOCK_OPENAI_KEY": PROVIDER_KEYS["OPENAI_API_KEY"],
+    "MOCK_ANTHROPIC_KEY": PROVIDER_KEYS["ANTHROPIC_API_KEY"],
+}
 T = TypeVar("T")
 
 
@@ -45,6 +49,9 @@ def write_config(workdir: Path, redis: bool, prefix: str | None = None) -> Path:
     """The shipped gateway.yaml with the store pointed at this test's Redis prefix or a tmp file."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+    # The mock provider is steered by x-mock-* headers: let them through the per-provider allow-list.
+    for provider in data["providers"].values():
+        provider["forward_headers"] = [*ADAPTERS[provider["schema"]].forward_headers, "x-mock-*"]
     if redis:
         data["store"] = {"backend": "redis", "redis_prefix": prefix or f"e2e{uuid.uuid4().hex[:8]}:"}
     else:
@@ -103,7 +110,7 @@ def make_stack(workdir: Path, redis_url: str | None, prefix: str | None = None, 
         workdir=workdir,
         ports=kw.pop("ports", None) or free_ports(),
         env=env,
-        mock_args=kw.pop("mock_args", MOCK_ARGS),
+        mock_env=kw.pop("mock_env", MOCK_ENV),
         **kw,
     )
     return stack, Admin(config, redis_url)
@@ -136,7 +143,7 @@ def access_log_lines(stack: Stack, match: Callable[[dict[str, Any]], bool], wait
     """Envoy's JSON access log lines that satisfy `match`, waiting for Envoy to flush them."""
     deadline = time.monotonic() + wait
     while True:
-        lines = [json.loads(x) for x in stack.log_path("envoy").read_text().splitlines() if x.startswith("{")]
+        lines = [json.loads(x) for x in stack.log_path("access").read_text().splitlines()]
         found = [line for line in lines if match(line)]
         if found or time.monotonic() > deadline:
             return found

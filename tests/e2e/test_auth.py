@@ -73,7 +73,7 @@ def test_provider_key_injected_virtual_key_never_forwarded(stack: Stack, admin: 
     # ...nor the logs: Envoy's access log names the key id and tenant only.
     mine = access_log(stack, oai_req["headers"]["x-request-id"])
     assert mine["tenant"] == "e2e" and mine["key_id"].startswith("key_")
-    for name in ("envoy", "server"):
+    for name in ("envoy", "access", "server"):
         assert secret not in stack.log_path(name).read_text()
 
 

@@ -12,7 +12,6 @@ from extproc.auth.service import KeyService
 from extproc.config import parse_config
 from extproc.pipeline import Pipeline
 from extproc.processor import Processor
-from extproc.routing import Router
 from extproc.stages import default_stages
 from extproc.wire import external_processor_pb2 as ep
 from tests.memstore import CountingStore
@@ -40,7 +39,12 @@ class Gateway:
         monkeypatch.setenv("T_ANTHROPIC_KEY", PROVIDER_ANTHROPIC)
         self.store = CountingStore()
         self.keys = KeyService(self.store, CONFIG)
-        self.pipeline = Pipeline(default_stages(Router(CONFIG), self.keys, load_provider_auth(CONFIG), fail_open))
+        config = (
+            CONFIG.model_copy(update={"auth": CONFIG.auth.model_copy(update={"failure_mode": "open"})})
+            if fail_open
+            else CONFIG
+        )
+        self.pipeline = Pipeline(default_stages(config, self.keys, load_provider_auth(config)))
 
     async def exchange(
         self, headers: dict[str, str], body: bytes | None = None, path: str = "/v1/chat/completions"

@@ -118,8 +118,10 @@ def test_compose_wiring() -> None:
     mock_flags = dict(a.removeprefix("--").split("=", 1) for a in services["mock-provider"]["command"][1:])
     mock_port = int(mock_flags["port"])
     env = services["extproc"]["environment"]
-    assert mock_flags["openai-key"] == env["OPENAI_API_KEY"]
-    assert mock_flags["anthropic-key"] == env["ANTHROPIC_API_KEY"]
+    mock_env = services["mock-provider"]["environment"]
+    assert mock_env["MOCK_OPENAI_KEY"] == env["OPENAI_API_KEY"]
+    assert mock_env["MOCK_ANTHROPIC_KEY"] == env["ANTHROPIC_API_KEY"]
+    assert not any("key" in a for a in services["mock-provider"]["command"]), "no secret on a command line"
     gateway = load_config(ROOT / services["extproc"]["volumes"][0].split(":")[0])
     assert env[gateway.store.redis_url_env] == "redis://redis:6379/0" and "redis" in services
     for cluster in envoyconf.provider_clusters(envoy_cfg).values():

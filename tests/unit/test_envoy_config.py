@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from extproc import envoyconf
 from extproc.config import load_config, parse_config
@@ -57,17 +58,40 @@ def test_provider_routes_and_ext_proc_settings() -> None:
     cfg = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
     assert envoyconf.provider_clusters(cfg) == {"openai": "openai", "anthropic": "anthropic"}
     hcm = next(envoyconf._hcms(cfg))
-    ext = hcm["http_filters"][0]
-    assert ext["name"] == "envoy.filters.http.ext_proc", "ext_proc must run before the router"
+    names = [f["name"] for f in hcm["http_filters"]]
+    assert names[-1] == "envoy.filters.http.router"
+    ext = hcm["http_filters"][names.index("envoy.filters.http.ext_proc")]
     conf = ext["typed_config"]
     assert conf["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert conf["processing_mode"]["response_body_mode"] == "NONE"
     assert conf["allow_mode_override"] is True
     assert conf["failure_mode_allow"] is False
     assert conf["metadata_options"]["receiving_namespaces"]["untyped"] == ["gateway"]
-    limit = cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"]
-    assert limit >= 4 * 1024 * 1024
-    assert load_config(ROOT / "gateway.yaml").server.max_message_bytes > limit, "gRPC limit must exceed the body limit"
+    body_limit = envoyconf.request_body_limit(hcm)
+    assert body_limit is not None and body_limit >= 4 * 1024 * 1024
+    assert names.index("envoy.filters.http.buffer") < names.index("envoy.filters.http.ext_proc")
+    assert load_config(ROOT / "gateway.yaml").server.max_message_bytes > body_limit, "gRPC limit must exceed it"
+
+
+def test_memory_bounds_follow_the_sizing_rule() -> None:
+    """Per-connection buffers stay small (they also hold responses a slow client does not read),
+    and the overload manager's heap limit is 75% of the Envoy container's memory limit."""
+    cfg = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    assert cfg["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] <= 1024 * 1024
+    monitors = {m["name"]: m["typed_config"] for m in cfg["overload_manager"]["resource_monitors"]}
+    heap = monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"]
+    actions = {a["name"] for a in cfg["overload_manager"]["actions"]}
+    assert {
+        "envoy.overload_actions.shrink_heap",
+        "envoy.overload_actions.reset_high_memory_stream",
+        "envoy.overload_actions.stop_accepting_requests",
+    } <= actions
+    assert monitors["envoy.resource_monitors.global_downstream_max_connections"]["max_active_downstream_connections"]
+    deployment = yaml.safe_load((ROOT / "k8s" / "deployment.yaml").read_text())
+    envoy = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy")
+    limit = envoy["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert heap == int(limit[:-2]) * 1024 * 1024 * 3 // 4
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:

@@ -11,7 +11,6 @@ from extproc.auth.service import KeyService
 from extproc.config import parse_config
 from extproc.pipeline import Pipeline, RequestContext, ResponseChunk, Stage
 from extproc.processor import Processor
-from extproc.routing import Router
 from extproc.stages import default_stages
 from extproc.wire import core_pb2
 from extproc.wire import external_processor_pb2 as ep
@@ -35,7 +34,7 @@ CONFIG = parse_config(
 
 def pipeline(*extra: Stage) -> Pipeline:
     keys = KeyService(CountingStore(), CONFIG)
-    return Pipeline([*default_stages(Router(CONFIG), keys, load_provider_auth(CONFIG)), *extra])
+    return Pipeline([*default_stages(CONFIG, keys, load_provider_auth(CONFIG)), *extra])
 
 
 def headers_msg(path: str, method: str = "POST", eos: bool = False, **extra: str) -> ep.ProcessingRequest:
