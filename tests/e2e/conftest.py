@@ -8,10 +8,12 @@ virtual key (or none) fails loudly: credential swapping is checked on every e2e 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -30,7 +32,9 @@ from extproc.auth.service import KeyService
 from extproc.config import load_config
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
+from extproc.pipeline import Stage
 from extproc.providers import ADAPTERS
+from extproc.server import build_pipeline, create_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEYS = {"OPENAI_API_KEY": "sk-provider-openai-e2e-0000", "ANTHROPIC_API_KEY": "sk-ant-provider-e2e-0000"}
@@ -52,6 +56,8 @@ def write_config(workdir: Path, redis: bool, prefix: str | None = None) -> Path:
     # The mock provider is steered by x-mock-* headers: let them through the per-provider allow-list.
     for provider in data["providers"].values():
         provider["forward_headers"] = [*ADAPTERS[provider["schema"]].forward_headers, "x-mock-*"]
+    # The gateway, not the client, picks the OpenAI organization.
+    data["providers"]["openai"]["organization"] = "org-gateway"
     if redis:
         data["store"] = {"backend": "redis", "redis_prefix": prefix or f"e2e{uuid.uuid4().hex[:8]}:"}
     else:
@@ -99,6 +105,44 @@ class Admin:
             env=env,
             check=False,
         )
+
+
+@contextlib.contextmanager
+def server_in_thread(admin: Admin, stack: Stack, extra_stages: tuple[Stage, ...]) -> Iterator[None]:
+    """The real server (build_pipeline + create_server) with extra stages, on the stack's ext_proc
+    port in a thread of this process, so a test can see inside a stage or hold one; the stack is
+    made with with_server=False."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, asyncio.Event] = {}
+    saved = {k: os.environ.get(k) for k in PROVIDER_KEYS}
+    os.environ.update(PROVIDER_KEYS)
+
+    async def main() -> None:
+        pipeline, store = await build_pipeline(admin.config, extra_stages)
+        server, _ = create_server(admin.config, pipeline, f"127.0.0.1:{stack.ports.extproc}")
+        await server.start()
+        holder["stop"] = asyncio.Event()
+        started.set()
+        await holder["stop"].wait()
+        await server.stop(0)
+        await store.close()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        assert started.wait(10)
+        yield
+    finally:
+        if "stop" in holder:
+            loop.call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    assert not thread.is_alive()
 
 
 def make_stack(workdir: Path, redis_url: str | None, prefix: str | None = None, **kw: Any) -> tuple[Stack, Admin]:

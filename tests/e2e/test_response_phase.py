@@ -5,9 +5,6 @@ two-message fast path. The server runs in-process here so the test can plug in i
 
 from __future__ import annotations
 
-import asyncio
-import os
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -16,8 +13,7 @@ import pytest
 from extproc.devstack import Stack
 from extproc.pipeline import RequestContext, ResponseChunk, Stage
 from extproc.providers import StreamReader
-from extproc.server import build_pipeline, create_server
-from tests.e2e.conftest import PROVIDER_KEYS, anthropic_client, make_stack, openai_client
+from tests.e2e.conftest import anthropic_client, make_stack, openai_client, server_in_thread
 
 pytestmark = pytest.mark.e2e
 
@@ -67,39 +63,12 @@ def probe_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stac
     stack, admin = make_stack(workdir, None, with_server=False)
     secret, _ = admin.key()
     probe = UsageProbe()
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict[str, asyncio.Event] = {}
-    saved = {k: os.environ.get(k) for k in PROVIDER_KEYS}
-    os.environ.update(PROVIDER_KEYS)
-
-    async def main() -> None:
-        pipeline, store = await build_pipeline(admin.config, (probe,))
-        server, _ = create_server(admin.config, pipeline, f"127.0.0.1:{stack.ports.extproc}")
-        await server.start()
-        holder["stop"] = asyncio.Event()
-        started.set()
-        await holder["stop"].wait()
-        await server.stop(0)
-        await store.close()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        assert started.wait(10)
+    with server_in_thread(admin, stack, (probe,)):
         stack.start()
-        yield stack, probe, secret
-    finally:
-        stack.stop()
-        if "stop" in holder:
-            loop.call_soon_threadsafe(holder["stop"].set)
-        thread.join(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    assert not thread.is_alive()
+        try:
+            yield stack, probe, secret
+        finally:
+            stack.stop()
 
 
 def test_stream_seen_event_by_event_and_delivered_whole(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
