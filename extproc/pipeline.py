@@ -138,8 +138,9 @@ def parse_request_json(body: bytes) -> dict[str, Any]:
     With `{"model": "allowed", "model": "forbidden"}` the gateway would check one value and a
     provider whose parser keeps the first key would act on the other; refusing duplicates makes
     the provider see exactly what the gateway checked. orjson parses (fast, strict, no copy of the
-    bytes); duplicates are found by comparing the keys kept with the keys written (`count_json_keys`),
-    and only a body that has some is parsed again, by the stdlib, to name the key.
+    bytes). `count_json_keys` never counts fewer keys than were written, so when it equals the keys
+    orjson kept there is no duplicate (the common case, ~10 µs for a chat body); otherwise the
+    stdlib parser looks for one exactly (and names it).
     """
     try:
         parsed = orjson.loads(body)
@@ -151,21 +152,24 @@ def parse_request_json(body: bytes) -> dict[str, Any]:
         raise GatewayError(ErrorKind.INVALID_REQUEST, "Request body must be a JSON object.", "invalid_json")
     if _kept_keys(parsed) != count_json_keys(body):
         name = _first_duplicate(body)
-        raise GatewayError(
-            ErrorKind.INVALID_REQUEST,
-            f"Request body has a duplicate key {quote(name)}; each key may appear once per object.",
-            "invalid_json",
-        )
+        if name is not None:
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                f"Request body has a duplicate key {quote(name)}; each key may appear once per object.",
+                "invalid_json",
+            )
     return parsed
 
 
-# In valid JSON an unescaped '"' followed by optional whitespace and ':' closes an object key, and
-# nothing else: inside strings every '"' is escaped.
+# In valid JSON every object key ends with an unescaped '"' followed by optional whitespace and ':'
+# (inside strings every '"' is escaped). The only other match is the opening quote of a string
+# value that starts with ':' (`"a": ":x"`), so the count is an upper bound, exact in practice.
 _KEY_END = re.compile(rb'"[ \t\r\n]*:')
 
 
 def count_json_keys(body: bytes) -> int:
-    """Object keys written in a valid JSON document, duplicates included (see parse_request_json)."""
+    """An upper bound of the object keys written in a valid JSON document, duplicates included,
+    never below the true count (see parse_request_json)."""
     n = 0
     for m in _KEY_END.finditer(body):
         i = j = m.start()
@@ -188,7 +192,7 @@ def _kept_keys(obj: Any) -> int:
     return n
 
 
-def _first_duplicate(body: bytes) -> str:
+def _first_duplicate(body: bytes) -> str | None:
     found: list[str] = []
 
     def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -201,7 +205,7 @@ def _first_duplicate(body: bytes) -> str:
 
     with contextlib.suppress(ValueError):
         json.loads(body, object_pairs_hook=pairs_hook)
-    return found[0] if found else "?"
+    return found[0] if found else None
 
 
 class Stage:
