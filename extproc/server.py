@@ -44,10 +44,17 @@ async def build_pipeline(config: GatewayConfig, extra_stages: tuple[Stage, ...] 
 def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
     limit = config.server.max_message_bytes
+    streams = config.server.max_concurrent_streams
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
+            # Calls that arrived but that grpc.aio has not picked up yet wait in gRPC core, which
+            # by default cancels them past 1,000 (at random) and 3,000 (all), silently: that was the
+            # CANCELLED seen in bursts above ~1,200 requests. Size the queue to the admission limit,
+            # so the admission stage is the one place that refuses, with a counted 503.
+            ("grpc.server.max_pending_requests", streams),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * streams),
             # Envoy keeps one long-lived HTTP/2 connection per worker; allow its keepalive pings.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),

@@ -90,8 +90,9 @@ def test_memory_bounds_follow_the_sizing_rule() -> None:
     deployment = yaml.safe_load((ROOT / "k8s" / "deployment.yaml").read_text())
     envoy = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "envoy")
     limit = envoy["resources"]["limits"]["memory"]
-    assert limit.endswith("Mi")
-    assert heap == int(limit[:-2]) * 1024 * 1024 * 3 // 4
+    units = {"Mi": 1024**2, "Gi": 1024**3}
+    assert limit[-2:] in units
+    assert heap == int(limit[:-2]) * units[limit[-2:]] * 3 // 4
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess[str]:
