@@ -10,7 +10,6 @@ Later issues (auth, quotas, redaction, cache, accounting) are new stages; they h
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -203,8 +202,15 @@ def _first_duplicate(body: bytes) -> str | None:
             seen.add(k)
         return {}
 
-    with contextlib.suppress(ValueError):
+    try:
         json.loads(body, object_pairs_hook=pairs_hook)
+    except RecursionError:
+        # The stdlib parser recurses; orjson accepted the depth. Unsure means refuse (fail safe).
+        raise GatewayError(
+            ErrorKind.INVALID_REQUEST, "Request body is nested too deeply to be checked.", "invalid_json"
+        ) from None
+    except ValueError:
+        pass
     return found[0] if found else None
 
 

@@ -77,6 +77,14 @@ def test_non_objects_and_invalid_json_are_refused(body: bytes) -> None:
     assert err.value.code == "invalid_json"
 
 
+def test_deep_bodies_that_need_the_exact_check_are_refused_not_crashed() -> None:
+    depth = 1000  # orjson accepts up to 1024 levels; the stdlib's recursive parser does not
+    body = b'{"a":' * depth + b'":x"' + b"}" * depth
+    with pytest.raises(GatewayError) as err:
+        parse_request_json(body)
+    assert err.value.code == "invalid_json"
+
+
 def test_valid_bodies_parse_like_orjson() -> None:
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": 'say "a": b'}] * 3, "n": 1})
     assert parse_request_json(body) == orjson.loads(body)
