@@ -162,6 +162,17 @@ def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
                 f"{HEADER_ROOM_KB} below envoy.yaml max_request_headers_kb ({kb})"
             )
         body = request_body_limit(hcm)
+        extproc = clusters(cfg).get(EXTPROC_CLUSTER, {})
+        endpoints = sum(len(e.get("lb_endpoints", [])) for e in extproc.get("load_assignment", {}).get("endpoints", []))
+        n = max(endpoints, 1)
+        for t in (extproc.get("circuit_breakers") or {}).get("thresholds", []):
+            breaker = int(t.get("max_requests", 1024))
+            if breaker > server.max_concurrent_streams * n:
+                problems.append(
+                    f"envoy.yaml cluster {EXTPROC_CLUSTER!r} circuit breaker max_requests ({breaker}) exceeds what "
+                    f"its {n} server endpoint(s) admit (server.max_concurrent_streams "
+                    f"{server.max_concurrent_streams} each)"
+                )
         if body is not None and body >= server.max_message_bytes:
             problems.append(
                 f"gateway.yaml server.max_message_bytes ({server.max_message_bytes}) must exceed envoy.yaml's "

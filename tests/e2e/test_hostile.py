@@ -411,6 +411,33 @@ def test_a_hung_server_gives_503_with_retry_after(tmp_path: Path) -> None:
         stack.stop()
 
 
+def test_a_burst_past_envoys_extproc_limit_is_503_gateway_overloaded(tmp_path: Path) -> None:
+    """The extproc cluster's circuit breaker (the deliberate per-server limit), made tiny."""
+    stack, admin = make_stack(tmp_path, None)
+    cfg = envoyconf.load(stack.envoy_config)
+    envoyconf.clusters(cfg)["extproc"]["circuit_breakers"]["thresholds"][0].update(max_requests=2)
+    variant = tmp_path / "envoy-tiny-breaker.yaml"
+    variant.write_text(yaml.safe_dump(cfg))
+    stack.envoy_config = variant
+    key, _ = admin.key()
+    stack.start()
+    try:
+        results = asyncio.run(burst(stack, key, 40))
+        codes = {(r.status_code, r.json()["error"]["code"] if r.status_code != 200 else "") for r in results}
+        assert codes <= {(200, ""), (503, "gateway_overloaded")}, codes
+        assert (503, "gateway_overloaded") in codes and (200, "") in codes
+        refused = next(r for r in results if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1"
+    finally:
+        stack.stop()
+
+
+async def burst(stack: Stack, key: str, n: int) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as c:
+        headers = {"authorization": f"Bearer {key}"}
+        return list(await asyncio.gather(*(c.post(CHAT, json=BODY, headers=headers) for _ in range(n))))
+
+
 def test_envoy_near_its_memory_limit_refuses_with_503_gateway_overloaded(tmp_path: Path) -> None:
     """The overload manager's stop_accepting_requests, forced by a heap limit below what Envoy uses."""
     stack, admin = make_stack(tmp_path, None)

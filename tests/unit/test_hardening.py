@@ -266,5 +266,7 @@ def test_check_requires_room_for_the_gateways_headers() -> None:
     problems = envoyconf.check(tight, cfg)
     assert any("max_request_headers (90)" in p for p in problems)
     assert any("max_request_headers_kb (60)" in p for p in problems)
+    few = parse_config({**BASE, "server": {"max_concurrent_streams": 100}})
+    assert any("circuit breaker max_requests (5000)" in p for p in envoyconf.check(few, cfg))
     small = parse_config({**BASE, "server": {"max_message_bytes": 8 * 1024 * 1024}})
     assert any("max_message_bytes" in p for p in envoyconf.check(small, cfg))
