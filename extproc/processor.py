@@ -8,6 +8,7 @@ headers + buffered body), not four or more.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -96,11 +97,19 @@ class Processor:
         return resp
 
     async def finish(self) -> None:
+        """Every stage's finish runs, even when one fails or is cancelled: a skipped finish would
+        leak what a stage holds for the request (admission slots, reservations). A cancellation is
+        re-raised once all have run."""
+        cancelled: BaseException | None = None
         for stage in self.pipeline.on_finish:
             try:
                 await stage.finish(self.ctx)
+            except asyncio.CancelledError as err:
+                cancelled = cancelled or err
             except Exception:
                 log.exception("stage %s failed in finish (request %s)", stage.name, self.ctx.request_id)
+        if cancelled is not None:
+            raise cancelled
 
     # -- request phases ---------------------------------------------------------------------------
 
@@ -150,7 +159,13 @@ class Processor:
                 return self._direct()
         new_body: bytes | None = None
         if ctx.body_dirty:
-            new_body = orjson.dumps(ctx.json)
+            ctx.body = None  # the raw bytes are not needed any more: do not hold both copies
+            try:
+                new_body = orjson.dumps(ctx.json)
+            except TypeError:  # orjson writes at most 254 levels of nesting (it reads 1,024)
+                raise GatewayError(
+                    ErrorKind.INVALID_REQUEST, "Request body is nested too deeply.", "invalid_json"
+                ) from None
             ctx.set_headers["content-length"] = str(len(new_body))
         # The request phases are over: a long stream must not keep a large body (and its parsed
         # copy) alive for minutes. Stages keep what they need of it in ctx.state.
@@ -173,7 +188,7 @@ class Processor:
         ctx = self.ctx
         headers = _headers_of(msg)
         status = headers.get(":status", "0")
-        ctx.response_status = int(status) if status.isdigit() else 0
+        ctx.response_status = int(status) if len(status) == 3 and status.isascii() and status.isdigit() else 0
         ctx.response_content_type = headers.get("content-type", "")
         for stage in self.pipeline.on_response_headers:
             await stage.response_headers(ctx)
@@ -210,6 +225,9 @@ class Processor:
             log.warning(
                 "stage refused a response chunk after headers were sent (request %s): %s", ctx.request_id, err.code
             )
+        except Exception as exc:
+            # Same: an immediate response is no longer possible; the chunk passes as it came.
+            log.error("stage failed on a response chunk (request %s): %s", ctx.request_id, type(exc).__name__)
         resp = ep.ProcessingResponse()
         resp.response_body.SetInParent()
         # Envoy ignores header mutations on streamed body chunks; only the body and metadata count.

@@ -121,7 +121,7 @@ class SSEParser:
         elif name == "id":
             if "\x00" not in value:
                 self._id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
 
     def _dispatch(self, end: int) -> SSEEvent:

@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ..errors import overloaded
+from ..errors import ErrorKind, GatewayError, overloaded
 from ..pipeline import RequestContext, Stage
 
 log = logging.getLogger("extproc.admission")
@@ -61,8 +61,15 @@ class AdmissionStage(Stage):
         c.streams += 1
         ctx.state[self.name] = 0  # admitted; bytes reserved so far
         declared = ctx.headers.get("content-length", "")
-        if declared.isdigit():
-            self._reserve(ctx, int(declared))
+        if declared.isascii() and declared.isdigit() and len(declared) < 19:
+            size = int(declared)
+            if size > self.max_body_bytes:  # can never fit: not a retriable overload
+                raise GatewayError(
+                    ErrorKind.TOO_LARGE,
+                    f"Request body of {size} bytes is larger than this gateway accepts ({self.max_body_bytes}).",
+                    "request_too_large",
+                )
+            self._reserve(ctx, size)
 
     async def request_body(self, ctx: RequestContext) -> None:
         size = len(ctx.body or b"")

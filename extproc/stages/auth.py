@@ -13,7 +13,7 @@ from ..auth.credentials import ProviderAuth
 from ..auth.keys import KEY_PREFIX, display_prefix, looks_like_key
 from ..auth.service import AuthFailure, KeyService
 from ..auth.store import StoreUnavailable
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, quote
 from ..pipeline import RequestContext, Stage
 
 log = logging.getLogger("extproc.auth")
@@ -112,7 +112,7 @@ class ModelAccessStage(Stage):
         if not identity.models.allows(route.public_model):
             raise GatewayError(
                 ErrorKind.FORBIDDEN,
-                f"This API key may not use the model '{route.public_model}'.",
+                f"This API key may not use the model {quote(route.public_model)}.",
                 "model_not_allowed",
                 "model",
             )
