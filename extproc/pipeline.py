@@ -178,6 +178,32 @@ def count_json_keys(body: bytes) -> int:
     return n
 
 
+# A run of 19+ digits may be an integer orjson cannot hold (it reads those as floats); confirmed
+# exactly with the stdlib before a body is refused.
+_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+
+def has_lossy_integers(body: bytes) -> bool:
+    """Whether re-serializing this body would change a number: integers outside orjson's 64-bit
+    range come back as rounded floats. Only bodies the gateway rewrites need the check."""
+    if _LONG_DIGITS.search(body) is None:
+        return False
+    lossy: list[str] = []
+
+    def check(text: str) -> int:
+        value = int(text)
+        if not _INT_MIN <= value <= _INT_MAX:
+            lossy.append(text)
+        return value
+
+    try:
+        json.loads(body, parse_int=check)
+    except (ValueError, RecursionError):
+        return True  # unsure: the caller refuses rather than forward a changed body
+    return bool(lossy)
+
+
 def _kept_keys(obj: Any) -> int:
     n = 0
     todo = [obj]

@@ -17,7 +17,7 @@ import orjson
 
 from . import replies
 from .errors import ErrorKind, GatewayError
-from .pipeline import Pipeline, RequestContext, ResponseChunk
+from .pipeline import Pipeline, RequestContext, ResponseChunk, has_lossy_integers
 from .providers import ADAPTERS, ENDPOINTS
 from .sse import SSEError, SSEParser
 from .wire import external_processor_pb2 as ep
@@ -159,6 +159,12 @@ class Processor:
                 return self._direct()
         new_body: bytes | None = None
         if ctx.body_dirty:
+            if ctx.body is not None and has_lossy_integers(ctx.body):
+                raise GatewayError(
+                    ErrorKind.INVALID_REQUEST,
+                    "Request body has an integer beyond 64 bits; the gateway cannot forward it unchanged.",
+                    "invalid_json",
+                )
             ctx.body = None  # the raw bytes are not needed any more: do not hold both copies
             try:
                 new_body = orjson.dumps(ctx.json)

@@ -13,7 +13,7 @@ import pytest
 from extproc import envoyconf
 from extproc.config import ConfigError, is_credential_header, parse_config
 from extproc.errors import GatewayError, quote
-from extproc.pipeline import RequestContext, count_json_keys, parse_request_json
+from extproc.pipeline import RequestContext, count_json_keys, has_lossy_integers, parse_request_json
 from extproc.processor import Processor
 from extproc.stages.admission import AdmissionStage
 from tests.unit.test_processor import CONFIG, KEY, body_msg, headers_msg, pipeline, run, set_headers
@@ -83,6 +83,32 @@ def test_deep_bodies_that_need_the_exact_check_are_refused_not_crashed() -> None
     with pytest.raises(GatewayError) as err:
         parse_request_json(body)
     assert err.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize(
+    ("body", "lossy"),
+    [
+        (b'{"seed":18446744073709551615}', False),
+        (b'{"seed":-9223372036854775808}', False),
+        (b'{"seed":18446744073709551616}', True),
+        (b'{"x":[1,{"y":-9223372036854775809}]}', True),
+        (b'{"s":"123456789012345678901234567890"}', False),  # digits in a string
+        (b'{"f":1234567890123456789012.5}', False),  # a float stays a float
+        (b'{"a":1}', False),
+    ],
+)
+def test_lossy_integers(body: bytes, lossy: bool) -> None:
+    assert has_lossy_integers(body) is lossy
+
+
+async def test_a_rewritten_body_with_a_huge_integer_is_refused_not_changed() -> None:
+    body = b'{"model":"fast","seed":123456789012345678901234567890,"messages":[]}'
+    _, r = await run(Processor(pipeline()), headers_msg(CHAT), body_msg(body))
+    assert r.immediate_response.status.code == 400
+    assert orjson.loads(r.immediate_response.body)["error"]["code"] == "invalid_json"
+    # Not rewritten (no alias): forwarded byte for byte, so nothing to refuse.
+    _, r = await run(Processor(pipeline()), headers_msg(CHAT), body_msg(body.replace(b"fast", b"gpt-5.5")))
+    assert r.WhichOneof("response") == "request_body" and not r.request_body.response.body_mutation.body
 
 
 def test_valid_bodies_parse_like_orjson() -> None:
