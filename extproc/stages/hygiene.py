@@ -14,7 +14,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, urlencode
 
 from ..auth.keys import contains_key
-from ..errors import ErrorKind, GatewayError
+from ..errors import ErrorKind, GatewayError, quote
 from ..pipeline import RequestContext, Stage
 
 AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
@@ -38,7 +38,7 @@ class RequestHygieneStage(Stage):
             )
         for name, value in ctx.headers.items():
             if name not in AUTH_HEADERS and contains_key(value):
-                raise _misplaced(f"the {name[:64]!r} header")
+                raise _misplaced(f"the {quote(name)} header")
         query = ctx.query
         if not query:
             return

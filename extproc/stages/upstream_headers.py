@@ -15,8 +15,16 @@ from ..providers import ADAPTERS
 # Set or managed by Envoy and needed on the way out: never removed here. (Removing
 # x-forwarded-proto makes Envoy's route match fail: the virtual host drops it at the router instead.)
 _KEEP = frozenset(
-    {"host", "content-length", "content-type", "x-request-id", "te", "transfer-encoding", "connection"}
-    | {"x-forwarded-proto"}
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "x-request-id",
+        "te",
+        "transfer-encoding",
+        "connection",
+        "x-forwarded-proto",
+    }
 )
 
 
