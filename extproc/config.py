@@ -46,12 +46,13 @@ _FIXED_CREDENTIALS = (
 
 
 def _glob_reaches_credentials(glob: str) -> bool:
-    prefix = glob[:-1] if glob.endswith("*") else None
-    if prefix is None:
+    """A forward_headers entry that could let a credential through: a credential name itself, a
+    glob matching one of the fixed names ("x-*" matches x-api-key), or a glob inside a reserved
+    family ("x-gateway-foo*")."""
+    if not glob.endswith("*"):
         return is_credential_header(glob)
-    return any(c.startswith(prefix) or prefix.startswith(c) for c in _FIXED_CREDENTIALS if c.endswith("-")) or any(
-        c.startswith(prefix) for c in _FIXED_CREDENTIALS
-    )
+    prefix = glob[:-1]
+    return any(c.startswith(prefix) or (c.endswith("-") and prefix.startswith(c)) for c in _FIXED_CREDENTIALS)
 
 
 class ConfigError(Exception):
@@ -77,8 +78,8 @@ class ServerConfig(_Strict):
     # get 503 gateway_overloaded with retry-after instead of queueing without bound.
     max_concurrent_streams: int = Field(default=5000, ge=1)
     # Request bodies held in this process at once (bytes as sent). A body that would pass it gets
-    # 503 gateway_overloaded. Peak memory per body is ~2-3x its size (gRPC message, bytes, parsed
-    # JSON): see the README's sizing rule next to the container memory limit.
+    # 503 gateway_overloaded. Peak memory per body is ~1.5-3x its size (bytes, parsed JSON, a
+    # rewritten copy): see the README's sizing rule next to the container memory limit.
     max_body_bytes_in_flight: int = Field(default=96 * 1024 * 1024, ge=1024 * 1024)
 
 
