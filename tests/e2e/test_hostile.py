@@ -411,16 +411,27 @@ def test_a_hung_server_gives_503_with_retry_after(tmp_path: Path) -> None:
         stack.stop()
 
 
-def test_a_burst_past_envoys_extproc_limit_is_503_gateway_overloaded(tmp_path: Path) -> None:
-    """The extproc cluster's circuit breaker (the deliberate per-server limit), made tiny."""
+def started_with_envoy_variant(tmp_path: Path, edit: Callable[[dict[str, Any]], None]) -> tuple[Stack, str]:
+    """A stack of its own on the shipped envoy.yaml with one setting changed by `edit`; started,
+    with a key."""
     stack, admin = make_stack(tmp_path, None)
     cfg = envoyconf.load(stack.envoy_config)
-    envoyconf.clusters(cfg)["extproc"]["circuit_breakers"]["thresholds"][0].update(max_requests=2)
-    variant = tmp_path / "envoy-tiny-breaker.yaml"
+    edit(cfg)
+    variant = tmp_path / "envoy-variant.yaml"
     variant.write_text(yaml.safe_dump(cfg))
     stack.envoy_config = variant
     key, _ = admin.key()
     stack.start()
+    return stack, key
+
+
+def test_a_burst_past_envoys_extproc_limit_is_503_gateway_overloaded(tmp_path: Path) -> None:
+    """The extproc cluster's circuit breaker (the deliberate per-server limit), made tiny."""
+
+    def tiny_breaker(cfg: dict[str, Any]) -> None:
+        envoyconf.clusters(cfg)["extproc"]["circuit_breakers"]["thresholds"][0].update(max_requests=2)
+
+    stack, key = started_with_envoy_variant(tmp_path, tiny_breaker)
     try:
         results = asyncio.run(burst(stack, key, 40))
         codes = {(r.status_code, r.json()["error"]["code"] if r.status_code != 200 else "") for r in results}
@@ -440,16 +451,13 @@ async def burst(stack: Stack, key: str, n: int) -> list[httpx.Response]:
 
 def test_envoy_near_its_memory_limit_refuses_with_503_gateway_overloaded(tmp_path: Path) -> None:
     """The overload manager's stop_accepting_requests, forced by a heap limit below what Envoy uses."""
-    stack, admin = make_stack(tmp_path, None)
-    cfg = envoyconf.load(stack.envoy_config)
-    for monitor in cfg["overload_manager"]["resource_monitors"]:
-        if monitor["name"] == "envoy.resource_monitors.fixed_heap":
-            monitor["typed_config"]["max_heap_size_bytes"] = 4 * 1024 * 1024
-    variant = tmp_path / "envoy-tiny-heap.yaml"
-    variant.write_text(yaml.safe_dump(cfg))
-    stack.envoy_config = variant
-    key, _ = admin.key()
-    stack.start()
+
+    def tiny_heap(cfg: dict[str, Any]) -> None:
+        for monitor in cfg["overload_manager"]["resource_monitors"]:
+            if monitor["name"] == "envoy.resource_monitors.fixed_heap":
+                monitor["typed_config"]["max_heap_size_bytes"] = 4 * 1024 * 1024
+
+    stack, key = started_with_envoy_variant(tmp_path, tiny_heap)
     try:
         deadline = time.monotonic() + 10
         while True:
