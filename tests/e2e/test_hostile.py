@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -265,6 +266,38 @@ def test_a_provider_401_or_403_is_a_502_not_a_bad_key(
         )
 
 
+def envoy_allocated(stack: Stack) -> int:
+    r = httpx.get(f"http://{stack.ports.host}:{stack.ports.admin}/memory")  # live, not the 5 s stats flush
+    return int(r.json()["allocated"])
+
+
+def test_clients_that_stop_reading_cost_envoy_little_memory(stack: Stack, api_key: str) -> None:
+    """Defect 1: with 16 MiB per-connection buffers, each client that opened a long stream and
+    stopped reading made Envoy buffer up to 16 MiB of it. Now the listener's 1 MiB bounds it."""
+    body = orjson.dumps({**BODY, "stream": True})
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {api_key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "x-mock-output-tokens: 400000\r\n\r\n"  # ~60 MB of SSE per stream, as fast as it goes
+    ).encode()
+    before = envoy_allocated(stack)
+    stalled = []
+    try:
+        for _ in range(10):
+            sock = socket.create_connection((stack.ports.host, stack.ports.listener))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(head + body)
+            stalled.append(sock)  # ...and never read
+        time.sleep(6)  # the mock writes (~10 MB/s in all) until Envoy stops reading from it
+        grown = envoy_allocated(stack) - before
+    finally:
+        for sock in stalled:
+            sock.close()
+    # ~1 MiB per connection; with the old 16 MiB buffers this grew by ~60 MiB in the same 6 s (and on
+    # towards 160 MiB, the mock being the bottleneck).
+    assert grown < 25 * 1024 * 1024, f"Envoy grew by {grown / 2**20:.0f} MiB for 10 stalled clients"
+
+
 def test_the_access_log_is_json_only(stack: Stack, raw: httpx.Client) -> None:
     raw.post(CHAT, json=BODY)
     lines = stack.log_path("access").read_text().splitlines()
@@ -470,3 +503,9 @@ def test_envoy_near_its_memory_limit_refuses_with_503_gateway_overloaded(tmp_pat
         assert r.headers["retry-after"] == "1"
     finally:
         stack.stop()
+
+
+def test_no_key_or_prompt_in_any_log(stack: Stack, api_key: str) -> None:
+    """Runs last in this module: after every hostile request above, the shared stack's logs
+    (Envoy's, its access log, the server's) hold neither the key nor any prompt text."""
+    assert_logs_clean(stack, api_key)
