@@ -168,14 +168,10 @@ _KEY_END = re.compile(rb'"[ \t\r\n]*:')
 
 def count_json_keys(body: bytes) -> int:
     """An upper bound of the object keys written in a valid JSON document, duplicates included,
-    never below the true count (see parse_request_json)."""
-    n = 0
-    for m in _KEY_END.finditer(body):
-        i = j = m.start()
-        while j > 0 and body[j - 1] == 0x5C:  # backslashes before the quote: odd count = escaped
-            j -= 1
-        n += (i - j) % 2 == 0
-    return n
+    never below the true count (see parse_request_json). Escaped quotes followed by ':' inside
+    strings are counted too: that only raises the bound, and keeps the count in C (~2 µs for a
+    3 KB body; a Python loop over the matches cost ~15 µs)."""
+    return len(_KEY_END.findall(body))
 
 
 # A run of 19+ digits may be an integer orjson cannot hold (it reads those as floats); confirmed

@@ -36,9 +36,11 @@ class RequestHygieneStage(Stage):
                 f"{ctx.header_bytes} bytes).",
                 "request_headers_too_large",
             )
-        for name, value in ctx.headers.items():
-            if name not in AUTH_HEADERS and contains_key(value):
-                raise _misplaced(f"the {quote(name)} header")
+        # One search over all values (the common case: nothing found), then find which header.
+        if contains_key("\n".join(v for k, v in ctx.headers.items() if k not in AUTH_HEADERS)):
+            for name, value in ctx.headers.items():
+                if name not in AUTH_HEADERS and contains_key(value):
+                    raise _misplaced(f"the {quote(name)} header")
         query = ctx.query
         if not query:
             return

@@ -29,14 +29,27 @@ _KEEP = frozenset(
 
 
 class _AllowList:
-    __slots__ = ("exact", "prefixes")
+    """Whether a client header goes upstream, decided once per header name (clients send the same
+    few dozen names over and over; the cache is bounded for those that do not)."""
+
+    __slots__ = ("exact", "prefixes", "verdict_cache")
+    MAX_CACHED = 4096
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self.exact = frozenset(p for p in patterns if not p.endswith("*"))
         self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+        self.verdict_cache: dict[str, bool] = {}
 
-    def allows(self, name: str) -> bool:
-        return name in self.exact or name.startswith(self.prefixes)
+    def forwards(self, name: str) -> bool:
+        verdict = self.verdict_cache.get(name)
+        if verdict is None:
+            if name[0] == ":" or name in _KEEP or name.startswith("x-envoy-"):
+                verdict = True  # not the client's to choose: kept as Envoy has it
+            else:
+                verdict = not is_credential_header(name) and (name in self.exact or name.startswith(self.prefixes))
+            if len(self.verdict_cache) < self.MAX_CACHED:
+                self.verdict_cache[name] = verdict
+        return verdict
 
 
 class UpstreamHeadersStage(Stage):
@@ -58,9 +71,7 @@ class UpstreamHeadersStage(Stage):
         allowed = self._lists[ctx.route.provider]
         removed = ctx.remove_headers
         for name in ctx.headers:
-            if name[0] == ":" or name in _KEEP or name.startswith("x-envoy-"):
-                continue
-            if (is_credential_header(name) or not allowed.allows(name)) and name not in ctx.set_headers:
+            if not allowed.forwards(name) and name not in ctx.set_headers:
                 removed.append(name)
         version = self._versions.get(ctx.route.provider)
         if version and ("anthropic-version" not in ctx.headers or "anthropic-version" in removed):
