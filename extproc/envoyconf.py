@@ -217,7 +217,18 @@ def derive_local(
         cluster = by_name[cluster_name]
         _static_endpoint(cluster, ports.host, ports.mock)
         cluster.pop("transport_socket", None)
-        cluster.pop("typed_extension_protocol_options", None)
+        # The mock speaks plain HTTP/1.1 (no ALPN to negotiate): keep the common options (idle
+        # timeouts) and drop only the protocol choice.
+        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        options = cluster.pop("typed_extension_protocol_options", {}).get(key, {})
+        if "common_http_protocol_options" in options:
+            cluster["typed_extension_protocol_options"] = {
+                key: {
+                    "@type": options["@type"],
+                    "common_http_protocol_options": options["common_http_protocol_options"],
+                    "explicit_http_config": {"http_protocol_options": {}},
+                }
+            }
     return out
 
 
