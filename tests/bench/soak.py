@@ -54,7 +54,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,6 +342,27 @@ class PhaseResult:
         bad = sum(n for s, n in self.statuses.items() if s not in ("200", "429"))
         return bad + sum(self.exceptions.values()) + (self.planned - self.finished)
 
+    @contextlib.asynccontextmanager
+    async def measured(self) -> AsyncIterator[float]:
+        """One client request: yields its start time; counts its exception, if any, by type and
+        records its latency and completion however it ends."""
+        t0 = time.perf_counter()
+        try:
+            yield t0
+        except Exception as exc:
+            self.exceptions[type(exc).__name__] += 1
+        finally:
+            self.latencies_ms.append((time.perf_counter() - t0) * 1000)
+            self.finished += 1
+
+    async def accepted(self, r: aiohttp.ClientResponse) -> bool:
+        """Counts the response's status; for a non-200, reads and records its error body."""
+        self.statuses[str(r.status)] += 1
+        if r.status == 200:
+            return True
+        self.record_error_body(r.status, await r.read())
+        return False
+
     def record_error_body(self, status: int, body: bytes) -> None:
         if status == 200:
             return
@@ -385,18 +406,10 @@ def upload_body(target_bytes: int) -> bytes:
 async def one_request(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes, res: PhaseResult
 ) -> None:
-    t0 = time.perf_counter()
-    try:
-        async with session.post(url, data=body, headers=headers) as r:
-            data = await r.read()
-            res.statuses[str(r.status)] += 1
-            res.record_error_body(r.status, data)
-            res.ok += r.status == 200
-    except Exception as exc:
-        res.exceptions[type(exc).__name__] += 1
-    finally:
-        res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        res.finished += 1
+    async with res.measured(), session.post(url, data=body, headers=headers) as r:
+        if await res.accepted(r):
+            await r.read()
+            res.ok += 1
 
 
 @dataclass
@@ -422,15 +435,12 @@ async def one_stream(
         "x-mock-output-tokens": str(opts.output_tokens),
         "x-mock-chunk-delay-ms": str(opts.chunk_delay_ms),
     }
-    t0 = time.perf_counter()
     open_now[0] += 1
     open_now[1] = max(open_now[1], open_now[0])
     events, done, last = 0, False, b""
     try:
-        async with session.post(url, data=chat_body(True), headers=hdrs) as r:
-            res.statuses[str(r.status)] += 1
-            if r.status != 200:
-                res.record_error_body(r.status, await r.read())
+        async with res.measured() as t0, session.post(url, data=chat_body(True), headers=hdrs) as r:
+            if not await res.accepted(r):
                 return
             first = True
             for _ in range(opts.output_tokens * 50 + 1000):  # bounded; ends at EOF long before
@@ -448,25 +458,16 @@ async def one_stream(
                 res.ok += 1
             else:
                 res.exceptions[f"incomplete stream ({'no [DONE]' if not done else 'too few events'})"] += 1
-    except Exception as exc:
-        res.exceptions[type(exc).__name__] += 1
     finally:
         open_now[0] -= 1
-        res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        res.finished += 1
 
 
 async def one_disconnect(
     session: aiohttp.ClientSession, url: str, headers: dict[str, str], res: PhaseResult, first_event: list[int]
 ) -> None:
     hdrs = {**headers, "x-mock-output-tokens": "2000", "x-mock-chunk-delay-ms": "50"}  # ~100 s if not closed
-    t0 = time.perf_counter()
-    try:
-        async with session.post(url, data=chat_body(True), headers=hdrs) as r:
-            res.statuses[str(r.status)] += 1
-            if r.status != 200:
-                res.record_error_body(r.status, await r.read())
-                return
+    async with res.measured() as t0, session.post(url, data=chat_body(True), headers=hdrs) as r:
+        if await res.accepted(r):
             buf = b""
             for _ in range(1000):
                 chunk = await r.content.read(256)
@@ -479,11 +480,6 @@ async def one_disconnect(
                     res.ok += 1
                     break
             r.close()  # drops the TCP connection mid-stream
-    except Exception as exc:
-        res.exceptions[type(exc).__name__] += 1
-    finally:
-        res.latencies_ms.append((time.perf_counter() - t0) * 1000)
-        res.finished += 1
 
 
 def session_for(concurrency: int, timeout: float, force_close: bool = False) -> aiohttp.ClientSession:
