@@ -161,8 +161,8 @@ def parse_request_json(body: bytes) -> dict[str, Any]:
 
 
 # In valid JSON every object key ends with an unescaped '"' followed by optional whitespace and ':'
-# (inside strings every '"' is escaped). The only other match is the opening quote of a string
-# value that starts with ':' (`"a": ":x"`), so the count is an upper bound, exact in practice.
+# (inside strings every '"' is escaped). Other matches (an escaped quote before ':' inside a
+# string, a string value starting with ':') only add to the count: an upper bound, exact in practice.
 _KEY_END = re.compile(rb'"[ \t\r\n]*:')
 
 

@@ -16,8 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 from ..auth.keys import contains_key
 from ..errors import ErrorKind, GatewayError, quote
 from ..pipeline import RequestContext, Stage
-
-AUTH_HEADERS = frozenset({"authorization", "x-api-key"})
+from .auth import CREDENTIAL_HEADERS
 
 
 class RequestHygieneStage(Stage):
@@ -37,9 +36,9 @@ class RequestHygieneStage(Stage):
                 "request_headers_too_large",
             )
         # One search over all values (the common case: nothing found), then find which header.
-        if contains_key("\n".join(v for k, v in ctx.headers.items() if k not in AUTH_HEADERS)):
+        if contains_key("\n".join(v for k, v in ctx.headers.items() if k not in CREDENTIAL_HEADERS)):
             for name, value in ctx.headers.items():
-                if name not in AUTH_HEADERS and contains_key(value):
+                if name not in CREDENTIAL_HEADERS and contains_key(value):
                     raise _misplaced(f"the {quote(name)} header")
         query = ctx.query
         if not query:
