@@ -150,12 +150,14 @@ class MockProvider:
         split = _int_header(request, "x-mock-split", 0)
         fail_after = _int_header(request, "x-mock-fail-after", -1) if "x-mock-fail-after" in request.headers else -1
         for i, event in enumerate(events):
+            if delay and i:
+                await asyncio.sleep(delay)
             if i == fail_after:
+                # The break comes a chunk delay after the last event, as a provider's would: an
+                # abort right behind a write can make the peer's kernel drop data it had received.
                 assert request.transport is not None
                 request.transport.abort()
                 return resp
-            if delay and i:
-                await asyncio.sleep(delay)
             if split:
                 for off in range(0, len(event), split):
                     await resp.write(event[off : off + split])

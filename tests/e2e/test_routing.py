@@ -162,7 +162,7 @@ def test_paths_are_normalized_before_the_gateway_sees_them(raw: httpx.Client, mo
 def test_a_provider_stream_broken_midway_reaches_the_client_as_an_error(
     oai: openai.OpenAI, stack: Stack, mock: Mock, tag: str
 ) -> None:
-    hdrs = {"x-mock-fail-after": "3", "x-mock-output-tokens": "20"}
+    hdrs = {"x-mock-fail-after": "3", "x-mock-output-tokens": "20", "x-mock-chunk-delay-ms": "50"}
     received: list[str] = []
     with pytest.raises((openai.APIError, httpx.HTTPError)):
         for chunk in oai.chat.completions.create(model="gpt-5.5", messages=MSGS, stream=True, extra_headers=hdrs):
