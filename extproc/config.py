@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
@@ -128,6 +129,51 @@ class StoreConfig(_Strict):
     redis_prefix: str = "gw:"
 
 
+class LedgerConfig(_Strict):
+    # Name of the env var holding a PostgreSQL URL (it may contain a password). Unset: SQLite.
+    database_url_env: str | None = None
+    # SQLite ledger file when no database_url_env is set; default: ledger.db next to store.path.
+    path: str | None = None
+
+
+class UsageConfig(_Strict):
+    # Where records wait while Redis is unreachable; default: usage-spool/ next to store.path.
+    spool_path: str | None = None
+    # A full spool refuses nothing but logs and counts every record it cannot keep.
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    # Output tokens reserved/estimated for a request that names no max_tokens.
+    default_max_output_tokens: int = Field(default=4096, ge=1)
+
+
+_PRICE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
+
+
+class PriceConfig(_Strict):
+    """USD per 1M tokens, as decimal strings (never floats: money is exact)."""
+
+    input: str
+    output: str
+    # Default to the input price when a model has no separate cache price.
+    cached_input: str | None = None
+    cache_creation_input: str | None = None
+
+    @field_validator("input", "output", "cached_input", "cache_creation_input", mode="before")
+    @classmethod
+    def _decimal(cls, v: object) -> object:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (str, int)):
+            raise ValueError("write prices as quoted decimal strings, e.g. \"0.15\" (floats are not exact)")
+        text = str(v)
+        if not _PRICE.match(text):
+            raise ValueError(f"{text!r} is not a price: up to 6 digits, a dot and up to 6 decimals")
+        try:
+            Decimal(text)
+        except InvalidOperation:
+            raise ValueError(f"{text!r} is not a decimal") from None
+        return text
+
+
 class TenantConfig(_Strict):
     # Models the tenant's keys may use by default (names or globs like "gpt-*"); absent = all.
     models: tuple[str, ...] | None = None
@@ -199,6 +245,10 @@ class GatewayConfig(_Strict):
     store: StoreConfig = StoreConfig()
     auth: AuthConfig = AuthConfig()
     tenants: dict[str, TenantConfig] = Field(default_factory=dict)
+    ledger: LedgerConfig = LedgerConfig()
+    usage: UsageConfig = UsageConfig()
+    # Per upstream model; overrides the price table shipped in extproc/accounting/prices.yaml.
+    pricing: dict[str, PriceConfig] = Field(default_factory=dict)
     # Directory relative paths in this config are resolved against (the config file's).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -209,6 +259,19 @@ class GatewayConfig(_Strict):
     def resolve(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else self._base_dir / p
+
+    @property
+    def state_dir(self) -> Path:
+        """Where this process keeps local files (embedded state, SQLite ledger, usage spool)."""
+        return self.resolve(self.store.path).parent
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.resolve(self.ledger.path) if self.ledger.path else self.state_dir / "ledger.db"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.resolve(self.usage.spool_path) if self.usage.spool_path else self.state_dir / "usage-spool"
 
     @field_validator("providers")
     @classmethod

@@ -1,0 +1,73 @@
+"""The one usage record type. Field names are a contract (the ledger's columns, `usage list --json`,
+the access log, other tools): change them only with a migration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any
+
+TOKEN_FIELDS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "cache_creation_input_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+)
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    # UTC, when the request arrived at the gateway.
+    ts: datetime
+    tenant: str = ""
+    key_id: str = ""
+    # The public model name the client asked for; upstream_model is what the provider was called with.
+    model: str = ""
+    upstream_model: str = ""
+    provider: str = ""
+    endpoint: str = ""
+    status: int = 0
+    stream: bool = False
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    # ALL prompt tokens, cache reads and writes included.
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    # All completion tokens, reasoning included.
+    output_tokens: int = 0
+    reasoning_tokens: int = 0
+    total_tokens: int = 0
+    # Exact decimal string in USD; None when the upstream model has no price (never a silent 0).
+    cost_usd: str | None = None
+    estimated: bool = False
+    error_code: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ts"] = format_ts(self.ts)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UsageRecord:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}
+        ts = values.get("ts")
+        if isinstance(ts, str):
+            values["ts"] = parse_ts(ts)
+        elif isinstance(ts, datetime) and ts.tzinfo is None:
+            values["ts"] = ts.replace(tzinfo=UTC)
+        return cls(**values)
+
+
+def format_ts(ts: datetime) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z: sorts as text, parses everywhere."""
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+def parse_ts(text: str) -> datetime:
+    ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)

@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached; callers decide between failing closed and failing open."""
