@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -17,6 +19,7 @@ from .config import GatewayConfig
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
 from .stages import default_stages
+from .store import Backend, open_backend
 from .wire import external_processor_pb2_grpc as ep_grpc
 
 log = logging.getLogger("extproc.server")
@@ -30,15 +33,35 @@ class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
         await serve_stream(self.pipeline, context)
 
 
-async def build_pipeline(config: GatewayConfig, extra_stages: tuple[Stage, ...] = ()) -> tuple[Pipeline, KeyStore]:
+@dataclass
+class Runtime:
+    """What one server process runs, started; `close` stops it in reverse order of starting."""
+
+    pipeline: Pipeline
+    backend: Backend
+    store: KeyStore
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            try:
+                await close()
+            except Exception:
+                log.exception("shutdown step failed")
+
+
+async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] = ()) -> Runtime:
     """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
     provider_auth = load_provider_auth(config)
-    store = open_store(config)
+    backend = open_backend(config)
+    closers: list[Callable[[], Awaitable[None]]] = [backend.close]
+    store = open_store(backend)
     await store.start()
+    closers.append(store.close)
     keys = KeyService(store, config)
     stages = default_stages(config, keys, provider_auth)
-    return Pipeline([*stages, *extra_stages]), store
+    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, closers)
 
 
 def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:
@@ -71,11 +94,11 @@ def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None 
 
 
 async def serve(config: GatewayConfig, listen: str | None = None, ready: asyncio.Event | None = None) -> None:
-    pipeline, store = await build_pipeline(config)
+    runtime = await build_runtime(config)
     try:
-        await _serve(config, pipeline, listen, ready)
+        await _serve(config, runtime.pipeline, listen, ready)
     finally:
-        await store.close()
+        await runtime.close()
 
 
 async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, ready: asyncio.Event | None) -> None:
@@ -101,9 +124,11 @@ async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, 
 
 
 def run(config: GatewayConfig, listen: str | None = None) -> None:
+    # Only the import is guarded: an ImportError raised while serving must surface, not silently
+    # start a second server under asyncio.
     try:
         import uvloop
-
-        uvloop.run(serve(config, listen))
     except ImportError:
         asyncio.run(serve(config, listen))
+        return
+    uvloop.run(serve(config, listen))

@@ -15,7 +15,9 @@ import logging
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Literal
 
+from ..store.embedded import EmbeddedBackend
 from .keys import Tenant, VirtualKey
 from .store import KeyStore, StoreUnavailable
 
@@ -30,9 +32,11 @@ CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY, record TEXT NOT NULL)
 
 
 class EmbeddedStore(KeyStore):
-    def __init__(self, path: str | Path, poll_interval: float = 0.2) -> None:
+    def __init__(self, backend: EmbeddedBackend | str | Path, poll_interval: float = 0.2) -> None:
         super().__init__()
-        self.path = Path(path)
+        if not isinstance(backend, EmbeddedBackend):
+            backend = EmbeddedBackend(backend)
+        self.path = backend.path
         self.poll_interval = poll_interval
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
@@ -54,7 +58,9 @@ class EmbeddedStore(KeyStore):
             self._conn = conn
         return self._conn
 
-    def _reload_if_changed(self) -> bool:
+    def _reload_if_changed(self) -> list[str] | Literal[False] | None:
+        """False when nothing changed; else the key hashes whose records changed, or None when
+        tenants changed (anything may be affected). Precise hashes let caches drop only those."""
         with self._lock:
             db = self._db()
             version = db.execute("PRAGMA data_version").fetchone()[0]
@@ -62,11 +68,15 @@ class EmbeddedStore(KeyStore):
                 return False
             keys = [VirtualKey.from_dict(json.loads(r[0])) for r in db.execute("SELECT record FROM keys")]
             tenants = [Tenant.from_dict(json.loads(r[0])) for r in db.execute("SELECT record FROM tenants")]
-            self._by_hash = {k.key_hash: k for k in keys}
+            by_hash = {k.key_hash: k for k in keys}
+            new_tenants = {t.name: t for t in tenants}
+            changed = [h for h in by_hash.keys() | self._by_hash.keys() if by_hash.get(h) != self._by_hash.get(h)]
+            tenants_changed = new_tenants != self._tenants
+            self._by_hash = by_hash
             self._by_id = {k.id: k for k in keys}
-            self._tenants = {t.name: t for t in tenants}
+            self._tenants = new_tenants
             self._version = version
-            return True
+            return None if tenants_changed else changed
 
     async def start(self, watch: bool = True) -> None:
         await asyncio.to_thread(self._reload_if_changed)
@@ -77,8 +87,9 @@ class EmbeddedStore(KeyStore):
         while True:
             await asyncio.sleep(self.poll_interval)
             try:
-                if await asyncio.to_thread(self._reload_if_changed):
-                    self._notify(None)
+                changed = await asyncio.to_thread(self._reload_if_changed)
+                if changed is not False:
+                    self._notify(changed)
             except Exception:
                 log.exception("embedded store reload failed; keeping the last good state")
 

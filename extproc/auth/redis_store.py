@@ -1,4 +1,4 @@
-"""The shared store for replicas: redis-py's asyncio client with a connection pool.
+"""Keys in Redis, shared by replicas, on the process's one Redis client (extproc.store).
 
 Layout (prefix `gw:` by default):
   {p}hash:{sha256}   -> key record (JSON)   one GET per cache miss on the hot path
@@ -21,29 +21,20 @@ import json
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
+from ..store.redis import RedisBackend
 from .keys import Tenant, VirtualKey
-from .store import KeyStore, StoreUnavailable
+from .store import KeyStore
 
 log = logging.getLogger("extproc.auth.redis")
 
 
 class RedisStore(KeyStore):
-    def __init__(self, url: str, prefix: str = "gw:", timeout: float = 0.5) -> None:
+    def __init__(self, backend: RedisBackend) -> None:
         super().__init__()
-        self.prefix = prefix
-        self.channel = f"{prefix}invalidate"
-        self._timeout = timeout
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=10,
-            max_connections=256,
-            decode_responses=True,
-        )
+        self.backend = backend
+        self.prefix = backend.prefix
+        self.channel = f"{self.prefix}invalidate"
+        self.client = backend.client
         self._subscriber: asyncio.Task[None] | None = None
         self._live = False
 
@@ -52,10 +43,7 @@ class RedisStore(KeyStore):
         return self._live
 
     async def _call(self, coro: Any) -> Any:
-        try:
-            return await asyncio.wait_for(coro, self._timeout * 2)
-        except (RedisError, OSError, TimeoutError) as err:
-            raise StoreUnavailable(f"redis: {type(err).__name__}") from None
+        return await self.backend.call(coro)
 
     async def start(self, watch: bool = True) -> None:
         """With watch (servers), an unreachable Redis is not fatal: the subscriber keeps retrying
@@ -108,7 +96,6 @@ class RedisStore(KeyStore):
             self._subscriber.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._subscriber
-        await self.client.aclose()
 
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)

@@ -6,14 +6,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
+from ..store.errors import StoreUnavailable
 from .keys import Tenant, VirtualKey
+
+__all__ = ["Invalidate", "KeyStore", "StoreUnavailable"]
 
 # Called with the key hashes whose records changed, or None when anything may have changed.
 Invalidate = Callable[[list[str] | None], None]
-
-
-class StoreUnavailable(Exception):
-    """The store cannot be reached; callers decide between failing closed and failing open."""
 
 
 class KeyStore(ABC):

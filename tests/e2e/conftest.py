@@ -34,7 +34,7 @@ from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
 from extproc.pipeline import Stage
 from extproc.providers import ADAPTERS
-from extproc.server import build_pipeline, create_server
+from extproc.server import build_runtime, create_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROVIDER_KEYS = {"OPENAI_API_KEY": "sk-provider-openai-e2e-0000", "ANTHROPIC_API_KEY": "sk-ant-provider-e2e-0000"}
@@ -109,7 +109,7 @@ class Admin:
 
 @contextlib.contextmanager
 def server_in_thread(admin: Admin, stack: Stack, extra_stages: tuple[Stage, ...]) -> Iterator[None]:
-    """The real server (build_pipeline + create_server) with extra stages, on the stack's ext_proc
+    """The real server (build_runtime + create_server) with extra stages, on the stack's ext_proc
     port in a thread of this process, so a test can see inside a stage or hold one; the stack is
     made with with_server=False."""
     loop = asyncio.new_event_loop()
@@ -119,14 +119,14 @@ def server_in_thread(admin: Admin, stack: Stack, extra_stages: tuple[Stage, ...]
     os.environ.update(PROVIDER_KEYS)
 
     async def main() -> None:
-        pipeline, store = await build_pipeline(admin.config, extra_stages)
-        server, _ = create_server(admin.config, pipeline, f"127.0.0.1:{stack.ports.extproc}")
+        runtime = await build_runtime(admin.config, extra_stages)
+        server, _ = create_server(admin.config, runtime.pipeline, f"127.0.0.1:{stack.ports.extproc}")
         await server.start()
         holder["stop"] = asyncio.Event()
         started.set()
         await holder["stop"].wait()
         await server.stop(0)
-        await store.close()
+        await runtime.close()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()

@@ -186,7 +186,7 @@ async def new_store() -> CountingStore:
 
 
 async def default_pipeline(*extra: Stage, before: Sequence[Stage] = ()) -> Pipeline:
-    """The real default stages (as build_pipeline assembles them) over a fresh in-memory store."""
+    """The real default stages (as build_runtime assembles them) over a fresh in-memory store."""
     keys = KeyService(await new_store(), CONFIG)
     return Pipeline([*before, *default_stages(CONFIG, keys, PROVIDER_AUTH), *extra])
 
