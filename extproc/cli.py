@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import admin_cli
 
     admin_cli.add_parsers(sub, _admin_common)
+    from . import usage_cli
+
+    usage_cli.add_parsers(sub)
 
     p = sub.add_parser("envoy-config", help="check (or --write) the configs derived from envoy.yaml")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)

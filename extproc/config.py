@@ -163,7 +163,7 @@ class PriceConfig(_Strict):
         if v is None:
             return v
         if isinstance(v, bool) or not isinstance(v, (str, int)):
-            raise ValueError("write prices as quoted decimal strings, e.g. \"0.15\" (floats are not exact)")
+            raise ValueError('write prices as quoted decimal strings, e.g. "0.15" (floats are not exact)')
         text = str(v)
         if not _PRICE.match(text):
             raise ValueError(f"{text!r} is not a price: up to 6 digits, a dot and up to 6 decimals")

@@ -10,8 +10,11 @@ Later issues (auth, quotas, redaction, cache, accounting) are new stages; they h
 
 from __future__ import annotations
 
+import enum
 import json
 import re
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,13 +37,54 @@ class DirectReply:
     content_type: str = "application/json"
 
 
+class Need(enum.IntFlag):
+    """What a stage needs of the response, declared with `ctx.need(...)` during the request phases.
+    The processor asks Envoy for exactly the union, so a request no stage looks at after the request
+    costs two gRPC messages, not one per chunk."""
+
+    NOTHING = 0
+    # Status and headers (`ctx.response_status`, `ctx.response_headers`).
+    HEADERS = 1
+    # A non-SSE body, complete and parsed once for all stages (`chunk.json` on the last chunk).
+    JSON = 2
+    # SSE events as they arrive (`chunk.events`); chunks pass to the client as they came.
+    EVENTS = 4
+    # The stage edits events or the JSON body: the processor then sends only whole events per chunk
+    # (never half of one) and holds a JSON body until it is complete.
+    EDIT = 8
+
+
+class Outcome(enum.Enum):
+    """How an exchange ended, as `finish` sees it."""
+
+    # The provider's response reached its end (any status).
+    COMPLETED = "completed"
+    # The gateway answered itself (e.g. /v1/models).
+    DIRECT = "direct"
+    # The gateway refused the request (ctx.error says why).
+    REFUSED = "refused"
+    # The response started but never ended: the client left or the provider's stream broke.
+    INCOMPLETE = "incomplete"
+    # The ext_proc stream ended before any response: the client left, or Envoy gave up upstream
+    # without the response passing through the filter.
+    NO_RESPONSE = "no_response"
+
+
 @dataclass(slots=True)
 class ResponseChunk:
     data: bytes
     end_of_stream: bool
-    # Complete SSE events in this chunk, when the response is an event stream and a stage asked for them.
+    # Complete SSE events in this chunk (Need.EVENTS on an event stream). With Need.EDIT a stage may
+    # replace, drop or insert events in this list (an event with empty `raw` is encoded from its
+    # fields) and then sets `events_changed`.
     events: list[SSEEvent] | None = None
-    # A stage that changes `data` sets this so the processor sends a body mutation.
+    events_changed: bool = False
+    # On the last chunk of a non-SSE body (Need.JSON): the whole body and its parsed JSON (None if
+    # it is not JSON or too large). With Need.EDIT a stage changes `json` and sets `json_changed`.
+    body: bytes | None = None
+    json: Any = None
+    json_changed: bool = False
+    # A stage that changes `data` itself sets this so the processor sends a body mutation.
     replaced: bool = False
 
 
@@ -49,31 +93,36 @@ class RequestContext:
 
     __slots__ = (
         "_json",
+        "_needs",
         "adapter",
         "body",
         "body_dirty",
         "clear_route_cache",
         "endpoint",
+        "error",
+        "first_byte_at",
         "header_bytes",
         "header_count",
         "headers",
         "identity",
         "metadata",
         "method",
+        "outcome",
         "path",
         "query",
         "remove_headers",
         "reply",
         "request_id",
         "response_content_type",
+        "response_ended_at",
+        "response_headers",
         "response_status",
         "route",
         "set_headers",
+        "started_at",
         "state",
         "streaming",
-        "wants_response_body",
-        "wants_response_events",
-        "wants_response_headers",
+        "ts",
     )
 
     def __init__(self) -> None:
@@ -85,7 +134,11 @@ class RequestContext:
         # Header lines as the client sent them (before merging repeats), and their size in bytes.
         self.header_count = 0
         self.header_bytes = 0
-        self.request_id = ""
+        # The gateway's own id for this exchange (x-gateway-request-id, the usage record's key). Never
+        # taken from the client: records are idempotent by it, so a chosen id could skip a charge.
+        self.request_id = str(uuid.uuid4())
+        self.ts = time.time()
+        self.started_at = time.monotonic()
         # Per-request state of each stage, by stage name: nothing per-request lives on a stage.
         self.state: dict[str, Any] = {}
         self.endpoint: Endpoint | None = None
@@ -105,11 +158,24 @@ class RequestContext:
         self.clear_route_cache = False
         # Values for Envoy's dynamic metadata (namespace "gateway"): access logs, rate limit filters.
         self.metadata: dict[str, Any] = {}
-        self.wants_response_headers = False
-        self.wants_response_body = False
-        self.wants_response_events = False
+        self._needs = Need.NOTHING
         self.response_status = 0
         self.response_content_type = ""
+        self.response_headers: dict[str, str] = {}
+        # monotonic times: first response body byte, end of the response.
+        self.first_byte_at: float | None = None
+        self.response_ended_at: float | None = None
+        # Set by the processor: how the exchange ended, and the refusal if the gateway refused.
+        self.outcome: Outcome | None = None
+        self.error: GatewayError | None = None
+
+    def need(self, what: Need) -> None:
+        """Declare what this request's response must show the stages (during the request phases)."""
+        self._needs |= what
+
+    @property
+    def needs(self) -> Need:
+        return self._needs
 
     @property
     def json(self) -> dict[str, Any]:
@@ -263,13 +329,16 @@ _HOOKS = ("request_headers", "request_body", "response_headers", "response_body"
 
 
 class Pipeline:
-    """Ordered stages, pre-sorted per hook so the hot path never awaits a no-op."""
+    """Ordered stages, pre-sorted per hook so the hot path never awaits a no-op.
+
+    Response hooks and finish run in reverse order (an onion): the stage that changed the request
+    first sees the response last, so e.g. a translator's view of the response wraps a redactor's."""
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = tuple(stages)
         by_hook = {h: tuple(s for s in stages if getattr(type(s), h) is not getattr(Stage, h)) for h in _HOOKS}
         self.on_request_headers = by_hook["request_headers"]
         self.on_request_body = by_hook["request_body"]
-        self.on_response_headers = by_hook["response_headers"]
-        self.on_response_body = by_hook["response_body"]
-        self.on_finish = by_hook["finish"]
+        self.on_response_headers = by_hook["response_headers"][::-1]
+        self.on_response_body = by_hook["response_body"][::-1]
+        self.on_finish = by_hook["finish"][::-1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -17,7 +18,7 @@ import orjson
 
 from . import replies
 from .errors import ErrorKind, GatewayError
-from .pipeline import Pipeline, RequestContext, ResponseChunk, has_lossy_integers
+from .pipeline import Need, Outcome, Pipeline, RequestContext, ResponseChunk, has_lossy_integers
 from .providers import ADAPTERS, ENDPOINTS
 from .sse import SSEError, SSEParser
 from .wire import external_processor_pb2 as ep
@@ -29,6 +30,10 @@ log = logging.getLogger("extproc.processor")
 
 _OPENAI = ADAPTERS["openai"]
 _ANTHROPIC = ADAPTERS["anthropic"]
+# A non-SSE response larger than this is passed through unparsed (no stage sees its JSON).
+MAX_JSON_RESPONSE_BYTES = 16 * 1024 * 1024
+# finish() calls still running after their stream was cancelled (kept so they are not collected).
+_FINISHING: set[asyncio.Task[None]] = set()
 
 
 def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[str, str]:
@@ -54,13 +59,20 @@ def _client_adapter(headers: dict[str, str]) -> ProviderAdapter:
 
 
 class Processor:
-    __slots__ = ("ctx", "done", "pipeline", "sse")
+    __slots__ = ("body", "body_size", "ctx", "done", "edit", "finished", "pipeline", "sse", "withheld")
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.ctx = RequestContext()
         self.done = False
+        self.finished = False
         self.sse: SSEParser | None = None
+        # Need.EDIT for this response; whether the last reply held back part of an event.
+        self.edit = False
+        self.withheld = False
+        # Chunks of a non-SSE body being collected for Need.JSON.
+        self.body: list[bytes] | None = None
+        self.body_size = 0
 
     async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
         kind = req.WhichOneof("request")
@@ -97,9 +109,15 @@ class Processor:
         return resp
 
     async def finish(self) -> None:
-        """Every stage's finish runs, even when one fails or is cancelled: a skipped finish would
-        leak what a stage holds for the request (admission slots, reservations). A cancellation is
-        re-raised once all have run."""
+        """Every stage's finish runs exactly once, even when one fails or the stream is cancelled: a
+        skipped finish would leak what a stage holds (admission slots, reservations) or lose a usage
+        record. A cancellation is re-raised once all have run."""
+        if self.finished:
+            return
+        self.finished = True
+        ctx = self.ctx
+        if ctx.outcome is None:
+            ctx.outcome = Outcome.INCOMPLETE if ctx.response_status else Outcome.NO_RESPONSE
         cancelled: BaseException | None = None
         for stage in self.pipeline.on_finish:
             try:
@@ -118,13 +136,14 @@ class Processor:
         headers = _headers_of(msg, ctx)
         ctx.method = headers.pop(":method", "")
         ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
-        ctx.request_id = headers.get("x-request-id", "")
         found = ENDPOINTS.get(ctx.path)
         if found is not None:
             ctx.adapter, ctx.endpoint = found
         else:
             ctx.adapter = _client_adapter(headers)
         ctx.headers = headers
+        # Envoy's access log line names the gateway's id for the exchange (the usage record's key).
+        ctx.metadata["request_id"] = ctx.request_id
         for stage in self.pipeline.on_request_headers:
             await stage.request_headers(ctx)
             if ctx.reply is not None:
@@ -136,8 +155,8 @@ class Processor:
         resp = ep.ProcessingResponse()
         resp.request_headers.SetInParent()
         self._flush_edits(resp, resp.request_headers.response)
-        if msg.end_of_stream:
-            self.done = not ctx.wants_response_headers
+        if msg.end_of_stream and not ctx.needs:
+            self.done = True
         return resp
 
     async def _request_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
@@ -185,7 +204,7 @@ class Processor:
             body=new_body if phase == "request_body" else None,
             clear_route_cache=ctx.clear_route_cache,
         )
-        self.done = not ctx.wants_response_headers
+        self.done = not ctx.needs
         return resp
 
     # -- response phases --------------------------------------------------------------------------
@@ -193,19 +212,29 @@ class Processor:
     async def _response_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         ctx = self.ctx
         headers = _headers_of(msg)
-        status = headers.get(":status", "0")
+        status = headers.pop(":status", "0")
         ctx.response_status = int(status) if len(status) == 3 and status.isascii() and status.isdigit() else 0
         ctx.response_content_type = headers.get("content-type", "")
+        ctx.response_headers = headers
         for stage in self.pipeline.on_response_headers:
             await stage.response_headers(ctx)
         resp = ep.ProcessingResponse()
         resp.response_headers.SetInParent()
-        if ctx.wants_response_body and not msg.end_of_stream:
+        needs = ctx.needs
+        # Every answer names the gateway's id for the exchange (the usage record's key).
+        ctx.set_headers["x-gateway-request-id"] = ctx.request_id
+        if msg.end_of_stream:
+            self._response_done()
+        elif needs & (Need.JSON | Need.EVENTS):
             replies.stream_response_body_override(resp)
             # STREAMED bodies go out chunked; a stale content-length would truncate the client's view.
             ctx.remove_headers.append("content-length")
-            if ctx.wants_response_events and "text/event-stream" in ctx.response_content_type:
-                self.sse = SSEParser()
+            self.edit = bool(needs & Need.EDIT)
+            if "text/event-stream" in ctx.response_content_type:
+                if needs & Need.EVENTS:
+                    self.sse = SSEParser()
+            elif needs & Need.JSON:
+                self.body = []
         else:
             self.done = True
         self._flush_edits(resp, resp.response_headers.response)
@@ -213,16 +242,18 @@ class Processor:
 
     async def _response_body(self, msg: ep.HttpBody) -> ep.ProcessingResponse:
         ctx = self.ctx
-        chunk = ResponseChunk(msg.body, msg.end_of_stream)
+        data = msg.body
+        eos = msg.end_of_stream
+        if data and ctx.first_byte_at is None:
+            ctx.first_byte_at = time.monotonic()
+        if eos:
+            ctx.response_ended_at = time.monotonic()
+        chunk = ResponseChunk(data, eos)
+        out: bytes | None = None  # the body mutation, when the client must get other bytes
         if self.sse is not None:
-            try:
-                chunk.events = self.sse.feed(msg.body)
-                if msg.end_of_stream:
-                    chunk.events.extend(self.sse.flush())
-            except SSEError:
-                log.warning("response for request %s is not a parseable event stream", ctx.request_id)
-                self.sse = None
-                chunk.events = None
+            out = self._sse_chunk(chunk)
+        elif self.body is not None:
+            out = self._json_chunk(chunk)
         try:
             for stage in self.pipeline.on_response_body:
                 await stage.response_body(ctx, chunk)
@@ -234,14 +265,80 @@ class Processor:
         except Exception as exc:
             # Same: an immediate response is no longer possible; the chunk passes as it came.
             log.error("stage failed on a response chunk (request %s): %s", ctx.request_id, type(exc).__name__)
+        if chunk.replaced:
+            out = chunk.data
+        elif chunk.events is not None and self.edit:
+            out = self._encode_events(chunk)
+        elif chunk.json_changed and self.edit:
+            out = orjson.dumps(chunk.json)
         resp = ep.ProcessingResponse()
         resp.response_body.SetInParent()
         # Envoy ignores header mutations on streamed body chunks; only the body and metadata count.
         ctx.set_headers, ctx.remove_headers = {}, []
-        self._flush_edits(resp, resp.response_body.response, body=chunk.data if chunk.replaced else None)
-        if msg.end_of_stream:
-            self.done = True
+        self._flush_edits(resp, resp.response_body.response, body=out)
+        if eos:
+            self._response_done()
         return resp
+
+    def _sse_chunk(self, chunk: ResponseChunk) -> bytes | None:
+        """Frame this chunk's events. Returns the bytes the client must get instead of the chunk
+        when they differ (only possible once framing failed mid-edit)."""
+        assert self.sse is not None
+        try:
+            chunk.events = self.sse.feed(chunk.data)
+            if chunk.end_of_stream:
+                chunk.events.extend(self.sse.flush())
+        except SSEError as err:
+            log.warning("response for request %s is not a parseable event stream", self.ctx.request_id)
+            unsent = b"".join(ev.raw for ev in err.events) + self.sse.pending
+            self.sse = None
+            chunk.events = None
+            if self.edit and self.withheld:
+                # Bytes held back from earlier chunks must still reach the client, unedited.
+                self.withheld = False
+                return unsent
+        return None
+
+    def _encode_events(self, chunk: ResponseChunk) -> bytes | None:
+        """With Need.EDIT the client gets whole events only: the bytes of an event split across
+        chunks go out with the chunk that completes it. An unchanged chunk that starts and ends on
+        an event boundary passes as it came (no body mutation, no copy)."""
+        assert chunk.events is not None
+        pending = bool(self.sse.pending) if self.sse is not None and not chunk.end_of_stream else False
+        if not chunk.events_changed and not self.withheld and not pending:
+            return None
+        self.withheld = pending
+        return b"".join(ev.encode() for ev in chunk.events)
+
+    def _json_chunk(self, chunk: ResponseChunk) -> bytes | None:
+        """Collect a non-SSE body for Need.JSON; with Need.EDIT the client gets nothing until the
+        whole body is known (then the last chunk carries all of it)."""
+        assert self.body is not None
+        size = self.body_size + len(chunk.data)
+        if size > MAX_JSON_RESPONSE_BYTES:
+            log.warning("response for request %s is too large to parse; passed through", self.ctx.request_id)
+            held = b"".join(self.body) if self.edit else b""
+            self.body = None
+            return held + chunk.data if held else None
+        self.body.append(chunk.data)
+        self.body_size = size
+        if not chunk.end_of_stream:
+            return b"" if self.edit else None
+        whole = b"".join(self.body)
+        self.body = None
+        chunk.body = whole
+        try:
+            chunk.json = orjson.loads(whole) if whole else None
+        except orjson.JSONDecodeError:
+            chunk.json = None
+        return whole if self.edit else None
+
+    def _response_done(self) -> None:
+        self.done = True
+        ctx = self.ctx
+        ctx.outcome = Outcome.COMPLETED
+        if ctx.response_ended_at is None:
+            ctx.response_ended_at = time.monotonic()
 
     def _flush_edits(
         self,
@@ -261,8 +358,9 @@ class Processor:
     def _direct(self) -> ep.ProcessingResponse:
         reply = self.ctx.reply
         assert reply is not None
-        headers = {"content-type": reply.content_type, **reply.headers}
+        headers = {"content-type": reply.content_type, **reply.headers, "x-gateway-request-id": self.ctx.request_id}
         self.done = True
+        self.ctx.outcome = Outcome.DIRECT
         resp = replies.immediate(reply.status, reply.body, headers, "extproc_direct_reply")
         replies.add_metadata(resp, self.ctx.metadata)
         return resp
@@ -270,10 +368,10 @@ class Processor:
     def _error(self, err: GatewayError) -> ep.ProcessingResponse:
         ctx = self.ctx
         adapter = ctx.adapter or _OPENAI
-        headers = {"content-type": "application/json", **err.headers}
-        if ctx.request_id:
-            headers["x-request-id"] = ctx.request_id
+        headers = {"content-type": "application/json", **err.headers, "x-gateway-request-id": ctx.request_id}
         self.done = True
+        ctx.error = err
+        ctx.outcome = Outcome.REFUSED
         resp = replies.immediate(err.status, adapter.error_body(err), headers, f"extproc_{err.code or 'error'}")
         replies.add_metadata(resp, {**ctx.metadata, "error": err.code or "error"})
         return resp
@@ -294,4 +392,13 @@ async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any
                 await context.write(resp)
                 del resp
     finally:
-        await proc.finish()
+        # Shielded: a cancelled stream (client gone) must not cut a finish short; if this task is
+        # cancelled again while waiting, finish carries on in its own task.
+        task = asyncio.ensure_future(proc.finish())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                _FINISHING.add(task)
+                task.add_done_callback(_FINISHING.discard)
+            raise

@@ -12,14 +12,19 @@ from typing import Any
 
 import grpc
 
+from .accounting.consumer import LedgerConsumer
+from .accounting.pricing import PriceTable
+from .accounting.sink import EmbeddedUsageSink, RedisUsageSink, UsageSink
+from .accounting.spool import Spool
 from .auth import KeyStore, open_store
 from .auth.credentials import load_provider_auth
 from .auth.service import KeyService
-from .config import GatewayConfig
+from .config import ConfigError, GatewayConfig
+from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .stages import default_stages
-from .store import Backend, open_backend
+from .stages import AccountingStage, default_stages
+from .store import Backend, RedisBackend, open_backend
 from .wire import external_processor_pb2_grpc as ep_grpc
 
 log = logging.getLogger("extproc.server")
@@ -40,6 +45,8 @@ class Runtime:
     pipeline: Pipeline
     backend: Backend
     store: KeyStore
+    sink: UsageSink
+    ledger: Ledger
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def close(self) -> None:
@@ -54,14 +61,37 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
     provider_auth = load_provider_auth(config)
+    prices = PriceTable.from_config(config)
     backend = open_backend(config)
-    closers: list[Callable[[], Awaitable[None]]] = [backend.close]
+    ledger = open_ledger(config)
+    closers: list[Callable[[], Awaitable[None]]] = [backend.close, ledger.close]
+    try:
+        await ledger.check_schema()
+    except LedgerSchemaError as err:
+        await ledger.close()
+        raise ConfigError(str(err)) from None
+    except LedgerUnavailable as err:
+        # Records wait in Redis (or the spool) until the database is back.
+        log.warning("usage ledger unreachable at startup (%s); records will wait", err)
     store = open_store(backend)
     await store.start()
     closers.append(store.close)
+    spool = Spool(config.spool_path, config.usage.spool_max_bytes)
+    sink: UsageSink
+    if isinstance(backend, RedisBackend):
+        sink = RedisUsageSink(backend, spool)
+        consumer = LedgerConsumer(backend, ledger)
+        await consumer.start()
+        closers.append(consumer.close)
+    else:
+        sink = EmbeddedUsageSink(backend, ledger, spool)
+    await sink.start()
+    # Closed before the consumer and the ledger: its last records still reach them.
+    closers.append(sink.close)
     keys = KeyService(store, config)
-    stages = default_stages(config, keys, provider_auth)
-    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, closers)
+    accounting = AccountingStage(prices, sink, config.usage.default_max_output_tokens)
+    stages = default_stages(config, keys, provider_auth, accounting)
+    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, sink, ledger, closers)
 
 
 def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 
 
 class SSEError(ValueError):
-    """The stream cannot be SSE (an event grew past the size limit)."""
+    """The stream cannot be SSE (an event grew past the size limit). `events` holds the complete
+    events parsed from the chunk before the overflow, so a caller that holds bytes back loses none."""
+
+    def __init__(self, message: str, events: list[SSEEvent] | None = None) -> None:
+        super().__init__(message)
+        self.events = events or []
 
 
 @dataclass(slots=True)
@@ -31,6 +36,20 @@ class SSEEvent:
     @property
     def type(self) -> str:
         return self.event or "message"
+
+    def encode(self) -> bytes:
+        """The bytes to send: the original ones when the event is unchanged (so a stream no stage
+        edits is byte-identical), else serialized from the fields."""
+        if self.raw:
+            return self.raw
+        if self.data is None:
+            return "".join(f":{c}\n" for c in self.comments).encode() + b"\n"
+        return encode_event(self.data, self.event or None, self.id)
+
+    @classmethod
+    def make(cls, data: str, event: str = "") -> SSEEvent:
+        """A new event for a stage to insert (raw empty: the processor serializes it)."""
+        return cls(data=data, event=event)
 
 
 class SSEParser:
@@ -62,7 +81,7 @@ class SSEParser:
             self._event_start = 0
         events = self._parse(final=False)
         if len(self._buf) - self._event_start > self._max:
-            raise SSEError(f"SSE event larger than {self._max} bytes")
+            raise SSEError(f"SSE event larger than {self._max} bytes", events)
         return events
 
     def flush(self) -> list[SSEEvent]:
@@ -138,9 +157,11 @@ class SSEParser:
         return ev
 
 
-def encode_event(data: str | bytes, event: str | None = None) -> bytes:
+def encode_event(data: str | bytes, event: str | None = None, id: str | None = None) -> bytes:
     """Serialize one event with LF endings (what both providers send)."""
     payload = data.decode() if isinstance(data, bytes) else data
     head = f"event: {event}\n" if event else ""
+    if id is not None:
+        head += f"id: {id}\n"
     body = "".join(f"data: {line}\n" for line in payload.split("\n"))
     return (head + body + "\n").encode()

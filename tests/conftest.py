@@ -1,4 +1,5 @@
-"""Shared fixtures. Redis: a throwaway server per test session, never a shared instance."""
+"""Shared fixtures. Redis: a throwaway server per test session, never a shared instance.
+PostgreSQL: a database per test session (tests/pgfixture.py), dropped afterwards."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from extproc.devstack import free_port, tcp_open, wait_until
+from tests.pgfixture import pg_schema_url, pg_url
+
+__all__ = ["pg_schema_url", "pg_url"]
 
 
 def _docker_answers() -> bool:

@@ -7,13 +7,43 @@ Behaviour is steered per request by `x-mock-*` headers, which pass through Envoy
   x-mock-latency-ms: N       wait before the response headers
   x-mock-chunk-delay-ms: N   wait between SSE events
   x-mock-split: N            write each SSE event in N-byte pieces (separate writes)
-  x-mock-output-tokens: N    length of the answer in tokens (default 8; capped by max_tokens)
+  x-mock-crlf: 1             frame SSE lines with CRLF instead of LF
+  x-mock-output-tokens: N    tokens in each text block (default 8; the whole answer is capped by max_tokens)
   x-mock-fail-after: N       abort the connection after N SSE events (a broken stream)
+  x-mock-stream-error: TYPE  after some events send the provider's in-stream error of that type
+                             (Anthropic `event: error`, e.g. overloaded_error; OpenAI `data: {"error":...}`)
+                             and end the stream there (no message_stop / [DONE])
+  x-mock-stream-error-after: N  events before that error (default: half the stream)
   x-mock-tag: T              label for GET /_mock/requests?tag=T
 
-Every request is recorded (path, headers, raw body, when each SSE event went out) in a bounded
-ring buffer that tests read from GET /_mock/requests. With $MOCK_OPENAI_KEY / $MOCK_ANTHROPIC_KEY set the mock
-rejects requests that do not carry that credential, as the real APIs would.
+Content and token accounting (all counts deterministic; see wire.build_answer):
+
+  x-mock-content: K,K,...    the answer's blocks in order, each text | thinking | tool (default text).
+                             tool: OpenAI tool_calls / Anthropic tool_use, arguments streamed in pieces,
+                             calling the request's tools in turn with {"location":"Paris, France",
+                             "unit":"celsius"} in 11 one-token pieces; thinking: Anthropic thinking block
+                             (thinking_delta + signature_delta), hidden reasoning tokens for OpenAI.
+                             Stops follow: tool_calls / tool_use, stop / end_turn, length / max_tokens
+  x-mock-input-tokens: N     prompt / input tokens (default: whitespace-separated words in the messages
+                             and system prompt)
+  x-mock-reasoning-tokens: N tokens of each thinking block (default 6 when the content names one; a
+                             thinking block is added first when it does not). Part of completion_tokens
+                             (OpenAI, reasoning_tokens) / output_tokens (Anthropic)
+  x-mock-cached-tokens: N    OpenAI prompt_tokens_details.cached_tokens (part of prompt_tokens, so at most it)
+  x-mock-cache-creation-tokens: N  Anthropic cache_creation_input_tokens (not part of input_tokens)
+  x-mock-cache-read-tokens: N      Anthropic cache_read_input_tokens (not part of input_tokens)
+  x-mock-cache-ttl: 5m|1h    which cache_creation.ephemeral_*_input_tokens holds the written tokens (5m)
+  x-mock-delta-usage: full|output  Anthropic message_delta usage: input, cache and output counts as the
+                             API sends today (full, default), or output_tokens alone (the older form)
+
+Every request is recorded (path, headers, raw body, status, when each SSE event went out, and `usage`:
+the usage object exactly as the provider reported it, in its own field names, or null when it reported
+none; for a stream, what the events that actually went out reported, merged the way the SDKs merge
+them) in a bounded ring buffer that tests read from GET /_mock/requests. With $MOCK_OPENAI_KEY /
+$MOCK_ANTHROPIC_KEY set the mock rejects requests that do not carry that credential, as the real APIs
+would.
+
+The mock imports nothing from the gateway: it is what the gateway is checked against.
 """
 
 from __future__ import annotations
@@ -24,32 +54,19 @@ import itertools
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
 from . import wire
 
-WORDS = [
-    "The",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "the",
-    "lazy",
-    "dog",
-    "while",
-    "the",
-    "gateway",
-    "counts",
-    "every",
-    "token",
-]
+WORDS = list(wire.WORDS)
 _ids = itertools.count(1)
+# The request's log entry, for the middleware that records the response status.
+RECORD = web.RequestKey("mock_record", dict)
 
 
 @dataclass
@@ -80,13 +97,102 @@ def _int_header(request: web.Request, name: str, default: int) -> int:
         return default
 
 
+def _opt_int_header(request: web.Request, name: str) -> int | None:
+    return _int_header(request, name, 0) if name in request.headers else None
+
+
+class SteeringError(ValueError):
+    """An x-mock-* header the mock cannot honour: answered with a 400 so a test's typo fails loudly."""
+
+
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """What the x-mock-* headers ask of one answer (see the module docstring)."""
+
+    content: tuple[str, ...]
+    output_tokens: int
+    input_tokens: int | None
+    reasoning_tokens: int | None
+    cached_tokens: int
+    cache_creation_tokens: int
+    cache_read_tokens: int
+    cache_ttl: Literal["5m", "1h"]
+    delta_usage: wire.DeltaUsage
+    crlf: bool
+    stream_error: str | None
+    stream_error_after: int | None
+
+    @classmethod
+    def from_request(cls, request: web.Request) -> Steering:
+        h = request.headers
+        content = tuple(k.strip().lower() for k in h.get("x-mock-content", "text").split(",") if k.strip())
+        unknown = [k for k in content if k not in wire.BLOCK_KINDS]
+        if unknown:
+            raise SteeringError(f"x-mock-content: unknown block kind {unknown[0]!r}; use {', '.join(wire.BLOCK_KINDS)}")
+        ttl = h.get("x-mock-cache-ttl", "5m")
+        if ttl not in ("5m", "1h"):
+            raise SteeringError("x-mock-cache-ttl: use 5m or 1h")
+        delta_usage = h.get("x-mock-delta-usage", "full")
+        if delta_usage not in ("full", "output"):
+            raise SteeringError("x-mock-delta-usage: use full or output")
+        return cls(
+            content=content or ("text",),
+            output_tokens=_int_header(request, "x-mock-output-tokens", 8),
+            input_tokens=_opt_int_header(request, "x-mock-input-tokens"),
+            reasoning_tokens=_opt_int_header(request, "x-mock-reasoning-tokens"),
+            cached_tokens=_int_header(request, "x-mock-cached-tokens", 0),
+            cache_creation_tokens=_int_header(request, "x-mock-cache-creation-tokens", 0),
+            cache_read_tokens=_int_header(request, "x-mock-cache-read-tokens", 0),
+            cache_ttl="1h" if ttl == "1h" else "5m",
+            delta_usage="output" if delta_usage == "output" else "full",
+            crlf=h.get("x-mock-crlf", "").lower() in ("1", "true", "yes"),
+            stream_error=h.get("x-mock-stream-error") or None,
+            stream_error_after=_opt_int_header(request, "x-mock-stream-error-after"),
+        )
+
+    def answer(self, schema: Literal["openai", "anthropic"], body: dict[str, Any], id_prefix: str) -> wire.Answer:
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")
+        return wire.build_answer(
+            schema,
+            self.content,
+            self.output_tokens,
+            self.reasoning_tokens,
+            cap,
+            _tool_names(schema, body.get("tools")),
+            id_prefix,
+        )
+
+
+def _tool_names(schema: str, tools: Any) -> list[str]:
+    """Names of the tools the request declares, in order (the model calls those, not made-up ones)."""
+    names: list[str] = []
+    for tool in tools if isinstance(tools, list) else []:
+        if not isinstance(tool, dict):
+            continue
+        fn = tool.get("function") if schema == "openai" else tool
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            names.append(fn["name"])
+    return names
+
+
+@web.middleware
+async def _record_status(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    resp = await handler(request)
+    record = request.get(RECORD)
+    if record is not None:
+        record["status"] = resp.status
+    return resp
+
+
 class MockProvider:
     def __init__(self, options: MockOptions | None = None) -> None:
         self.options = options or MockOptions()
         self.requests: deque[dict[str, Any]] = deque(maxlen=self.options.history)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_record_status])
         app.router.add_post("/v1/chat/completions", self.openai_chat)
         app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_post("/v1/messages/count_tokens", self.anthropic_count_tokens)
@@ -125,23 +231,31 @@ class MockProvider:
             "body": raw.decode("utf-8", "replace"),
             "tag": request.headers.get("x-mock-tag"),
             "received_at": time.time(),
+            "status": None,
+            # The usage the provider reported, exactly, in its own field names; None when none was.
+            "usage": None,
             "events_sent_at": [],
         }
         self.requests.append(record)
+        request[RECORD] = record
         latency = _int_header(request, "x-mock-latency-ms", 0)
         if latency:
             await asyncio.sleep(latency / 1000)
         return record, raw
 
-    def _answer(self, request: web.Request, body: dict[str, Any]) -> tuple[list[str], str]:
-        wanted = _int_header(request, "x-mock-output-tokens", 8)
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        finish_by_length = isinstance(cap, int) and 0 < cap < wanted
-        n = cap if finish_by_length and isinstance(cap, int) else wanted
-        pieces = [("" if i == 0 else " ") + WORDS[i % len(WORDS)] for i in range(n)]
-        return pieces, "length" if finish_by_length else "stop"
+    @staticmethod
+    def _with_stream_error(
+        steering: Steering, events: list[wire.WireEvent], make_error: Callable[..., wire.WireEvent]
+    ) -> list[wire.WireEvent]:
+        """The stream cut after some events by the provider's in-stream error, when one is asked for."""
+        if steering.stream_error is None:
+            return events
+        after = steering.stream_error_after if steering.stream_error_after is not None else len(events) // 2
+        return [*events[: min(after, len(events))], make_error(steering.stream_error, crlf=steering.crlf)]
 
-    async def _stream(self, request: web.Request, record: dict[str, Any], events: list[bytes]) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, record: dict[str, Any], events: list[wire.WireEvent]
+    ) -> web.StreamResponse:
         resp = web.StreamResponse(
             status=200, headers={"content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache"}
         )
@@ -159,12 +273,14 @@ class MockProvider:
                 request.transport.abort()
                 return resp
             if split:
-                for off in range(0, len(event), split):
-                    await resp.write(event[off : off + split])
+                for off in range(0, len(event.raw), split):
+                    await resp.write(event.raw[off : off + split])
                     await asyncio.sleep(0)
             else:
-                await resp.write(event)
+                await resp.write(event.raw)
             record["events_sent_at"].append(time.time())
+            if event.reported_usage is not None:
+                record["usage"] = event.reported_usage
         await resp.write_eof()
         return resp
 
@@ -191,6 +307,10 @@ class MockProvider:
             headers = {"retry-after": request.headers.get("x-mock-retry-after", "1")} if forced == 429 else {}
             return self._openai_error(forced, headers=headers)
         try:
+            steering = Steering.from_request(request)
+        except SteeringError as e:
+            return self._openai_error(400, str(e))
+        try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return self._openai_error(400, "We could not parse the JSON body of your request.")
@@ -198,16 +318,33 @@ class MockProvider:
             return self._openai_error(400, "you must provide a model parameter", "model")
         if not isinstance(body.get("messages"), list):
             return self._openai_error(400, "Missing required parameter: 'messages'.", "messages")
-        pieces, finish = self._answer(request, body)
-        prompt = _tokens(body["messages"])
-        cid, created, model = f"chatcmpl-mock{next(_ids)}", int(time.time()), body["model"]
+        n = next(_ids)
+        answer = steering.answer("openai", body, f"call_mock{n}")
+        prompt = steering.input_tokens if steering.input_tokens is not None else _tokens(body["messages"])
+        usage = wire.openai_usage(
+            prompt,
+            answer.output_tokens,
+            cached=min(steering.cached_tokens, prompt),
+            reasoning=answer.reasoning_tokens,
+        )
+        cid, created, model = f"chatcmpl-mock{n}", int(time.time()), body["model"]
         if body.get("stream") is True:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
-            return await self._stream(
-                request, record, wire.openai_stream(cid, created, model, pieces, finish, prompt, include_usage)
+            obfuscation = not (isinstance(opts, dict) and opts.get("include_obfuscation") is False)
+            events = wire.openai_stream_events(
+                cid,
+                created,
+                model,
+                answer,
+                usage if include_usage else None,
+                obfuscation=obfuscation,
+                crlf=steering.crlf,
             )
-        payload = wire.openai_completion(cid, created, model, "".join(pieces), finish, prompt, len(pieces))
+            events = self._with_stream_error(steering, events, wire.openai_stream_error)
+            return await self._stream(request, record, events)
+        record["usage"] = usage
+        payload = wire.openai_completion_body(cid, created, model, answer, usage)
         return web.Response(body=payload, content_type="application/json")
 
     # -- Anthropic --------------------------------------------------------------------------------
@@ -224,47 +361,72 @@ class MockProvider:
             headers=headers,
         )
 
-    async def _anthropic_prelude(self, request: web.Request) -> tuple[dict[str, Any], dict[str, Any] | web.Response]:
+    async def _anthropic_prelude(
+        self, request: web.Request
+    ) -> tuple[dict[str, Any], Steering | None, dict[str, Any] | web.Response]:
         record, raw = await self._record(request)
         key = self.options.anthropic_key
         if key is not None and request.headers.get("x-api-key") != key:
-            return record, self._anthropic_error(401)
+            return record, None, self._anthropic_error(401)
         forced = _int_header(request, "x-mock-status", 0)
         if forced:
             resp = self._anthropic_error(forced)
             if forced == 429 and "x-mock-retry-after" in request.headers:
                 resp.headers["retry-after"] = request.headers["x-mock-retry-after"]
-            return record, resp
+            return record, None, resp
+        try:
+            steering = Steering.from_request(request)
+        except SteeringError as e:
+            return record, None, self._anthropic_error(400, str(e))
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return record, self._anthropic_error(400, "There was an issue with the request body: invalid JSON")
+            return record, None, self._anthropic_error(400, "There was an issue with the request body: invalid JSON")
         if not isinstance(body, dict) or not isinstance(body.get("model"), str):
-            return record, self._anthropic_error(400, "model: Field required")
+            return record, None, self._anthropic_error(400, "model: Field required")
         if not isinstance(body.get("messages"), list):
-            return record, self._anthropic_error(400, "messages: Field required")
-        return record, body
+            return record, None, self._anthropic_error(400, "messages: Field required")
+        return record, steering, body
+
+    @staticmethod
+    def _anthropic_input(steering: Steering, body: dict[str, Any]) -> int:
+        if steering.input_tokens is not None:
+            return steering.input_tokens
+        return _tokens(body["messages"]) + _tokens(body.get("system", ""))
 
     async def anthropic_messages(self, request: web.Request) -> web.StreamResponse:
-        record, body = await self._anthropic_prelude(request)
+        record, steering, body = await self._anthropic_prelude(request)
         if isinstance(body, web.Response):
             return body
+        assert steering is not None
         if not isinstance(body.get("max_tokens"), int):
             return self._anthropic_error(400, "max_tokens: Field required")
-        pieces, finish = self._answer(request, body)
-        stop = "max_tokens" if finish == "length" else "end_turn"
-        prompt = _tokens(body["messages"]) + _tokens(body.get("system", ""))
-        mid, model = f"msg_mock{next(_ids)}", body["model"]
+        n = next(_ids)
+        answer = steering.answer("anthropic", body, f"toolu_mock{n}")
+        usage = wire.anthropic_usage(
+            self._anthropic_input(steering, body),
+            answer.output_tokens,
+            cache_creation=steering.cache_creation_tokens,
+            cache_read=steering.cache_read_tokens,
+            cache_ttl=steering.cache_ttl,
+        )
+        mid, model = f"msg_mock{n}", body["model"]
         if body.get("stream") is True:
-            return await self._stream(request, record, wire.anthropic_stream(mid, model, pieces, stop, prompt))
-        payload = wire.anthropic_message(mid, model, "".join(pieces), stop, prompt, len(pieces))
+            events = wire.anthropic_stream_events(
+                mid, model, answer, usage, delta_usage=steering.delta_usage, crlf=steering.crlf
+            )
+            events = self._with_stream_error(steering, events, wire.anthropic_stream_error)
+            return await self._stream(request, record, events)
+        record["usage"] = usage
+        payload = wire.anthropic_message_body(mid, model, answer, usage)
         return web.Response(body=payload, content_type="application/json")
 
     async def anthropic_count_tokens(self, request: web.Request) -> web.Response:
-        _, body = await self._anthropic_prelude(request)
+        _, steering, body = await self._anthropic_prelude(request)
         if isinstance(body, web.Response):
             return body
-        tokens = _tokens(body["messages"]) + _tokens(body.get("system", ""))
+        assert steering is not None
+        tokens = self._anthropic_input(steering, body)
         return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type="application/json")
 
 

@@ -9,53 +9,102 @@ import orjson
 from ..errors import GatewayError
 from ..routing import Route
 from ..sse import SSEEvent
-from .base import COMMON_FORWARD_HEADERS, Endpoint, ProviderAdapter, StreamReader, Usage
+from .base import COMMON_FORWARD_HEADERS, Endpoint, ProviderAdapter, StreamReader, Usage, count
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
+class _Counts:
+    """Anthropic's raw counters. `input_tokens` there excludes cache reads and writes; the
+    normalized input is their sum. message_start carries input and cache counts; each
+    message_delta carries a *cumulative* output count (and, on newer API versions, the input and
+    cache counts again): any field present in a later event replaces the earlier value."""
+
+    __slots__ = ("cache_creation", "cache_read", "final", "input", "output", "seen")
+
+    def __init__(self) -> None:
+        self.input = self.cache_read = self.cache_creation = self.output = 0
+        self.seen = False
+        # A message_delta's usage (or a whole JSON response's) carries the final output count.
+        self.final = False
+
+    def merge(self, u: Any) -> None:
+        if not isinstance(u, dict):
+            return
+        self.seen = True
+        if u.get("input_tokens") is not None:
+            self.input = count(u["input_tokens"])
+        if u.get("output_tokens") is not None:
+            self.output = count(u["output_tokens"])
+        if u.get("cache_read_input_tokens") is not None:
+            self.cache_read = count(u["cache_read_input_tokens"])
+        if u.get("cache_creation_input_tokens") is not None:
+            self.cache_creation = count(u["cache_creation_input_tokens"])
+
+    def usage(self) -> Usage:
+        return Usage(
+            input_tokens=self.input + self.cache_read + self.cache_creation,
+            cached_input_tokens=self.cache_read,
+            cache_creation_input_tokens=self.cache_creation,
+            output_tokens=self.output,
+            # Anthropic reports no separate thinking count: 0, never invented.
+            reasoning_tokens=0,
+        )
 
 
-def _merge(into: Usage, u: Any) -> None:
-    """Anthropic reports input (and cache) tokens in message_start and a *cumulative* output count in
-    each message_delta, so later values replace earlier ones rather than add to them."""
-    if not isinstance(u, dict):
-        return
-    if "input_tokens" in u and u["input_tokens"] is not None:
-        into.input_tokens = _int(u["input_tokens"])
-    if "output_tokens" in u and u["output_tokens"] is not None:
-        into.output_tokens = _int(u["output_tokens"])
-    if u.get("cache_read_input_tokens") is not None:
-        into.cache_read_tokens = _int(u["cache_read_input_tokens"])
-    if u.get("cache_creation_input_tokens") is not None:
-        into.cache_write_tokens = _int(u["cache_creation_input_tokens"])
+_OUTPUT_DELTAS = {"text_delta": "text", "input_json_delta": "partial_json", "thinking_delta": "thinking"}
 
 
 class AnthropicStreamReader(StreamReader):
-    def on_event(self, event: SSEEvent) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self._counts = _Counts()
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._counts.usage() if self._counts.seen else None
+
+    @property
+    def usage_final(self) -> bool:
+        return self._counts.final
+
+    def on_event(self, event: SSEEvent) -> bool:
         if event.data is None:
-            return
+            return False
         try:
             obj = orjson.loads(event.data)
         except orjson.JSONDecodeError:
-            return
+            return False
         if not isinstance(obj, dict):
-            return
+            return False
         kind = obj.get("type") or event.event
-        if kind == "message_start":
+        if kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                piece = delta.get(_OUTPUT_DELTAS.get(str(delta.get("type")), ""))
+                if isinstance(piece, str) and piece:
+                    self.keep_text(piece)
+                    return True
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            if isinstance(block, dict) and block.get("type") in ("tool_use", "server_tool_use"):
+                name = block.get("name")
+                if isinstance(name, str):
+                    self.keep_text(name)
+                return True
+        elif kind == "message_start":
             msg = obj.get("message")
             if isinstance(msg, dict):
-                self.usage = Usage()
-                _merge(self.usage, msg.get("usage"))
+                self._counts.merge(msg.get("usage"))
+                if isinstance(msg.get("model"), str):
+                    self.response_model = msg["model"]
         elif kind == "message_delta":
-            if self.usage is None:
-                self.usage = Usage()
-            _merge(self.usage, obj.get("usage"))
+            self._counts.merge(obj.get("usage"))
+            self._counts.final = isinstance(obj.get("usage"), dict)
         elif kind == "message_stop":
             self.done = True
         elif kind == "error":
             err = obj.get("error")
             self.error = err if isinstance(err, dict) else {"message": str(err)}
+        return False
 
 
 class AnthropicAdapter(ProviderAdapter):
@@ -77,11 +126,30 @@ class AnthropicAdapter(ProviderAdapter):
         u = body.get("usage")
         if not isinstance(u, dict):
             return None
-        usage = Usage()
-        _merge(usage, u)
-        return usage
+        counts = _Counts()
+        counts.merge(u)
+        return counts.usage()
 
-    def stream_reader(self) -> StreamReader:
+    def output_text_from_json(self, body: dict[str, Any]) -> str:
+        parts: list[str] = []
+        for block in body.get("content") or ():
+            if not isinstance(block, dict):
+                continue
+            for name in ("text", "thinking"):
+                if isinstance(block.get(name), str):
+                    parts.append(block[name])
+            if block.get("type") == "tool_use":
+                parts.append(orjson.dumps(block.get("input")).decode())
+        return "".join(parts)
+
+    def error_code_from_json(self, body: Any) -> str | None:
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return None
+        code = err.get("code") or err.get("type")
+        return str(code)[:64] if code else None
+
+    def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         return AnthropicStreamReader()
 
     def _model(self, route: Route) -> dict[str, Any]:

@@ -22,10 +22,29 @@ _MODEL_CHARS = re.compile(r"^[\x21-\x7e]+$")
 
 @dataclass(slots=True)
 class Usage:
+    """Token counts normalized across schemas (the usage record's meaning, see accounting)."""
+
+    # ALL prompt tokens, cache reads and writes included.
     input_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    # All completion tokens, reasoning included.
     output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def count(v: Any) -> int:
+    """A token count as the provider wrote it; anything else (null, negative, bool) is 0."""
+    return v if type(v) is int and v >= 0 else 0
+
+
+# Output text kept per stream for an estimate if the stream breaks (characters; beyond this only
+# the length is kept).
+MAX_KEPT_TEXT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,15 +59,45 @@ class Endpoint:
 
 
 class StreamReader(ABC):
-    """Consumes one response's SSE events in order; knows where this schema puts usage and errors."""
+    """Consumes one response's SSE events in order; knows where this schema puts usage, content,
+    errors and the end of the stream."""
 
-    usage: Usage | None = None
-    # Set when the provider reported an error inside the stream (e.g. Anthropic `event: error`).
-    error: dict[str, Any] | None = None
-    done: bool = False
+    def __init__(self) -> None:
+        # Set when the provider reported an error inside the stream (e.g. Anthropic `event: error`).
+        self.error: dict[str, Any] | None = None
+        # The provider's own end-of-stream marker was seen ([DONE], message_stop).
+        self.done = False
+        # Output text seen so far (content, tool arguments, thinking), for an estimate if no usage comes.
+        self.text: list[str] = []
+        self.text_chars = 0
+        self.dropped_chars = 0
+        self.response_model: str | None = None
+
+    @property
+    @abstractmethod
+    def usage(self) -> Usage | None:
+        """What the provider reported so far; None until it reports any usage."""
+
+    @property
+    def usage_final(self) -> bool:
+        """Whether `usage` holds the provider's final figures (not only the opening counts)."""
+        return self.usage is not None
 
     @abstractmethod
-    def on_event(self, event: SSEEvent) -> None: ...
+    def on_event(self, event: SSEEvent) -> bool:
+        """Read one event; True when it carried output (for time to first token)."""
+
+    def keep_text(self, piece: str) -> None:
+        if self.text_chars + len(piece) <= MAX_KEPT_TEXT:
+            self.text.append(piece)
+            self.text_chars += len(piece)
+        else:
+            self.dropped_chars += len(piece)
+
+    def without_gateway_usage(self, event: SSEEvent) -> SSEEvent | None:
+        """The event as the client would see it had the gateway not asked for usage (None: drop
+        it). Schemas that always report usage return the event itself."""
+        return event
 
 
 # Client headers every provider may see by default (each schema adds its own). Everything else the
@@ -94,7 +143,22 @@ class ProviderAdapter(ABC):
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None: ...
 
     @abstractmethod
-    def stream_reader(self) -> StreamReader: ...
+    def output_text_from_json(self, body: dict[str, Any]) -> str:
+        """The completion's text in a JSON response (for an estimate when usage is missing)."""
+
+    @abstractmethod
+    def error_code_from_json(self, body: Any) -> str | None:
+        """The provider's error code or type in an error body, if it has one."""
+
+    @abstractmethod
+    def stream_reader(self, injected_usage: bool = False) -> StreamReader:
+        """A reader for one streamed response; `injected_usage` when request_usage_in_stream changed
+        the request."""
+
+    def request_usage_in_stream(self, body: dict[str, Any]) -> bool:
+        """Make a streaming request ask for usage when the client did not; True when the body was
+        changed (the reader then hides the extra usage event from the client)."""
+        return False
 
     @abstractmethod
     def models_body(self, routes: tuple[Route, ...]) -> bytes: ...

@@ -9,48 +9,104 @@ import orjson
 from ..errors import GatewayError
 from ..routing import Route
 from ..sse import SSEEvent
-from .base import Endpoint, ProviderAdapter, StreamReader, Usage
+from .base import Endpoint, ProviderAdapter, StreamReader, Usage, count
 
 
 def _usage(u: Any) -> Usage | None:
+    """prompt_tokens already counts cached tokens, and completion_tokens reasoning tokens: the
+    details are parts of the totals, never added to them."""
     if not isinstance(u, dict):
         return None
-    details = u.get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = u.get("prompt_tokens_details")
+    completion = u.get("completion_tokens_details")
     return Usage(
-        input_tokens=_int(u.get("prompt_tokens")),
-        output_tokens=_int(u.get("completion_tokens")),
-        cache_read_tokens=_int(cached),
+        input_tokens=count(u.get("prompt_tokens")),
+        cached_input_tokens=count(prompt.get("cached_tokens")) if isinstance(prompt, dict) else 0,
+        output_tokens=count(u.get("completion_tokens")),
+        reasoning_tokens=count(completion.get("reasoning_tokens")) if isinstance(completion, dict) else 0,
     )
 
 
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else 0
-
-
 class OpenAIStreamReader(StreamReader):
-    """Usage arrives only when the client set stream_options.include_usage: a last chunk with
+    """Usage arrives only when the request set stream_options.include_usage: a last chunk with
     `choices: []` and a `usage` object (earlier chunks carry `usage: null`). The stream ends with
     the literal `data: [DONE]`."""
 
-    def on_event(self, event: SSEEvent) -> None:
+    def __init__(self, hide_usage: bool = False) -> None:
+        super().__init__()
+        self._usage: Usage | None = None
+        # The gateway added include_usage: the usage chunk is not for the client.
+        self.hide_usage = hide_usage
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._usage
+
+    def on_event(self, event: SSEEvent) -> bool:
         data = event.data
         if data is None:
-            return
+            return False
         if data == "[DONE]":
             self.done = True
-            return
+            return False
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            return
+            return False
         if not isinstance(obj, dict):
-            return
-        if "error" in obj and isinstance(obj["error"], dict):
+            return False
+        if isinstance(obj.get("error"), dict):
             self.error = obj["error"]
+        if self.response_model is None and isinstance(obj.get("model"), str):
+            self.response_model = obj["model"]
         usage = _usage(obj.get("usage"))
         if usage is not None:
-            self.usage = usage
+            self._usage = usage
+        output = False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(delta, dict):
+                    continue
+                for name in ("content", "refusal", "reasoning_content"):
+                    piece = delta.get(name)
+                    if isinstance(piece, str) and piece:
+                        self.keep_text(piece)
+                        output = True
+                for call in delta.get("tool_calls") or ():
+                    fn = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(fn, dict):
+                        for name in ("name", "arguments"):
+                            piece = fn.get(name)
+                            if isinstance(piece, str) and piece:
+                                self.keep_text(piece)
+                                output = True
+        return output
+
+    def is_gateway_usage_event(self, event: SSEEvent) -> bool:
+        if not self.hide_usage or event.data is None or '"usage"' not in event.data:
+            return False
+        try:
+            obj = orjson.loads(event.data)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
+
+    def without_gateway_usage(self, event: SSEEvent) -> SSEEvent | None:
+        """The event as the client would have seen it without include_usage: the usage-only chunk
+        is dropped (None) and the `"usage":null` member of other chunks removed. Text-level: in
+        JSON text an unescaped `"usage":null` can only be a member, and chunks carry no nested
+        `usage`; an event that does not contain it passes unchanged (same bytes)."""
+        data = event.data
+        if not self.hide_usage or data is None or '"usage"' not in data:
+            return event
+        if self.is_gateway_usage_event(event):
+            return None
+        for member in (',"usage":null', ', "usage": null', '"usage":null,', '"usage": null, '):
+            if member in data:
+                return SSEEvent.make(data.replace(member, "", 1), event.event)
+        return event
 
 
 class OpenAIAdapter(ProviderAdapter):
@@ -65,8 +121,40 @@ class OpenAIAdapter(ProviderAdapter):
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None:
         return _usage(body.get("usage"))
 
-    def stream_reader(self) -> StreamReader:
-        return OpenAIStreamReader()
+    def output_text_from_json(self, body: dict[str, Any]) -> str:
+        parts: list[str] = []
+        for choice in body.get("choices") or ():
+            msg = choice.get("message") if isinstance(choice, dict) else None
+            if not isinstance(msg, dict):
+                continue
+            if isinstance(msg.get("content"), str):
+                parts.append(msg["content"])
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    parts.append(fn["arguments"])
+        return "".join(parts)
+
+    def error_code_from_json(self, body: Any) -> str | None:
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return None
+        code = err.get("code") or err.get("type")
+        return str(code)[:64] if code else None
+
+    def stream_reader(self, injected_usage: bool = False) -> StreamReader:
+        return OpenAIStreamReader(hide_usage=injected_usage)
+
+    def request_usage_in_stream(self, body: dict[str, Any]) -> bool:
+        """Without include_usage a stream reports no usage at all, and would be recorded as an
+        estimate; the gateway asks for it and hides the extra chunk, so the client sees exactly the
+        stream it asked for. A client that asked (or said false explicitly with other options)
+        keeps its own choice only when it asked for usage."""
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            return False
+        body["stream_options"] = {**opts, "include_usage": True} if isinstance(opts, dict) else {"include_usage": True}
+        return True
 
     def _model(self, route: Route) -> dict[str, Any]:
         return {"id": route.public_model, "object": "model", "created": 0, "owned_by": route.provider}

@@ -7,6 +7,7 @@ from ..auth.service import KeyService
 from ..config import GatewayConfig
 from ..pipeline import Stage
 from ..routing import Router
+from .accounting import AccountingStage
 from .admission import AdmissionStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
 from .endpoints import EndpointStage
@@ -17,10 +18,15 @@ from .route import RoutingStage
 from .upstream_headers import UpstreamHeadersStage
 
 
-def default_stages(config: GatewayConfig, keys: KeyService, provider_auth: dict[str, ProviderAuth]) -> list[Stage]:
+def default_stages(
+    config: GatewayConfig,
+    keys: KeyService,
+    provider_auth: dict[str, ProviderAuth],
+    accounting: AccountingStage | None = None,
+) -> list[Stage]:
     router = Router(config)
     server = config.server
-    return [
+    stages: list[Stage] = [
         # Shed load before doing any work for a request.
         AdmissionStage(server.max_concurrent_streams, server.max_body_bytes_in_flight),
         StripInternalHeaders(),
@@ -31,12 +37,18 @@ def default_stages(config: GatewayConfig, keys: KeyService, provider_auth: dict[
         RoutingStage(router),
         ModelAccessStage(),
         ProviderCredentialsStage(provider_auth),
-        # Last: it must see every header the stages above set, so it never removes one of them.
-        UpstreamHeadersStage(config),
     ]
+    if accounting is not None:
+        # After routing (it records the upstream model) and late in the request, so its response
+        # hooks see the provider's response first (the onion order).
+        stages.append(accounting)
+    # Last: it must see every header the stages above set, so it never removes one of them.
+    stages.append(UpstreamHeadersStage(config))
+    return stages
 
 
 __all__ = [
+    "AccountingStage",
     "AdmissionStage",
     "AuthStage",
     "EndpointStage",

@@ -271,9 +271,19 @@ def envoy_allocated(stack: Stack) -> int:
     return int(r.json()["allocated"])
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="Known defect: with the response body STREAMED through ext_proc (accounting reads every "
+    "stream), Envoy 1.40 keeps injecting the server's replies into a client connection that is above "
+    "its write watermark: ~1.4 MiB/s per stalled stream, bounded only by the overload manager's "
+    "stream resets (README, 'Slow clients'). Measured 2026-12-02: 35 MiB after 4 s, 140 MiB after "
+    "32 s for 10 clients.",
+)
 def test_clients_that_stop_reading_cost_envoy_little_memory(stack: Stack, api_key: str) -> None:
     """Defect 1: with 16 MiB per-connection buffers, each client that opened a long stream and
-    stopped reading made Envoy buffer up to 16 MiB of it. Now the listener's 1 MiB bounds it."""
+    stopped reading made Envoy buffer up to 16 MiB of it, and more as the stream went on. With 1 MiB
+    buffers and no response processing this was ~0.5 MiB per stalled stream. What is wanted: a bound
+    reached within seconds and then flat however long the stream goes on."""
     body = orjson.dumps({**BODY, "stream": True})
     head = (
         f"POST {CHAT} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {api_key}\r\n"
@@ -290,12 +300,15 @@ def test_clients_that_stop_reading_cost_envoy_little_memory(stack: Stack, api_ke
             stalled.append(sock)  # ...and never read
         time.sleep(6)  # the mock writes (~10 MB/s in all) until Envoy stops reading from it
         grown = envoy_allocated(stack) - before
+        time.sleep(4)
+        later = envoy_allocated(stack) - before
     finally:
         for sock in stalled:
             sock.close()
-    # ~1 MiB per connection; with the old 16 MiB buffers this grew by ~60 MiB in the same 6 s (and on
-    # towards 160 MiB, the mock being the bottleneck).
-    assert grown < 25 * 1024 * 1024, f"Envoy grew by {grown / 2**20:.0f} MiB for 10 stalled clients"
+    # With the old 16 MiB buffers this grew by ~60 MiB in the same 6 s and on towards 160 MiB (the
+    # mock being the bottleneck).
+    assert grown < 64 * 1024 * 1024, f"Envoy grew by {grown / 2**20:.0f} MiB for 10 stalled clients"
+    assert later - grown < 8 * 1024 * 1024, f"still growing: {grown / 2**20:.0f} then {later / 2**20:.0f} MiB"
 
 
 def test_the_access_log_is_json_only(stack: Stack, raw: httpx.Client) -> None:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from extproc.devstack import Stack
-from extproc.pipeline import RequestContext, ResponseChunk, Stage
+from extproc.pipeline import Need, RequestContext, ResponseChunk, Stage
 from extproc.providers import StreamReader
 from tests.e2e.conftest import anthropic_client, make_stack, openai_client, server_in_thread
 
@@ -31,7 +31,7 @@ class UsageProbe(Stage):
 
     async def request_body(self, ctx: RequestContext) -> None:
         if "x-probe" in ctx.headers:
-            ctx.wants_response_headers = ctx.wants_response_body = ctx.wants_response_events = True
+            ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
 
     async def response_headers(self, ctx: RequestContext) -> None:
         self.results[ctx.headers["x-probe"]] = {"status": ctx.response_status, "events": 0}
@@ -116,7 +116,9 @@ def test_anthropic_stream_and_json_usage(probe_stack: tuple[Stack, UsageProbe, s
     assert (usage.input_tokens, usage.output_tokens) == (1, 8)  # type: ignore[attr-defined]
 
 
-def test_unprobed_requests_skip_the_response_phase(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
+def test_unprobed_requests_are_not_shown_to_the_probe(probe_stack: tuple[Stack, UsageProbe, str]) -> None:
+    """A stage sees the response only of the requests it asked for (the accounting stage asks for
+    every one, so the response is STREAMED and goes out chunked)."""
     stack, probe, key = probe_stack
     before = dict(probe.results)
     r = httpx.post(
@@ -124,7 +126,6 @@ def test_unprobed_requests_skip_the_response_phase(probe_stack: tuple[Stack, Usa
         json={"model": "gpt-5.5", "messages": []},
         headers={"authorization": f"Bearer {key}"},
     )
-    # Untouched response: Envoy kept the provider's content-length.
-    assert r.status_code == 200 and "content-length" in r.headers
+    assert r.status_code == 200 and len(r.headers["x-gateway-request-id"]) == 36
     assert probe.results == before
     assert "-" in probe.finished, "finish runs for every exchange, probed or not"

@@ -32,7 +32,7 @@ from extproc.auth.keys import VirtualKey, display_prefix, hash_key
 from extproc.auth.service import KeyService
 from extproc.config import parse_config
 from extproc.errors import ErrorKind, GatewayError
-from extproc.pipeline import Pipeline, RequestContext, ResponseChunk, Stage
+from extproc.pipeline import Need, Pipeline, RequestContext, ResponseChunk, Stage
 from extproc.processor import Processor
 from extproc.stages import default_stages
 from extproc.wire import external_processor_pb2 as ep
@@ -123,9 +123,9 @@ class Probe(Stage):
 
     async def request_headers(self, ctx: RequestContext) -> None:
         flags = ctx.headers.get(PROBE_HEADER, "")
-        ctx.wants_response_headers = "h" in flags
-        ctx.wants_response_body = "b" in flags
-        ctx.wants_response_events = "e" in flags
+        for letter, need in (("h", Need.HEADERS), ("b", Need.JSON), ("e", Need.EVENTS), ("r", Need.EDIT)):
+            if letter in flags:
+                ctx.need(need)
 
     async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
         if chunk.end_of_stream and "r" in ctx.headers.get(PROBE_HEADER, ""):

@@ -9,7 +9,7 @@ from extproc.auth.credentials import load_provider_auth
 from extproc.auth.keys import hash_key
 from extproc.auth.service import KeyService
 from extproc.config import parse_config
-from extproc.pipeline import Pipeline, RequestContext, ResponseChunk, Stage
+from extproc.pipeline import Need, Pipeline, RequestContext, ResponseChunk, Stage
 from extproc.processor import Processor
 from extproc.stages import default_stages
 from extproc.wire import core_pb2
@@ -133,7 +133,9 @@ async def test_bad_bodies(path: str, body: bytes, status: int, code: str) -> Non
     if path == "/v1/messages":
         assert payload["type"] == "error"
     hdrs = set_headers(ir.headers)
-    assert hdrs["content-type"] == b"application/json" and hdrs["x-request-id"] == b"rid-1"
+    assert hdrs["content-type"] == b"application/json"
+    # The gateway's own id, never the client's x-request-id (records are keyed by it).
+    assert len(hdrs["x-gateway-request-id"]) == 36 and hdrs["x-gateway-request-id"] != b"rid-1"
     assert proc.done
 
 
@@ -172,7 +174,7 @@ class Recorder(Stage):
         self.finished = 0
 
     async def request_body(self, ctx: RequestContext) -> None:
-        ctx.wants_response_headers = ctx.wants_response_body = ctx.wants_response_events = True
+        ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
 
     async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
         self.events += [e.data for e in chunk.events or []]

@@ -252,10 +252,17 @@ def normalized(steps: list[Step]) -> list[tuple[str, bool, bytes]]:
         reply = ep.ProcessingResponse()
         if step.reply is not None:
             reply.CopyFrom(step.reply)
-            if reply.WhichOneof("response") == "immediate_response":
-                kept = [o for o in reply.immediate_response.headers.set_headers if o.header.key != "x-request-id"]
-                del reply.immediate_response.headers.set_headers[:]
-                reply.immediate_response.headers.set_headers.extend(kept)
+            kind = reply.WhichOneof("response")
+            if kind == "immediate_response":
+                mutation = reply.immediate_response.headers
+            elif kind in ("request_headers", "request_body", "response_headers", "response_body"):
+                mutation = getattr(reply, kind).response.header_mutation
+            else:
+                mutation = None
+            if mutation is not None:
+                kept = [o for o in mutation.set_headers if o.header.key not in ("x-request-id", "x-gateway-request-id")]
+                del mutation.set_headers[:]
+                mutation.set_headers.extend(kept)
             if "gateway" in reply.dynamic_metadata.fields:
                 reply.dynamic_metadata.fields["gateway"].struct_value.fields.pop("request_id", None)
         out.append((step.phase, step.done_after, reply.SerializeToString(deterministic=True)))

@@ -1,0 +1,685 @@
+"""Where every usage record goes when its request finishes: durably, once, and cheaply.
+
+Money path rules: a served request is billed exactly once. So `record` never raises and never
+loses a record it could keep: whatever cannot reach the store right now goes to the local spool
+(fsync'd) and is replayed later. Replays can repeat (a crash between applying a segment and
+deleting it), so every write is idempotent by request_id.
+
+Redis layout (prefix `p`, `gw:` by default; tag `{t:<tenant>}`, `_` for the empty tenant, so one
+record's keys share a Cluster slot and the script can touch them all):
+  p{t:T}:usage:seen:<request_id>       "1", EX 7 days      idempotency: replays within 7 days count once
+  p{t:T}:usage                         stream, field data=<record JSON>; the LedgerConsumer XACKs and
+                                       XDELs entries once the ledger has them (no trimming by default)
+  p{t:T}:agg:<YYYY-MM-DD>:tenant       hash of counters (AGG_FIELDS), UTC day of the record's ts,
+  p{t:T}:agg:<YYYY-MM-DD>:key:<key_id> EXPIRE 400 days after the last increment
+  p{t:T}:agg:<YYYY-MM-DD>:model:<model>
+  p usage:streams                      set of every tenant stream name (the consumer reads it)
+  p usage:dead                         stream of entries the consumer could not parse
+
+What happens when something fails:
+  Redis unreachable or slow (StoreUnavailable)  the record is appended to the spool; further records
+      go straight to the spool (no timeout each) until a ping answers; then the spool is replayed
+      through the same script (seen keys make a repeat a no-op) and segments are deleted after.
+  Redis answers with an error for a record      spooled and retried like an outage; replay stops
+      (OOM, WRONGTYPE)                          at that segment and retries with backoff, logged.
+  spool full / disk error                       the record is dropped, counted (spool_full_drops,
+                                                spool_write_errors), an error line once a minute.
+  process SIGKILLed                             what `record` returned for is in Redis or fsync'd
+                                                in a segment; the next process (or a sibling
+                                                worker's periodic pass) replays that segment.
+A seen key lives 7 days: a segment replayed later than that would be counted again.
+
+Counters are integers: `cost_pusd` is cost_usd in pico-USD (10^-12 USD), computed with Decimal;
+a cost with more than 12 decimals is rounded half-even to the pico-USD (sub-pico amounts cannot be
+billed anyway and half-even does not drift in aggregate). A hash field is a signed 64-bit integer:
+about 9.2 million USD per tenant per day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from typing import Any, Literal, Protocol
+
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..store.embedded import EmbeddedBackend
+from ..store.errors import StoreUnavailable
+from ..store.redis import RedisBackend
+from .record import TOKEN_FIELDS, UsageRecord
+from .spool import Spool, chunks, record_json
+
+log = logging.getLogger("extproc.accounting.sink")
+
+AGG_FIELDS: tuple[str, ...] = (
+    "requests",
+    *TOKEN_FIELDS,
+    "cost_pusd",
+    "unpriced_requests",
+    "estimated_requests",
+    "errors",
+)
+Scope = Literal["tenant", "key", "model"]
+AggregateRow = tuple[str, str, str, str, Mapping[str, int]]
+
+PUSD_PER_USD = 10**12
+SEEN_TTL_SECONDS = 7 * 24 * 3600
+AGG_TTL_SECONDS = 400 * 24 * 3600
+_TENANT = re.compile(r"[A-Za-z0-9_-]+")
+_MONEY = Context(prec=60)
+_PUSD = Decimal(PUSD_PER_USD)
+
+
+class LedgerWriter(Protocol):
+    """What the sinks and the consumer need from extproc.ledger.Ledger: an insert that is
+    idempotent by request_id (ON CONFLICT DO NOTHING) in one transaction, returning how many rows
+    were new, and raising (LedgerUnavailable) when the database cannot take them."""
+
+    async def insert(self, records: Sequence[UsageRecord]) -> int: ...
+
+
+async def insert_setting_aside(
+    ledger: LedgerWriter, records: Sequence[UsageRecord]
+) -> tuple[int, list[tuple[int, ValueError]]]:
+    """Insert, and when the ledger refuses the batch as invalid (InvalidRecord, a ValueError
+    raised before anything is written) bisect it to find the records no ledger can store, so one
+    bad record cannot block every record behind it forever. Returns (new rows, [(index, error)]).
+    Other errors (LedgerUnavailable) propagate: the caller retries the whole batch, which is
+    idempotent even if some halves were committed."""
+
+    async def go(lo: int, hi: int) -> tuple[int, list[tuple[int, ValueError]]]:
+        try:
+            return await ledger.insert(records[lo:hi]), []
+        except ValueError as err:
+            if hi - lo == 1:
+                return 0, [(lo, err)]
+            mid = (lo + hi) // 2
+            n1, bad1 = await go(lo, mid)
+            n2, bad2 = await go(mid, hi)
+            return n1 + n2, bad1 + bad2
+
+    if not records:
+        return 0, []
+    return await go(0, len(records))
+
+
+def cost_pusd(cost_usd: str | None) -> int | None:
+    """Exact integer pico-USD; None for an unpriced record (and for a cost that is not a finite
+    decimal, which is logged: it still reaches the ledger as written)."""
+    if cost_usd is None:
+        return None
+    try:
+        d = Decimal(cost_usd)
+    except InvalidOperation:
+        log.error("usage record with a cost that is not a decimal (%r): counted as unpriced", cost_usd[:40])
+        return None
+    if not d.is_finite():
+        log.error("usage record with a cost that is not finite (%r): counted as unpriced", cost_usd[:40])
+        return None
+    return int(_MONEY.multiply(d, _PUSD).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def pusd_to_usd(pusd: int) -> str:
+    """Plain decimal text, no exponent, no trailing zeros ("0.00042", "12", "0")."""
+    d = _MONEY.divide(Decimal(pusd), _PUSD)
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"
+
+
+def increments(rec: UsageRecord) -> dict[str, int]:
+    """The counters one record adds, non-zero ones only (the readers default missing fields to 0).
+    `errors` counts a record with an error_code or an HTTP status of 400 and up."""
+    inc: dict[str, int] = {"requests": 1}
+    for name in TOKEN_FIELDS:
+        v = int(getattr(rec, name) or 0)
+        if v:
+            inc[name] = v
+    pusd = cost_pusd(rec.cost_usd)
+    if pusd is None:
+        inc["unpriced_requests"] = 1
+    elif pusd:
+        inc["cost_pusd"] = pusd
+    if rec.estimated:
+        inc["estimated_requests"] = 1
+    if rec.error_code is not None or rec.status >= 400:
+        inc["errors"] = 1
+    return inc
+
+
+def utc_day(day: datetime | date | str) -> str:
+    """ "YYYY-MM-DD" of a timestamp (in UTC), a date, or such a string as given."""
+    if isinstance(day, str):
+        return day
+    if isinstance(day, datetime):
+        return _day(day)
+    return day.isoformat()
+
+
+def _day(ts: datetime) -> str:
+    return (ts.astimezone(UTC) if ts.tzinfo is not None else ts).date().isoformat()
+
+
+def tenant_tag(tenant: str) -> str:
+    """`{t:<tenant>}`. A name outside [A-Za-z0-9_-] (never valid, but a brace would move the
+    Cluster slot) is hex-encoded rather than trusted."""
+    t = tenant or "_"
+    if not _TENANT.fullmatch(t):
+        t = "~" + t.encode().hex()
+    return "{t:" + t + "}"
+
+
+def scope_ids(rec: UsageRecord) -> tuple[tuple[Scope, str], ...]:
+    return (("tenant", ""), ("key", rec.key_id or "_"), ("model", rec.model or "_"))
+
+
+def shape_aggregates(raw: Mapping[str, Any]) -> dict[str, int | str]:
+    """Every AGG_FIELDS counter (0 when absent) plus `cost_usd`, the exact decimal of cost_pusd."""
+    out: dict[str, int | str] = {name: int(raw.get(name) or 0) for name in AGG_FIELDS}
+    out["cost_usd"] = pusd_to_usd(int(out["cost_pusd"]))
+    return out
+
+
+@dataclass
+class SinkCounters:
+    """Process-wide figures (the observability issue exports them as metrics)."""
+
+    recorded: int = 0
+    # Accepted by the store for the first time (Redis script returned 1 / new ledger rows).
+    written: int = 0
+    # Seen before (a replay of a record already stored): counted nowhere twice.
+    duplicates: int = 0
+    spooled: int = 0
+    replayed: int = 0
+    # Records neither stored nor spooled because of a bug (logged with a traceback).
+    failed: int = 0
+    # Records the ledger refused as invalid (embedded): kept in the spool directory's dead file.
+    refused: int = 0
+
+
+class UsageSink(ABC):
+    """One per server process, started with the server and closed (flushed) at shutdown."""
+
+    spool: Spool
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.counters = SinkCounters()
+
+    async def start(self) -> None:
+        await self.spool.start()
+
+    @abstractmethod
+    async def record(self, rec: UsageRecord) -> None:
+        """Called from a request's finish hook under asyncio.shield. Never raises."""
+
+    @abstractmethod
+    async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
+        """Counters of one (tenant, UTC day, scope, id); `id` is ignored for scope "tenant"."""
+
+    async def close(self) -> None:
+        await self.spool.close()
+
+    def metrics(self) -> dict[str, int]:
+        c = self.spool.counters
+        return {
+            **asdict(self.counters),
+            "spool_bytes": self.spool.size_bytes,
+            "spool_full_drops": c.dropped_full,
+            "spool_write_errors": c.write_errors,
+            "spool_corrupt_lines": c.corrupt_lines + c.unparsable_lines,
+        }
+
+
+# One record, atomically. KEYS: seen, stream, then the aggregate hashes. ARGV: seen TTL,
+# aggregate TTL, stream MAXLEN (0 = never trim), record JSON, then field/increment pairs.
+# SET NX answers nil (Lua false) when the key exists: the record was applied before.
+RECORD_SCRIPT = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return 0
+end
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[2], '*', 'data', ARGV[4])
+else
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[4])
+end
+for k = 3, #KEYS do
+  for i = 5, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+  end
+  redis.call('EXPIRE', KEYS[k], ARGV[2])
+end
+return 1
+"""
+
+_ScriptCall = tuple[list[str], list[str | int | bytes]]
+
+
+class RedisUsageSink(UsageSink):
+    """Records go to Redis by one script each, pipelined per event-loop tick; the spool takes
+    them while Redis is unreachable and a background task replays them when it answers again."""
+
+    def __init__(
+        self,
+        backend: RedisBackend,
+        spool: Spool,
+        *,
+        stream_maxlen: int | None = None,
+        max_batch: int = 256,
+        replay_interval: float = 30.0,
+        min_backoff: float = 0.05,
+        max_backoff: float = 5.0,
+    ) -> None:
+        super().__init__(spool)
+        self.backend = backend
+        self.client = backend.client
+        self.prefix = backend.prefix
+        self.streams_key = f"{self.prefix}usage:streams"
+        # Trimming can drop entries the consumer has not read yet: off unless asked for.
+        self.stream_maxlen = stream_maxlen or 0
+        self.max_batch = max_batch
+        self.replay_interval = replay_interval
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._sha = self.client.register_script(RECORD_SCRIPT).sha
+        self._known_streams: set[str] = set()
+        self._batch: list[tuple[UsageRecord, _ScriptCall]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        # While True, records go straight to the spool instead of paying a timeout each.
+        self._down = False
+        self._replay_wanted = asyncio.Event()
+        self._replayer: asyncio.Task[None] | None = None
+
+    def keys(self, rec: UsageRecord) -> list[str]:
+        base = f"{self.prefix}{tenant_tag(rec.tenant)}:"
+        day = _day(rec.ts)
+        return [
+            f"{base}usage:seen:{rec.request_id}",
+            f"{base}usage",
+            f"{base}agg:{day}:tenant",
+            f"{base}agg:{day}:key:{rec.key_id or '_'}",
+            f"{base}agg:{day}:model:{rec.model or '_'}",
+        ]
+
+    def stream_name(self, tenant: str) -> str:
+        return f"{self.prefix}{tenant_tag(tenant)}:usage"
+
+    def _call_for(self, rec: UsageRecord) -> _ScriptCall:
+        args: list[str | int | bytes] = [SEEN_TTL_SECONDS, AGG_TTL_SECONDS, self.stream_maxlen, record_json(rec)]
+        for name, v in increments(rec).items():
+            args += (name, v)
+        return self.keys(rec), args
+
+    async def start(self) -> None:
+        await super().start()
+        self._replay_wanted.set()  # segments left by an earlier run or a dead worker
+        self._replayer = asyncio.create_task(self._replay_loop())
+
+    async def record(self, rec: UsageRecord) -> None:
+        self.counters.recorded += 1
+        try:
+            call = self._call_for(rec)
+        except Exception:
+            log.exception("usage record %s: cannot build its Redis call; spooling it", rec.request_id)
+            await self._spool([rec])
+            return
+        if self._down:
+            await self._spool([rec])
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._batch.append((rec, call))
+        self._waiters.append(fut)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # The flusher stores or spools the record even if this caller is cancelled.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(fut)
+
+    async def _flush(self) -> None:
+        """One pipeline per round: whatever arrived while the previous round was in flight."""
+        while self._batch:
+            batch, self._batch = self._batch[: self.max_batch], self._batch[self.max_batch :]
+            waiters, self._waiters = self._waiters[: len(batch)], self._waiters[len(batch) :]
+            try:
+                await self._store(batch)
+            except Exception:
+                log.exception("usage sink: unexpected error storing %d records; spooling them", len(batch))
+                await self._spool([rec for rec, _ in batch])
+            finally:
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _store(self, batch: list[tuple[UsageRecord, _ScriptCall]]) -> None:
+        if self._down:
+            await self._spool([rec for rec, _ in batch])
+            return
+        try:
+            results = await self._run([call for _, call in batch])
+        except StoreUnavailable as err:
+            self._mark_down(err)
+            await self._spool([rec for rec, _ in batch])
+            return
+        failed: list[UsageRecord] = []
+        for (rec, _), res in zip(batch, results, strict=True):
+            if isinstance(res, BaseException):
+                failed.append(rec)
+            elif res:
+                self.counters.written += 1
+            else:
+                self.counters.duplicates += 1
+        if failed:
+            if _may_log("refused"):
+                log.error(
+                    "usage sink: Redis refused %d records (%s); spooling them", len(failed), _first_error(results)
+                )
+            self._replay_wanted.set()
+            await self._spool(failed)
+
+    async def _run(self, calls: Sequence[_ScriptCall]) -> list[Any]:
+        """Per call 1 (applied), 0 (seen before) or the exception Redis answered for it; raises
+        StoreUnavailable when Redis did not answer at all."""
+        streams = {keys[1] for keys, _ in calls} - self._known_streams
+        if len(calls) == 1 and not streams:
+            # Alone in its tick: a plain EVALSHA costs half of a one-command pipeline.
+            keys, args = calls[0]
+            res = await self._answer(self.client.evalsha(self._sha, len(keys), *keys, *args))
+            if isinstance(res, NoScriptError):
+                self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
+                res = await self._answer(self.client.evalsha(self._sha, len(keys), *keys, *args))
+            return [res]
+        pipe = self.client.pipeline(transaction=False)
+        if streams:
+            pipe.sadd(self.streams_key, *streams)
+        for keys, args in calls:
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
+        results = list(await self.backend.call(pipe.execute(raise_on_error=False)))
+        if streams:
+            if isinstance(results[0], BaseException):
+                raise StoreUnavailable(f"redis: SADD {self.streams_key}: {results[0]}")
+            self._known_streams |= streams
+            results = results[1:]
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            # A restarted or flushed Redis lost its script cache: load once and rerun those.
+            self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
+            again = self.client.pipeline(transaction=False)
+            for i in missing:
+                keys, args = calls[i]
+                again.evalsha(self._sha, len(keys), *keys, *args)
+            for i, r in zip(missing, await self.backend.call(again.execute(raise_on_error=False)), strict=True):
+                results[i] = r
+        return results
+
+    async def _answer(self, coro: Awaitable[Any]) -> Any:
+        """Redis's reply, or the ResponseError it answered with (a reply, not an outage)."""
+        try:
+            return await asyncio.wait_for(coro, self.backend.timeout * 2)
+        except ResponseError as err:
+            return err
+        except (RedisError, OSError, TimeoutError) as err:
+            raise StoreUnavailable(f"redis: {type(err).__name__}") from None
+
+    async def _spool(self, recs: Iterable[UsageRecord]) -> None:
+        recs = list(recs)
+        results = await asyncio.gather(*(self.spool.append(r) for r in recs), return_exceptions=True)
+        for ok in results:
+            if ok is True:
+                self.counters.spooled += 1
+            elif isinstance(ok, BaseException):
+                self.counters.failed += 1
+        self._replay_wanted.set()
+
+    def _mark_down(self, err: BaseException) -> None:
+        if not self._down:
+            log.warning("usage sink: Redis unreachable (%s); records go to the spool %s", err, self.spool.path)
+        self._down = True
+        self._replay_wanted.set()
+
+    async def apply(self, recs: list[UsageRecord]) -> None:
+        """The spool's replay target: the same script as the live path, so a record replayed
+        twice counts once. Raises StoreUnavailable unless Redis took every record."""
+        for chunk in chunks(recs, self.max_batch):
+            results = await self._run([self._call_for(r) for r in chunk])
+            bad = [r for r in results if isinstance(r, BaseException)]
+            if bad:
+                raise StoreUnavailable(f"redis refused a replayed record: {bad[0]}")
+            for res in results:
+                if res:
+                    self.counters.written += 1
+                else:
+                    self.counters.duplicates += 1
+            self.counters.replayed += len(chunk)
+
+    async def _replay_loop(self) -> None:
+        """Replays when something was spooled, and every replay_interval anyway (segments of
+        dead workers on this host). Pings with backoff first so a dead Redis costs one ping."""
+        delay = self.min_backoff
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._replay_wanted.wait(), self.replay_interval)
+            try:
+                await self.backend.ping()
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            if self._down:
+                log.warning("usage sink: Redis answers again; replaying the spool")
+            self._down = False
+            self._replay_wanted.clear()
+            try:
+                n = await self.spool.replay(self.apply)
+            except Exception as err:
+                if _may_log("replay"):
+                    log.warning("usage sink: spool replay stopped (%s); retrying with backoff", err)
+                self._replay_wanted.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            if n:
+                log.info("usage sink: replayed %d spooled usage records", n)
+            delay = self.min_backoff
+
+    async def drain(self) -> None:
+        """Wait for records in flight to be stored or spooled (close, tests)."""
+        while self._flusher is not None and not self._flusher.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._flusher)
+
+    async def close(self) -> None:
+        """Flushes records in flight; what is spooled stays for the next process to replay."""
+        await self.drain()
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+            self._replayer = None
+        await super().close()
+
+    async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
+        """Raises StoreUnavailable when Redis does not answer (the caller picks fail-open or not)."""
+        key = f"{self.prefix}{tenant_tag(tenant)}:agg:{utc_day(day)}:{scope}"
+        if scope != "tenant":
+            key += f":{id or '_'}"
+        raw: dict[str, str] = await self.backend.call(self.client.hgetall(key))  # type: ignore[arg-type]
+        return shape_aggregates(raw)
+
+
+_last_log: dict[str, float] = {}
+
+
+def _may_log(kind: str, interval: float = 10.0) -> bool:
+    """A persistent failure (Redis out of memory, a ledger down for an hour) logs a line every
+    `interval`, not one per record."""
+    now = time.monotonic()
+    if now - _last_log.get(kind, float("-inf")) < interval:
+        return False
+    _last_log[kind] = now
+    return True
+
+
+def _first_error(results: Sequence[Any]) -> str:
+    for r in results:
+        if isinstance(r, BaseException):
+            return f"{type(r).__name__}: {r}"
+    return ""
+
+
+class EmbeddedUsageSink(UsageSink):
+    """The zero-setup backend: one process, no Redis.
+
+    Every record is first appended to the spool (the write-ahead log: on disk before `record`
+    returns), then a background task moves whole spool segments into the ledger in batches and
+    deletes a segment once the ledger committed all of it. The ledger's insert is idempotent, so a
+    crash between commit and delete costs nothing.
+
+    Aggregates live in memory for the life of the process, counted when `record` is called (also
+    for a record the spool had to drop: the usage happened, budgets should see it). After a
+    restart they start at zero: whoever owns budgets loads the ledger's totals with
+    `load_aggregates` (after `start`, which first replays leftover segments into the ledger, so the
+    ledger is complete by then). We chose that over re-reading the ledger here: the ledger already
+    has the report queries, and this sink stays independent of its schema.
+    """
+
+    def __init__(
+        self,
+        backend: EmbeddedBackend,
+        ledger: LedgerWriter,
+        spool: Spool,
+        *,
+        flush_interval: float = 1.0,
+        batch: int = 500,
+        min_backoff: float = 0.1,
+        max_backoff: float = 10.0,
+        seen_capacity: int = 100_000,
+    ) -> None:
+        super().__init__(spool)
+        self.backend = backend
+        self.ledger = ledger
+        self.flush_interval = flush_interval
+        self.batch = batch
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._agg: dict[tuple[str, str, str, str], dict[str, int]] = {}
+        # Recent request ids: a record offered twice is aggregated once (the ledger dedupes too).
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen_capacity = seen_capacity
+        self._unflushed = 0
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        await super().start()
+        try:
+            await self._flush_once()
+        except Exception as err:
+            log.warning("usage sink: the ledger cannot take the spooled records yet (%s); will retry", err)
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def record(self, rec: UsageRecord) -> None:
+        self.counters.recorded += 1
+        try:
+            if rec.request_id not in self._seen:
+                self._seen[rec.request_id] = None
+                if len(self._seen) > self._seen_capacity:
+                    self._seen.popitem(last=False)
+                self._add(rec.tenant, _day(rec.ts), scope_ids(rec), increments(rec))
+            else:
+                self.counters.duplicates += 1
+            if await self.spool.append(rec):
+                self.counters.spooled += 1
+                self._unflushed += 1
+                if self._unflushed >= self.batch:
+                    self._wake.set()
+        except Exception:
+            self.counters.failed += 1
+            log.exception("usage sink: cannot record usage record %s", rec.request_id)
+
+    def _add(self, tenant: str, day: str, scopes: Iterable[tuple[str, str]], inc: Mapping[str, int]) -> None:
+        t = tenant or "_"
+        for scope, sid in scopes:
+            counters = self._agg.setdefault((t, day, scope, sid), {})
+            for name, v in inc.items():
+                counters[name] = counters.get(name, 0) + v
+
+    async def load_aggregates(self, rows: Iterable[AggregateRow]) -> None:
+        """Add (tenant, day, scope, id, counters) rows, e.g. the ledger's per-day totals at start.
+        For scope "tenant" the id is ignored."""
+        for tenant, day, scope, sid, counters in rows:
+            self._add(tenant, day, [(scope, "" if scope == "tenant" else sid or "_")], counters)
+
+    async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
+        sid = "" if scope == "tenant" else id or "_"
+        return shape_aggregates(self._agg.get((tenant or "_", utc_day(day), scope, sid), {}))
+
+    async def _insert(self, recs: list[UsageRecord]) -> None:
+        n, refused = await insert_setting_aside(self.ledger, recs)
+        if refused:
+            # Durably set aside before the segment holding them can be deleted.
+            await self.spool.set_aside([(recs[i], str(err)) for i, err in refused])
+            self.counters.refused += len(refused)
+        self.counters.written += n
+        self.counters.duplicates += len(recs) - n - len(refused)
+        self.counters.replayed += len(recs)
+
+    async def _flush_once(self) -> None:
+        self._unflushed = 0
+        await self.spool.replay(self._insert, batch=self.batch)
+
+    async def _flush_loop(self) -> None:
+        delay = self.min_backoff
+        pending = False
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+            if not (pending or self._unflushed):
+                continue
+            try:
+                await self._flush_once()
+            except Exception as err:
+                pending = True
+                if _may_log("ledger", 60.0):
+                    log.warning(
+                        "usage sink: the ledger cannot take records (%s); %d bytes wait in the spool",
+                        err,
+                        self.spool.size_bytes,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            pending = False
+            delay = self.min_backoff
+
+    async def flush(self) -> None:
+        """Move everything spooled so far into the ledger now (raises if the ledger cannot)."""
+        await self.spool.flush()
+        await self._flush_once()
+
+    async def close(self) -> None:
+        """One last move into the ledger; what the ledger cannot take stays in the spool."""
+        self._closing = True
+        if self._flusher is not None:
+            self._wake.set()
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        try:
+            await self.flush()
+        except Exception as err:
+            log.warning("usage sink: closing with records in the spool (%s); the next start moves them", err)
+        await super().close()
