@@ -300,6 +300,7 @@ class RedisUsageSink(UsageSink):
         self._down = False
         self._replay_wanted = asyncio.Event()
         self._replayer: asyncio.Task[None] | None = None
+        self._closing = False
 
     def keys(self, rec: UsageRecord) -> list[str]:
         base = f"{self.prefix}{tenant_tag(rec.tenant)}:"
@@ -323,6 +324,7 @@ class RedisUsageSink(UsageSink):
 
     async def start(self) -> None:
         await super().start()
+        self._closing = False
         self._replay_wanted.set()  # segments left by an earlier run or a dead worker
         self._replayer = asyncio.create_task(self._replay_loop())
 
@@ -502,6 +504,10 @@ class RedisUsageSink(UsageSink):
         """Flushes records in flight; what is spooled stays for the next process to replay."""
         await self.drain()
         if self._replayer is not None:
+            # The flag, not only cancel(): Python 3.11's wait_for drops a cancellation that lands
+            # in the tick its inner future completes, and the loop would go on forever.
+            self._closing = True
+            self._replay_wanted.set()
             self._replayer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._replayer
@@ -646,6 +652,8 @@ class EmbeddedUsageSink(UsageSink):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.flush_interval)
             self._wake.clear()
+            if self._closing:
+                return  # close() moves the rest (and cancel() alone may be lost, see RedisUsageSink)
             if not (pending or self._unflushed):
                 continue
             try:

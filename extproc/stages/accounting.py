@@ -102,7 +102,8 @@ class AccountingStage(Stage):
                 reader = ex.reader = ex.adapter.stream_reader(injected_usage=ex.injected_usage)
             for ev in chunk.events:
                 if reader.on_event(ev) and ex.first_token_at is None:
-                    ex.first_token_at = _now()
+                    # The chunk's arrival (the processor stamps the last one's), not this moment.
+                    ex.first_token_at = ctx.response_ended_at or _now()
             if ex.injected_usage:
                 kept = [e for e in map(reader.without_gateway_usage, chunk.events) if e is not None]
                 if len(kept) != len(chunk.events) or any(a is not b for a, b in zip(kept, chunk.events, strict=False)):

@@ -96,8 +96,8 @@ class Admin:
     def put(self, key: VirtualKey) -> None:
         self.run(lambda svc: svc.store.put_key(key))
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, **({"REDIS_URL": self.redis_url} if self.redis_url else {})}
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, **({"REDIS_URL": self.redis_url} if self.redis_url else {}), **(env or {})}
         return subprocess.run(
             [sys.executable, "-m", "extproc", *args, "--config", str(self.config_path)],
             capture_output=True,
