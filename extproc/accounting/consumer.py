@@ -139,8 +139,7 @@ class LedgerConsumer:
                 await asyncio.wait_for(asyncio.shield(self._task), self.block_ms / 1000 + self.backend.timeout * 4)
             except TimeoutError:
                 self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
+                await asyncio.wait({self._task})
             self._task = None
         if self._blocking is not None:
             await self._blocking.aclose()

@@ -468,9 +468,11 @@ class RedisUsageSink(UsageSink):
         """Replays when something was spooled, and every replay_interval anyway (segments of
         dead workers on this host). Pings with backoff first so a dead Redis costs one ping."""
         delay = self.min_backoff
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._replay_wanted.wait(), self.replay_interval)
+            if self._closing:
+                return
             try:
                 await self.backend.ping()
             except StoreUnavailable:
@@ -509,8 +511,8 @@ class RedisUsageSink(UsageSink):
             self._closing = True
             self._replay_wanted.set()
             self._replayer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replayer
+            # wait(), not `await task`: the task's CancelledError must not hide a cancel of close().
+            await asyncio.wait({self._replayer})
             self._replayer = None
         await super().close()
 
@@ -683,8 +685,8 @@ class EmbeddedUsageSink(UsageSink):
         if self._flusher is not None:
             self._wake.set()
             self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            # wait(), not `await task`: the task's CancelledError must not hide a cancel of close().
+            await asyncio.wait({self._flusher})
             self._flusher = None
         try:
             await self.flush()

@@ -274,10 +274,10 @@ def envoy_allocated(stack: Stack) -> int:
 @pytest.mark.xfail(
     strict=True,
     reason="Known defect: with the response body STREAMED through ext_proc (accounting reads every "
-    "stream), Envoy 1.40 keeps injecting the server's replies into a client connection that is above "
-    "its write watermark: ~1.4 MiB/s per stalled stream, bounded only by the overload manager's "
-    "stream resets (README, 'Slow clients'). Measured 2026-12-02: 35 MiB after 4 s, 140 MiB after "
-    "32 s for 10 clients.",
+    "stream), Envoy 1.40 reads ~16-28 MiB of a stream whose client stopped reading before it pauses "
+    "the upstream (then flat), whatever the listener and cluster buffer limits (tried 64 KiB both); "
+    "10 such clients: 35 MiB after 4 s, 140 MiB after 32 s. Bounded by the overload manager's stream "
+    "resets (README, 'Slow clients'). Measured 2026-12-02.",
 )
 def test_clients_that_stop_reading_cost_envoy_little_memory(stack: Stack, api_key: str) -> None:
     """Defect 1: with 16 MiB per-connection buffers, each client that opened a long stream and

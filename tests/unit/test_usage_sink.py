@@ -614,8 +614,9 @@ async def test_a_record_the_ledger_refuses_is_dead_lettered_not_blocking(
 
 
 async def test_consumer_into_the_real_sqlite_ledger(backend: RedisBackend, tmp_path: Path) -> None:
-    ledger_mod = pytest.importorskip("extproc.ledger")
-    real: Any = ledger_mod.SqliteLedger(tmp_path / "ledger.db")
+    from extproc.ledger import SqliteLedger
+
+    real: Any = SqliteLedger(tmp_path / "ledger.db")
     sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
     await sink.start()
     records = random_records(120, seed=5)
