@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import orjson
@@ -19,17 +19,13 @@ import orjson
 from . import replies
 from .errors import ErrorKind, GatewayError
 from .pipeline import Need, Outcome, Pipeline, RequestContext, ResponseChunk, has_lossy_integers
-from .providers import ADAPTERS, ENDPOINTS
+from .providers import ADAPTERS, ENDPOINTS, client_adapter
 from .sse import SSEError, SSEParser
 from .wire import external_processor_pb2 as ep
-
-if TYPE_CHECKING:
-    from .providers import ProviderAdapter
 
 log = logging.getLogger("extproc.processor")
 
 _OPENAI = ADAPTERS["openai"]
-_ANTHROPIC = ADAPTERS["anthropic"]
 # A non-SSE response larger than this is passed through unparsed (no stage sees its JSON).
 MAX_JSON_RESPONSE_BYTES = 16 * 1024 * 1024
 # finish() calls still running after their stream was cancelled (kept so they are not collected).
@@ -50,12 +46,6 @@ def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[
         ctx.header_count = len(msg.headers.headers)
         ctx.header_bytes = size
     return out
-
-
-def _client_adapter(headers: dict[str, str]) -> ProviderAdapter:
-    """Schema to answer in when the path does not say (unknown endpoints): the Anthropic SDK always
-    sends anthropic-version."""
-    return _ANTHROPIC if "anthropic-version" in headers else _OPENAI
 
 
 class Processor:
@@ -140,7 +130,7 @@ class Processor:
         if found is not None:
             ctx.adapter, ctx.endpoint = found
         else:
-            ctx.adapter = _client_adapter(headers)
+            ctx.adapter = client_adapter(headers)
         ctx.headers = headers
         # Envoy's access log line names the gateway's id for the exchange (the usage record's key).
         ctx.metadata["request_id"] = ctx.request_id

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, GatewayConfig
+from ..providers import ADAPTERS
 
 _PRINTABLE = frozenset(chr(c) for c in range(0x21, 0x7F))
 
@@ -50,13 +51,7 @@ def load_provider_auth(config: GatewayConfig) -> dict[str, ProviderAuth]:
     out: dict[str, ProviderAuth] = {}
     for name, p in config.providers.items():
         secret = _read_secret(name, p.api_key_env, p.api_key_file, config)
-        headers: tuple[tuple[str, str], ...] = ()
-        if secret is not None:
-            headers = (("authorization", f"Bearer {secret}"),) if p.schema_ == "openai" else (("x-api-key", secret),)
-        # Organization and project are the gateway's choice (the client's own are dropped).
-        if p.organization:
-            headers += (("openai-organization", p.organization),)
-        if p.project:
-            headers += (("openai-project", p.project),)
-        out[name] = ProviderAuth(name, headers)
+        adapter = ADAPTERS[p.schema_]
+        headers = adapter.credential_headers(secret) if secret is not None else ()
+        out[name] = ProviderAuth(name, headers + adapter.account_headers(p.organization, p.project))
     return out

@@ -13,4 +13,12 @@ ENDPOINTS: dict[str, tuple[ProviderAdapter, Endpoint]] = {
     path: (adapter, ep) for adapter in ADAPTERS.values() for path, ep in adapter.endpoints.items()
 }
 
-__all__ = ["ADAPTERS", "ENDPOINTS", "Endpoint", "ProviderAdapter", "StreamReader", "Usage"]
+
+
+def client_adapter(headers: dict[str, str]) -> ProviderAdapter:
+    """The schema to answer in when the path does not say (unknown endpoints): the Anthropic SDK
+    always sends anthropic-version."""
+    return ADAPTERS["anthropic"] if "anthropic-version" in headers else ADAPTERS["openai"]
+
+
+__all__ = ["ADAPTERS", "ENDPOINTS", "Endpoint", "ProviderAdapter", "StreamReader", "Usage", "client_adapter"]

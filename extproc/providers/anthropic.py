@@ -122,6 +122,9 @@ class AnthropicAdapter(ProviderAdapter):
             error["code"] = err.code
         return orjson.dumps({"type": "error", "error": error})
 
+    def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
+        return (("x-api-key", secret),)
+
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None:
         u = body.get("usage")
         if not isinstance(u, dict):

@@ -140,6 +140,14 @@ class ProviderAdapter(ABC):
     def error_body(self, err: GatewayError) -> bytes: ...
 
     @abstractmethod
+    def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
+        """How this schema's API takes a provider key."""
+
+    def account_headers(self, organization: str | None, project: str | None) -> tuple[tuple[str, str], ...]:
+        """Headers naming the account the gateway bills to (OpenAI organization / project)."""
+        return ()
+
+    @abstractmethod
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None: ...
 
     @abstractmethod

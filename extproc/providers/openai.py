@@ -118,6 +118,18 @@ class OpenAIAdapter(ProviderAdapter):
             {"error": {"message": err.message, "type": err.kind.openai_type, "param": err.param, "code": err.code}}
         )
 
+    def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {secret}"),)
+
+    def account_headers(self, organization: str | None, project: str | None) -> tuple[tuple[str, str], ...]:
+        # The gateway's choice: the client's own are dropped (upstream_headers).
+        out: tuple[tuple[str, str], ...] = ()
+        if organization:
+            out += (("openai-organization", organization),)
+        if project:
+            out += (("openai-project", project),)
+        return out
+
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None:
         return _usage(body.get("usage"))
 
