@@ -53,14 +53,30 @@ def test_kustomization_files_and_config_map_names() -> None:
         for f in files:
             assert (K8S / f).exists(), f
     volumes = deployment()["spec"]["template"]["spec"]["volumes"]
-    assert {v["configMap"]["name"] for v in volumes} == set(generated)
+    assert {v["configMap"]["name"] for v in volumes if "configMap" in v} == set(generated)
 
 
 def test_k8s_gateway_config_is_the_repo_one_with_redis() -> None:
     repo = yaml.safe_load((ROOT / "gateway.yaml").read_text())
     k8s = yaml.safe_load((K8S / "gateway.yaml").read_text())
-    assert {k: v for k, v in k8s.items() if k != "store"} == {k: v for k, v in repo.items() if k != "store"}
-    assert load_config(K8S / "gateway.yaml").store.backend == "redis", "replicas need the shared store"
+    own = ("store", "ledger", "usage")
+    assert {k: v for k, v in k8s.items() if k not in own} == {k: v for k, v in repo.items() if k not in own}
+    config = load_config(K8S / "gateway.yaml")
+    assert config.store.backend == "redis", "replicas need the shared store"
+    assert config.ledger.database_url_env == "DATABASE_URL", "replicas share one durable ledger"
+
+
+def test_local_state_is_on_a_writable_volume() -> None:
+    """The root filesystem is read-only: the spool and any local state must sit on a volume."""
+    config = load_config(K8S / "gateway.yaml")
+    ext = containers()["extproc"]
+    assert ext["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in ext["volumeMounts"]}
+    writable = [p for p, m in mounts.items() if not m.get("readOnly")]
+    for path in (config.spool_path, config.state_dir):
+        assert any(str(path).startswith(w.rstrip("/") + "/") or str(path) == w for w in writable), path
+    env = {e["name"]: e for e in ext["env"]}
+    assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"], "the ledger URL holds a password: a Secret"
 
 
 def test_k8s_configs_are_consistent() -> None:
@@ -111,6 +127,9 @@ def test_compose_wiring() -> None:
     for name, svc in services.items():
         for vol in svc.get("volumes", []):
             src = vol.split(":")[0]
+            if not src.startswith("."):
+                assert src in compose["volumes"], f"{name}: named volume {src} is not declared"
+                continue
             assert (ROOT / src).exists(), f"{name}: {src} does not exist"
         if name in ("extproc", "mock-provider"):
             assert svc["network_mode"] == "service:envoy", "sidecars share Envoy's network namespace"
@@ -124,6 +143,14 @@ def test_compose_wiring() -> None:
     assert not any("key" in a for a in services["mock-provider"]["command"]), "no secret on a command line"
     gateway = load_config(ROOT / services["extproc"]["volumes"][0].split(":")[0])
     assert env[gateway.store.redis_url_env] == "redis://redis:6379/0" and "redis" in services
+    assert gateway.ledger.database_url_env is not None
+    pg = services["postgres"]["environment"]
+    url = f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+    assert env[gateway.ledger.database_url_env] == url
+    assert services["ledger-migrate"]["environment"][gateway.ledger.database_url_env] == url
+    assert services["ledger-migrate"]["command"][:2] == ["db", "migrate"]
+    mounted = {v.split(":")[1] for v in services["extproc"]["volumes"]}
+    assert str(gateway.spool_path).startswith(tuple(m + "/" for m in mounted)), "the spool needs a volume"
     for cluster in envoyconf.provider_clusters(envoy_cfg).values():
         addr = envoyconf.clusters(envoy_cfg)[cluster]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
         assert addr["endpoint"]["address"]["socket_address"]["port_value"] == mock_port
