@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from . import allocator
 from .accounting.consumer import LedgerConsumer
 from .accounting.pricing import PriceTable
 from .accounting.sink import EmbeddedUsageSink, RedisUsageSink, UsageSink
@@ -154,6 +155,8 @@ async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, 
 
 
 def run(config: GatewayConfig, listen: str | None = None) -> None:
+    # Before any thread exists (arena settings apply to threads created later).
+    allocator.tune()
     # Only the import is guarded: an ImportError raised while serving must surface, not silently
     # start a second server under asyncio.
     try:

@@ -241,6 +241,9 @@ class UsageSink(ABC):
         }
 
 
+# Seconds between re-registrations of a stream in `usage:streams` by one process.
+STREAM_REFRESH = 30.0
+
 # One record, atomically. KEYS: seen, stream, then the aggregate hashes. ARGV: seen TTL,
 # aggregate TTL, stream MAXLEN (0 = never trim), record JSON, then field/increment pairs.
 # SET NX answers nil (Lua false) when the key exists: the record was applied before.
@@ -292,7 +295,10 @@ class RedisUsageSink(UsageSink):
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._sha = self.client.register_script(RECORD_SCRIPT).sha
-        self._known_streams: set[str] = set()
+        # Streams this process has registered in `usage:streams`, and when. Forgotten when Redis
+        # goes away or loses its scripts (restarted, maybe empty: the consumer would never find the
+        # stream again) and re-registered at most every STREAM_REFRESH seconds in any case.
+        self._known_streams: dict[str, float] = {}
         self._batch: list[tuple[UsageRecord, _ScriptCall]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -392,14 +398,18 @@ class RedisUsageSink(UsageSink):
     async def _run(self, calls: Sequence[_ScriptCall]) -> list[Any]:
         """Per call 1 (applied), 0 (seen before) or the exception Redis answered for it; raises
         StoreUnavailable when Redis did not answer at all."""
-        streams = {keys[1] for keys, _ in calls} - self._known_streams
+        now = time.monotonic()
+        known = self._known_streams
+        streams = {keys[1] for keys, _ in calls if now - known.get(keys[1], -STREAM_REFRESH) >= STREAM_REFRESH}
         if len(calls) == 1 and not streams:
             # Alone in its tick: a plain EVALSHA costs half of a one-command pipeline.
             keys, args = calls[0]
             res = await self._answer(self.client.evalsha(self._sha, len(keys), *keys, *args))
             if isinstance(res, NoScriptError):
+                # Redis restarted (perhaps empty): register the streams again with this record.
+                self._known_streams.clear()
                 self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
-                res = await self._answer(self.client.evalsha(self._sha, len(keys), *keys, *args))
+                return await self._run(calls)
             return [res]
         pipe = self.client.pipeline(transaction=False)
         if streams:
@@ -410,17 +420,26 @@ class RedisUsageSink(UsageSink):
         if streams:
             if isinstance(results[0], BaseException):
                 raise StoreUnavailable(f"redis: SADD {self.streams_key}: {results[0]}")
-            self._known_streams |= streams
+            for name in streams:
+                known[name] = now
             results = results[1:]
         missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
         if missing:
-            # A restarted or flushed Redis lost its script cache: load once and rerun those.
+            # A restarted or flushed Redis lost its script cache (and maybe the streams set): load
+            # once, register this batch's streams again and rerun those.
+            self._known_streams.clear()
             self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
             again = self.client.pipeline(transaction=False)
+            names = {keys[1] for keys, _ in calls}
+            again.sadd(self.streams_key, *names)
             for i in missing:
                 keys, args = calls[i]
                 again.evalsha(self._sha, len(keys), *keys, *args)
-            for i, r in zip(missing, await self.backend.call(again.execute(raise_on_error=False)), strict=True):
+            rerun = list(await self.backend.call(again.execute(raise_on_error=False)))
+            if not isinstance(rerun[0], BaseException):
+                for name in names:
+                    known[name] = now
+            for i, r in zip(missing, rerun[1:], strict=True):
                 results[i] = r
         return results
 
@@ -444,6 +463,7 @@ class RedisUsageSink(UsageSink):
         self._replay_wanted.set()
 
     def _mark_down(self, err: BaseException) -> None:
+        self._known_streams.clear()
         if not self._down:
             log.warning("usage sink: Redis unreachable (%s); records go to the spool %s", err, self.spool.path)
         self._down = True

@@ -820,3 +820,56 @@ async def test_embedded_aggregates_can_start_from_the_ledger(ledger: FakeLedger,
     assert (await sink.aggregates("acme", DAY.date(), "tenant"))["cost_pusd"] == 6
     assert (await sink.aggregates("acme", "2025-03-04", "key", "key_a"))["requests"] == 3
     await sink.close()
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["alone-in-tick", "pipelined"])
+async def test_streams_are_registered_again_after_redis_lost_its_data(
+    backend: RedisBackend, tmp_path: Path, single: bool
+) -> None:
+    """A Redis restarted empty (no persistence, failover, FLUSHALL) loses `usage:streams`: the
+    consumer would never read the tenant's stream again. The first record after the loss
+    registers it again."""
+    sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
+    await sink.start()
+    records = random_records(6, seed=11)
+    await sink.record(records[0])
+    assert await backend.client.smembers(sink.streams_key)
+    # What an empty restart leaves (this test's keys only: the server is shared).
+    async for key in backend.client.scan_iter(match=f"{backend.prefix}*"):
+        await backend.client.delete(key)
+    await backend.client.script_flush()
+    if single:
+        await sink.record(records[1])
+    else:
+        await asyncio.gather(*(sink.record(r) for r in records[1:]))
+    streams = await backend.client.smembers(sink.streams_key)
+    assert sink.stream_name(records[1].tenant) in streams
+
+
+async def test_ledger_keeps_receiving_after_redis_lost_its_data(
+    backend: RedisBackend, tmp_path: Path, ledger: FakeLedger
+) -> None:
+    """The bug this guards: after an empty Redis restart the consumer found no stream to read and
+    records piled up unread until the server restarted."""
+    sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
+    await sink.start()
+    consumer = fast_consumer(backend, ledger)
+    await consumer.start()
+    before, after = random_records(5, seed=21), random_records(5, seed=22)
+    await asyncio.gather(*(sink.record(r) for r in before))
+    await wait_until_ledger_has(ledger, {r.request_id for r in before})
+    async for key in backend.client.scan_iter(match=f"{backend.prefix}*"):
+        await backend.client.delete(key)
+    await backend.client.script_flush()
+    await asyncio.gather(*(sink.record(r) for r in after))
+    await wait_until_ledger_has(ledger, {r.request_id for r in before + after})
+
+
+async def wait_until_ledger_has(ledger: FakeLedger, ids: set[str], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        have = set(ledger.ids())
+        if ids <= have:
+            return
+        assert time.monotonic() < deadline, f"ledger misses {len(ids - have)} of {len(ids)} records"
+        await asyncio.sleep(0.05)

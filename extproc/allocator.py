@@ -1,0 +1,56 @@
+"""glibc malloc settings for a server that handles large request bodies.
+
+glibc serves allocations above M_MMAP_THRESHOLD (128 KiB) with mmap and returns them to the OS on
+free, but it raises that threshold dynamically to the size of each mmapped block freed, up to
+32 MiB. After the first 16 MiB upload every later one comes from the heap arenas, whose freed
+space glibc keeps: the soak's large uploads left the server ~100 MB above where it started. A fixed
+threshold turns the dynamic adjustment off, so large bodies always go back to the OS; and a trim
+threshold returns freed heap tops sooner. Settings already given in the environment (MALLOC_*_)
+win; other allocators (musl, jemalloc) are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+
+log = logging.getLogger("extproc.allocator")
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+MMAP_THRESHOLD = 1024 * 1024
+TRIM_THRESHOLD = 4 * 1024 * 1024
+# grpc's threads each get an arena by default (8 x cores): two keep fragmentation down.
+ARENA_MAX = 2
+
+
+def tune() -> bool:
+    """Apply the settings; False when this is not glibc (nothing changed)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018  # glibc only: AttributeError elsewhere
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    done = True
+    for env, param, value in (
+        ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        ("MALLOC_TRIM_THRESHOLD_", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        ("MALLOC_ARENA_MAX", M_ARENA_MAX, ARENA_MAX),
+    ):
+        if env in os.environ:
+            continue
+        if mallopt(param, value) != 1:
+            log.warning("mallopt(%d, %d) was refused", param, value)
+            done = False
+    return done
