@@ -11,10 +11,12 @@ win; other allocators (musl, jemalloc) are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger("extproc.allocator")
 
@@ -25,6 +27,8 @@ M_ARENA_MAX = -8
 
 MMAP_THRESHOLD = 1024 * 1024
 TRIM_THRESHOLD = 4 * 1024 * 1024
+# Bodies in flight (at their peak since the last check) after which a trim is worth its cost.
+TRIM_AFTER_BYTES = 8 * 1024 * 1024
 # grpc's threads each get an arena by default (8 x cores): two keep fragmentation down.
 ARENA_MAX = 2
 
@@ -54,3 +58,36 @@ def tune() -> bool:
             log.warning("mallopt(%d, %d) was refused", param, value)
             done = False
     return done
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        libc.malloc_trim  # noqa: B018  # glibc only
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim() -> bool:
+    """Return free heap pages to the OS (glibc's malloc_trim also releases free pages inside the
+    heap, not only at its top). Takes a few milliseconds on a large heap: call it off the event loop."""
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
+async def trim_after_large_bodies(peak_bytes: Callable[[], int], interval: float = 5.0) -> None:
+    """Large request bodies pass through gRPC's buffers in many small pieces, which glibc keeps
+    in its arenas after they are freed (the soak's 16 MiB uploads left ~50 MB behind). Once the
+    bodies are gone (`peak_bytes` says how many were in flight at most since the last call, and
+    resets), trim in a worker thread."""
+    while True:
+        await asyncio.sleep(interval)
+        if peak_bytes() >= TRIM_AFTER_BYTES:
+            await asyncio.to_thread(trim)

@@ -24,7 +24,7 @@ from .config import ConfigError, GatewayConfig
 from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .stages import AccountingStage, default_stages
+from .stages import AccountingStage, AdmissionStage, default_stages
 from .store import Backend, RedisBackend, open_backend
 from .wire import external_processor_pb2_grpc as ep_grpc
 
@@ -92,6 +92,15 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     keys = KeyService(store, config)
     accounting = AccountingStage(prices, sink, config.usage.default_max_output_tokens)
     stages = default_stages(config, keys, provider_auth, accounting)
+    admission = next(s for s in stages if isinstance(s, AdmissionStage))
+    trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
+
+    async def stop_trimmer() -> None:
+        trimmer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await trimmer
+
+    closers.append(stop_trimmer)
     return Runtime(Pipeline([*stages, *extra_stages]), backend, store, sink, ledger, closers)
 
 

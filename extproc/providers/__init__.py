@@ -14,7 +14,6 @@ ENDPOINTS: dict[str, tuple[ProviderAdapter, Endpoint]] = {
 }
 
 
-
 def client_adapter(headers: dict[str, str]) -> ProviderAdapter:
     """The schema to answer in when the path does not say (unknown endpoints): the Anthropic SDK
     always sends anthropic-version."""

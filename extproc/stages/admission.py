@@ -27,6 +27,12 @@ class AdmissionCounters:
     body_bytes: int = 0
     refused_streams: int = 0
     refused_bytes: int = 0
+    # The most body bytes in flight since `take_peak` was last called.
+    peak_body_bytes: int = 0
+
+    def take_peak(self) -> int:
+        peak, self.peak_body_bytes = self.peak_body_bytes, self.body_bytes
+        return peak
 
 
 class AdmissionStage(Stage):
@@ -83,6 +89,7 @@ class AdmissionStage(Stage):
             c.refused_bytes += 1
             self._refuse("request bodies in flight")
         c.body_bytes += n
+        c.peak_body_bytes = max(c.peak_body_bytes, c.body_bytes)
         ctx.state[self.name] += n
 
     def _release_bytes(self, ctx: RequestContext) -> None:
