@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 
 from . import allocator
+from .accounting import tokenizer
 from .accounting.consumer import LedgerConsumer
 from .accounting.pricing import PriceTable
 from .accounting.sink import EmbeddedUsageSink, RedisUsageSink, UsageSink
@@ -63,6 +64,9 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
     provider_auth = load_provider_auth(config)
     prices = PriceTable.from_config(config)
+    # Loaded now (~0.8 s, ~44 MB) rather than at the first aborted stream: memory is what it will
+    # be in production from the start, and no estimate waits for it.
+    await asyncio.to_thread(tokenizer.warm_up)
     backend = open_backend(config)
     ledger = open_ledger(config)
     closers: list[Callable[[], Awaitable[None]]] = [backend.close, ledger.close]
