@@ -38,13 +38,13 @@ import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
-from .record import UsageRecord, format_ts
+from .record import UsageRecord
 
 log = logging.getLogger("extproc.accounting.spool")
 
@@ -56,7 +56,6 @@ DEAD_PREFIX = "dead-"
 _STALE_TMP_SECONDS = 60.0
 _LOG_INTERVAL = 60.0
 
-_FIELD_NAMES = tuple(f.name for f in fields(UsageRecord))
 
 T = TypeVar("T")
 
@@ -64,11 +63,8 @@ Apply = Callable[[list[UsageRecord]], Awaitable[Any]]
 
 
 def record_json(rec: UsageRecord) -> bytes:
-    """The record as the ledger and the stream see it (`UsageRecord.to_dict`'s shape), without
-    `dataclasses.asdict`'s deep copy: this runs once per request."""
-    d: dict[str, Any] = {name: getattr(rec, name) for name in _FIELD_NAMES}
-    d["ts"] = format_ts(rec.ts)
-    return orjson.dumps(d)
+    """The record as the ledger and the stream see it."""
+    return orjson.dumps(rec.to_dict())
 
 
 def parse_record(payload: bytes | str) -> UsageRecord:

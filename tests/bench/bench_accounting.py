@@ -1024,6 +1024,16 @@ def med(values: list[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+def git_state() -> dict[str, Any]:
+    """Which code was measured: other people edit the tree while benches run."""
+
+    def git(*a: str) -> str:
+        out = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "changed_files": git("status", "--porcelain").splitlines()}
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_upstream":
         upstream_main(sys.argv[2:])
@@ -1079,6 +1089,7 @@ def main() -> None:
             "wrk": {"connections": args.wrk_connections, "duration_s": args.wrk_duration},
         },
         "workdir": str(work),
+        "code": git_state(),
     }
     try:
         targets, up_port, up_pid = bench.start()
