@@ -279,6 +279,7 @@ class RedisUsageSink(UsageSink):
         *,
         stream_maxlen: int | None = None,
         max_batch: int = 256,
+        batch_window: float = 0.002,
         replay_interval: float = 30.0,
         min_backoff: float = 0.05,
         max_backoff: float = 5.0,
@@ -291,6 +292,9 @@ class RedisUsageSink(UsageSink):
         # Trimming can drop entries the consumer has not read yet: off unless asked for.
         self.stream_maxlen = stream_maxlen or 0
         self.max_batch = max_batch
+        # Records wait this long for others to share their round trip. Nobody waits on it: finish
+        # runs after the client has the whole response.
+        self.batch_window = batch_window
         self.replay_interval = replay_interval
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -355,7 +359,10 @@ class RedisUsageSink(UsageSink):
             await asyncio.shield(fut)
 
     async def _flush(self) -> None:
-        """One pipeline per round: whatever arrived while the previous round was in flight."""
+        """One pipeline per round: whatever arrived in the window or while the previous round was
+        in flight (one script per record costs ~200 µs of client CPU alone, ~70 µs pipelined)."""
+        if self.batch_window and len(self._batch) < self.max_batch:
+            await asyncio.sleep(self.batch_window)
         while self._batch:
             batch, self._batch = self._batch[: self.max_batch], self._batch[self.max_batch :]
             waiters, self._waiters = self._waiters[: len(batch)], self._waiters[len(batch) :]
