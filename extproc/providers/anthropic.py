@@ -145,13 +145,6 @@ class AnthropicAdapter(ProviderAdapter):
                 parts.append(orjson.dumps(block.get("input")).decode())
         return "".join(parts)
 
-    def error_code_from_json(self, body: Any) -> str | None:
-        err = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(err, dict):
-            return None
-        code = err.get("code") or err.get("type")
-        return str(code)[:64] if code else None
-
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         return AnthropicStreamReader()
 

@@ -154,9 +154,15 @@ class ProviderAdapter(ABC):
     def output_text_from_json(self, body: dict[str, Any]) -> str:
         """The completion's text in a JSON response (for an estimate when usage is missing)."""
 
-    @abstractmethod
     def error_code_from_json(self, body: Any) -> str | None:
-        """The provider's error code or type in an error body, if it has one."""
+        """The provider's error code or type in an error body, if it has one. Both schemas nest it
+        under `error` (OpenAI `{"error": {"code", "type"}}`, Anthropic `{"type": "error", "error":
+        {"type"}}`)."""
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict):
+            return None
+        code = err.get("code") or err.get("type")
+        return str(code)[:64] if code else None
 
     @abstractmethod
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:

@@ -147,13 +147,6 @@ class OpenAIAdapter(ProviderAdapter):
                     parts.append(fn["arguments"])
         return "".join(parts)
 
-    def error_code_from_json(self, body: Any) -> str | None:
-        err = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(err, dict):
-            return None
-        code = err.get("code") or err.get("type")
-        return str(code)[:64] if code else None
-
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         return OpenAIStreamReader(hide_usage=injected_usage)
 
