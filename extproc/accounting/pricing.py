@@ -37,7 +37,7 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extproc.config import ConfigError, GatewayConfig, PriceConfig
+from ..config import ConfigError, GatewayConfig, PriceConfig
 
 SHIPPED_PRICES: Final = "prices.yaml"
 _PER_TOKENS: Final = Decimal(1_000_000)
