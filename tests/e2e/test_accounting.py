@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import yaml
 
@@ -345,5 +344,3 @@ def _stream_request(schema: str) -> tuple[str, dict[str, Any]]:
         return "/v1/messages", {"model": "sonnet", "max_tokens": 500, "stream": True, "messages": MSGS}
     return "/v1/chat/completions", {"model": "gpt-5.5", "stream": True, "messages": MSGS}
 
-
-__all__ = ["openai"]
