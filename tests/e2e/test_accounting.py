@@ -343,4 +343,3 @@ def _stream_request(schema: str) -> tuple[str, dict[str, Any]]:
     if schema == "anthropic":
         return "/v1/messages", {"model": "sonnet", "max_tokens": 500, "stream": True, "messages": MSGS}
     return "/v1/chat/completions", {"model": "gpt-5.5", "stream": True, "messages": MSGS}
-
