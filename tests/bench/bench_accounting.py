@@ -842,8 +842,11 @@ def wrk_run(t: Target, meter: Meter, connections: int, duration: int, lua: Path)
 
 
 class Bench:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, backend: str = "embedded") -> None:
         self.work = work
+        # embedded: SQLite ledger fed through the spool; redis: the production path (Redis stream +
+        # aggregates by script, the consumer moving records into the SQLite ledger).
+        self.backend = backend
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stacks: list[Any] = []
         self.logs: list[Any] = []
@@ -868,11 +871,22 @@ class Bench:
         up = self.spawn("upstream", [sys.executable, me, "_upstream", "--port", str(up_port)])
         wait_until("replay upstream", lambda: tcp_open(up_port), [up], 30)
 
+        redis_url: str | None = None
+        if self.backend == "redis":
+            redis_port = free_port()
+            redis = self.spawn(
+                "redis",
+                ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            )
+            wait_until("redis", lambda: tcp_open(redis_port), [redis], 30)
+            redis_url = f"redis://127.0.0.1:{redis_port}/0"
         gateways: dict[str, tuple[str, int, int, int]] = {}
         for mode in ("plain", "accounting", "probe"):
             name = f"gw-{mode}"
             ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=up_port)
-            stack, admin = make_stack(self.work / name, None, ports=ports, with_mock=False, with_server=False)
+            stack, admin = make_stack(
+                self.work / name, redis_url, prefix=f"{name}:", ports=ports, with_mock=False, with_server=False
+            )
             secret, _ = admin.key("bench", name)
             srv = self.spawn(
                 f"server-{name}",
@@ -889,7 +903,7 @@ class Bench:
                     "--thread-names",
                     str(self.work / f"{name}-threads.json"),
                 ],
-                env=PROVIDER_KEYS,
+                env={**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {})},
             )
             self.thread_names[srv.pid] = self.work / f"{name}-threads.json"
             wait_until(f"server {name}", functools.partial(tcp_open, ports.extproc), [srv], 30)
@@ -1043,6 +1057,9 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, short windows (~1.5 minutes)")
+    parser.add_argument(
+        "--backend", choices=("embedded", "redis"), default="embedded", help="store backend of the gateways"
+    )
     parser.add_argument("--out", type=Path, help="JSON report path (default: in the bench's tmp dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--interval-ms-1", type=float, default=5.0, help="event spacing at 1 stream")
@@ -1075,7 +1092,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-accounting-"))
     out_path = args.out or work / "report.json"
-    bench = Bench(work)
+    bench = Bench(work, args.backend)
     started = time.monotonic()
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -1086,6 +1103,7 @@ def main() -> None:
             "interval_ms": {"1": args.interval_ms_1, str(args.streams): args.interval_ms_64},
             "window_s": args.window,
             "repeats": args.repeats,
+            "backend": args.backend,
             "wrk": {"connections": args.wrk_connections, "duration_s": args.wrk_duration},
         },
         "workdir": str(work),
