@@ -92,6 +92,12 @@ class AccountingStage(Stage):
 
     # -- response -------------------------------------------------------------------------------
 
+    async def response_headers(self, ctx: RequestContext) -> None:
+        if self.name in ctx.state:
+            # Until the last reply carries the final figures: an exchange that breaks off is logged
+            # by Envoy as estimated (its record is), not as a line without figures.
+            ctx.metadata["estimated"] = True
+
     async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
         ex: _Exchange | None = ctx.state.get(self.name)
         if ex is None:

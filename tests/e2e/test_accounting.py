@@ -257,6 +257,7 @@ def test_stream_abandoned_by_the_client_is_one_estimated_record(env: Env, schema
         c.stream("POST", path, json=body, headers=hdrs) as r,
     ):
         rid = r.headers["x-gateway-request-id"]
+        envoy_id = r.headers["x-request-id"]
         got = 0
         for chunk in r.iter_bytes():
             got += len(chunk)
@@ -265,6 +266,8 @@ def test_stream_abandoned_by_the_client_is_one_estimated_record(env: Env, schema
     rec = env.record(rid)
     assert rec.estimated and rec.error_code == "stream_incomplete"
     assert 0 < rec.output_tokens < 200 and rec.input_tokens > 0
+    line = access_log(env.stack, envoy_id)
+    assert line["gateway_request_id"] == rid and line["estimated"] in (True, "true")
 
 
 def test_provider_error_and_gateway_refusal_are_recorded(env: Env) -> None:
