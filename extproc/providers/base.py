@@ -96,7 +96,8 @@ class StreamReader(ABC):
 
     def without_gateway_usage(self, event: SSEEvent) -> SSEEvent | None:
         """The event as the client would see it had the gateway not asked for usage (None: drop
-        it). Schemas that always report usage return the event itself."""
+        it), called after on_event for the same event. Schemas that always report usage return the
+        event itself."""
         return event
 
 

@@ -37,6 +37,8 @@ class OpenAIStreamReader(StreamReader):
         self._usage: Usage | None = None
         # The gateway added include_usage: the usage chunk is not for the client.
         self.hide_usage = hide_usage
+        # The usage-only chunk, once on_event has seen it (hidden when hide_usage).
+        self._usage_event: SSEEvent | None = None
 
     @property
     def usage(self) -> Usage | None:
@@ -60,10 +62,12 @@ class OpenAIStreamReader(StreamReader):
         if self.response_model is None and isinstance(obj.get("model"), str):
             self.response_model = obj["model"]
         usage = _usage(obj.get("usage"))
+        choices = obj.get("choices")
         if usage is not None:
             self._usage = usage
+            if choices == []:
+                self._usage_event = event
         output = False
-        choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
                 delta = choice.get("delta") if isinstance(choice, dict) else None
@@ -84,24 +88,16 @@ class OpenAIStreamReader(StreamReader):
                                 output = True
         return output
 
-    def is_gateway_usage_event(self, event: SSEEvent) -> bool:
-        if not self.hide_usage or event.data is None or '"usage"' not in event.data:
-            return False
-        try:
-            obj = orjson.loads(event.data)
-        except orjson.JSONDecodeError:
-            return False
-        return isinstance(obj, dict) and obj.get("choices") == [] and isinstance(obj.get("usage"), dict)
-
     def without_gateway_usage(self, event: SSEEvent) -> SSEEvent | None:
         """The event as the client would have seen it without include_usage: the usage-only chunk
         is dropped (None) and the `"usage":null` member of other chunks removed. Text-level: in
         JSON text an unescaped `"usage":null` can only be a member, and chunks carry no nested
-        `usage`; an event that does not contain it passes unchanged (same bytes)."""
+        `usage`; an event that does not contain it passes unchanged (same bytes). Called after
+        on_event for the same event, which recognized the usage-only chunk while parsing it."""
         data = event.data
         if not self.hide_usage or data is None or '"usage"' not in data:
             return event
-        if self.is_gateway_usage_event(event):
+        if event is self._usage_event:
             return None
         for member in (',"usage":null', ', "usage": null', '"usage":null,', '"usage": null, '):
             if member in data:
