@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -33,19 +34,28 @@ TRIM_AFTER_BYTES = 8 * 1024 * 1024
 ARENA_MAX = 2
 
 
-def tune() -> bool:
-    """Apply the settings; False when this is not glibc (nothing changed)."""
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, looked up once: find_library runs ldconfig in a subprocess, too slow to repeat at
+    every trim. None on other C libraries (mallopt and malloc_trim are glibc's)."""
     name = ctypes.util.find_library("c")
     if not name:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018  # glibc only: AttributeError elsewhere
     except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def tune() -> bool:
+    """Apply the settings; False when this is not glibc (nothing changed)."""
+    libc = _glibc()
+    if libc is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     done = True
     for env, param, value in (
         ("MALLOC_MMAP_THRESHOLD_", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
@@ -54,28 +64,16 @@ def tune() -> bool:
     ):
         if env in os.environ:
             continue
-        if mallopt(param, value) != 1:
+        if libc.mallopt(param, value) != 1:
             log.warning("mallopt(%d, %d) was refused", param, value)
             done = False
     return done
 
 
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim  # noqa: B018  # glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
 def trim() -> bool:
     """Return free heap pages to the OS (glibc's malloc_trim also releases free pages inside the
     heap, not only at its top). Takes a few milliseconds on a large heap: call it off the event loop."""
-    libc = _libc()
+    libc = _glibc()
     if libc is None:
         return False
     libc.malloc_trim(0)
