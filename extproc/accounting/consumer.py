@@ -35,6 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend
+from ..throttle import LogThrottle
 from .record import UsageRecord
 from .sink import LedgerWriter, insert_setting_aside
 from .spool import parse_record
@@ -117,7 +118,7 @@ class LedgerConsumer:
         self._next_claim = 0.0
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._last_warning = float("-inf")
+        self._warnings = LogThrottle(5.0)
 
     async def start(self) -> None:
         self._stop.clear()
@@ -312,9 +313,7 @@ class LedgerConsumer:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     def _warn(self, msg: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= 5.0:
-            self._last_warning = now
+        if self._warnings.allow():
             log.warning(msg, *args)
 
 

@@ -55,6 +55,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from ..store.embedded import EmbeddedBackend
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend
+from ..throttle import LogThrottle
 from .record import TOKEN_FIELDS, UsageRecord
 from .spool import Spool, chunks, record_json
 
@@ -395,7 +396,7 @@ class RedisUsageSink(UsageSink):
             else:
                 self.counters.duplicates += 1
         if failed:
-            if _may_log("refused"):
+            if _throttle.allow("refused"):
                 log.error(
                     "usage sink: Redis refused %d records (%s); spooling them", len(failed), _first_error(results)
                 )
@@ -513,7 +514,7 @@ class RedisUsageSink(UsageSink):
             try:
                 n = await self.spool.replay(self.apply)
             except Exception as err:
-                if _may_log("replay"):
+                if _throttle.allow("replay"):
                     log.warning("usage sink: spool replay stopped (%s); retrying with backoff", err)
                 self._replay_wanted.set()
                 await asyncio.sleep(delay)
@@ -552,17 +553,9 @@ class RedisUsageSink(UsageSink):
         return shape_aggregates(raw)
 
 
-_last_log: dict[str, float] = {}
-
-
-def _may_log(kind: str, interval: float = 10.0) -> bool:
-    """A persistent failure (Redis out of memory, a ledger down for an hour) logs a line every
-    `interval`, not one per record."""
-    now = time.monotonic()
-    if now - _last_log.get(kind, float("-inf")) < interval:
-        return False
-    _last_log[kind] = now
-    return True
+# A persistent failure (Redis out of memory, a ledger down for an hour) logs a line every 10 s,
+# not one per record.
+_throttle = LogThrottle(10.0)
 
 
 def _first_error(results: Sequence[Any]) -> str:
@@ -689,7 +682,7 @@ class EmbeddedUsageSink(UsageSink):
                 await self._flush_once()
             except Exception as err:
                 pending = True
-                if _may_log("ledger", 60.0):
+                if _throttle.allow("ledger", 60.0):
                     log.warning(
                         "usage sink: the ledger cannot take records (%s); %d bytes wait in the spool",
                         err,

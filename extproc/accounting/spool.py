@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from ..throttle import LogThrottle
 from .record import UsageRecord
 
 log = logging.getLogger("extproc.accounting.spool")
@@ -167,7 +168,8 @@ class Spool:
         self._pending: list[tuple[bytes, asyncio.Future[bool]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._replay_lock = asyncio.Lock()
-        self._last_log: dict[str, float] = {}
+        # One error line a minute per kind: a full or broken disk must not flood the log too.
+        self._throttle = LogThrottle(_LOG_INTERVAL)
         self._dead_name = f"{DEAD_PREFIX}refused-{os.getpid()}-{secrets.token_hex(4)}.lines"
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -194,14 +196,14 @@ class Spool:
             line = encode_line(record_json(rec))
         except Exception:
             self.counters.write_errors += 1
-            if self._may_log("unusable"):
+            if self._throttle.allow("unusable"):
                 log.exception(
                     "usage spool %s cannot take usage records (%d lost so far)", self.path, self.counters.write_errors
                 )
             return False
         if self._bytes + len(line) > self.max_bytes:
             self.counters.dropped_full += 1
-            if self._may_log("full"):
+            if self._throttle.allow("full"):
                 log.error(
                     "usage spool %s is full (%d of %d bytes): dropping usage records, %d dropped so far",
                     self.path,
@@ -233,7 +235,7 @@ class Spool:
                 ok = False
                 self._bytes -= len(data)
                 self.counters.write_errors += len(batch)
-                if self._may_log("write"):
+                if self._throttle.allow("write"):
                     log.error(
                         "usage spool %s: write failed (%s): usage records lost, %d so far",
                         self.path,
@@ -246,14 +248,6 @@ class Spool:
             for _, fut in batch:
                 if not fut.done():
                     fut.set_result(ok)
-
-    def _may_log(self, kind: str) -> bool:
-        """One error line a minute per kind: a full or broken disk must not flood the log too."""
-        now = time.monotonic()
-        if now - self._last_log.get(kind, float("-inf")) < _LOG_INTERVAL:
-            return False
-        self._last_log[kind] = now
-        return True
 
     async def flush(self) -> None:
         """Wait until every append so far is on disk."""

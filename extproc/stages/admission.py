@@ -10,11 +10,11 @@ content-length (before Envoy sends the body) and released once the request phase
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from ..errors import ErrorKind, GatewayError, overloaded
 from ..pipeline import RequestContext, Stage
+from ..throttle import LogThrottle
 
 log = logging.getLogger("extproc.admission")
 
@@ -42,11 +42,11 @@ class AdmissionStage(Stage):
         self.max_streams = max_streams
         self.max_body_bytes = max_body_bytes
         self.counters = AdmissionCounters()
-        self._last_warning = 0.0
+        # Loud, but one line per second under a flood.
+        self._warnings = LogThrottle(1.0)
 
     def _refuse(self, what: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning > 1.0:  # loud, but one line per second under a flood
+        if self._warnings.allow():
             c = self.counters
             log.warning(
                 "overloaded (%s): %d streams open, %d body bytes in flight; refused so far: %d by streams, %d by bytes",
@@ -56,7 +56,6 @@ class AdmissionStage(Stage):
                 c.refused_streams,
                 c.refused_bytes,
             )
-            self._last_warning = now
         raise overloaded(what)
 
     async def request_headers(self, ctx: RequestContext) -> None:
