@@ -141,8 +141,6 @@ class UsageConfig(_Strict):
     spool_path: str | None = None
     # A full spool refuses nothing but logs and counts every record it cannot keep.
     spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
-    # Output tokens reserved/estimated for a request that names no max_tokens.
-    default_max_output_tokens: int = Field(default=4096, ge=1)
 
 
 _PRICE = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")

@@ -100,7 +100,6 @@ class RequestContext:
         "clear_route_cache",
         "endpoint",
         "error",
-        "first_byte_at",
         "header_bytes",
         "header_count",
         "headers",
@@ -162,8 +161,7 @@ class RequestContext:
         self.response_status = 0
         self.response_content_type = ""
         self.response_headers: dict[str, str] = {}
-        # monotonic times: first response body byte, end of the response.
-        self.first_byte_at: float | None = None
+        # monotonic time of the end of the response.
         self.response_ended_at: float | None = None
         # Set by the processor: how the exchange ended, and the refusal if the gateway refused.
         self.outcome: Outcome | None = None

@@ -234,10 +234,10 @@ class Processor:
         ctx = self.ctx
         data = msg.body
         eos = msg.end_of_stream
-        if data and ctx.first_byte_at is None:
-            ctx.first_byte_at = time.monotonic()
         if eos:
+            # Stages see the ending on the last chunk itself (its reply carries their final metadata).
             ctx.response_ended_at = time.monotonic()
+            ctx.outcome = Outcome.COMPLETED
         chunk = ResponseChunk(data, eos)
         out: bytes | None = None  # the body mutation, when the client must get other bytes
         if self.sse is not None:

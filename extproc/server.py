@@ -94,7 +94,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     # Closed before the consumer and the ledger: its last records still reach them.
     closers.append(sink.close)
     keys = KeyService(store, config)
-    accounting = AccountingStage(prices, sink, config.usage.default_max_output_tokens)
+    accounting = AccountingStage(prices, sink)
     stages = default_stages(config, keys, provider_auth, accounting)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
     trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))

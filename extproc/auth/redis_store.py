@@ -49,7 +49,7 @@ class RedisStore(KeyStore):
         """With watch (servers), an unreachable Redis is not fatal: the subscriber keeps retrying
         and lookups fail with StoreUnavailable meanwhile. Without (the CLI), fail now."""
         if not watch:
-            await self._call(self.client.ping())
+            await self.backend.ping()
         else:
             self._subscriber = asyncio.create_task(self._subscribe_forever())
 

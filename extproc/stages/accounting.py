@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,7 +51,6 @@ class _Exchange:
     json_text: str = ""
     error_code: str | None = None
     record: UsageRecord | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Counters:
@@ -67,10 +66,9 @@ class Counters:
 class AccountingStage(Stage):
     name = "accounting"
 
-    def __init__(self, prices: PriceTable, sink: UsageSink, default_max_output_tokens: int = 4096) -> None:
+    def __init__(self, prices: PriceTable, sink: UsageSink) -> None:
         self.prices = prices
         self.sink = sink
-        self.default_max_output_tokens = default_max_output_tokens
         self.counters = Counters()
         self._warned: set[str] = set()
 
@@ -127,7 +125,6 @@ class AccountingStage(Stage):
                 ex.json_text = ex.adapter.output_text_from_json(chunk.json)
         if chunk.end_of_stream:
             # The last reply to Envoy carries the figures for its access log line.
-            ctx.outcome = Outcome.COMPLETED
             rec = self._build(ctx, ex)
             if not rec.estimated:
                 ex.record = rec
@@ -210,7 +207,7 @@ class AccountingStage(Stage):
             rec.error_code = ex.error_code or "stream_incomplete"
         elif ex.error_code is not None:
             rec.error_code = ex.error_code
-        if usage is None or (outcome is not Outcome.COMPLETED and _output_missing(usage, ex)):
+        if usage is None or (outcome is not Outcome.COMPLETED and _output_missing(ex)):
             # Broke off before the provider reported (final) usage: estimate, filled in finish.
             rec.estimated = True
             if usage is not None:
@@ -257,7 +254,7 @@ class AccountingStage(Stage):
         )
 
 
-def _output_missing(usage: Usage, ex: _Exchange) -> bool:
+def _output_missing(ex: _Exchange) -> bool:
     """An interrupted Anthropic stream has input counts from message_start but its output count
     only in the final message_delta: until then the output figure is not the provider's final one."""
     reader = ex.reader
