@@ -203,6 +203,18 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return admin_cli.run(_load(args.config), args)
 
 
+def cmd_limits(args: argparse.Namespace) -> int:
+    from . import limits_cli
+
+    return limits_cli.run(_load(args.config), args)
+
+
+def _limits_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_limits)
+
+
 def _admin_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -235,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import usage_cli
 
     usage_cli.add_parsers(sub)
+    from . import limits_cli
+
+    limits_cli.add_parsers(sub, _limits_common)
 
     p = sub.add_parser("envoy-config", help="check (or --write) the configs derived from envoy.yaml")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .limits.spec import LimitSpec
+
 Schema = Literal["openai", "anthropic"]
 
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -175,6 +177,8 @@ class PriceConfig(_Strict):
 class TenantConfig(_Strict):
     # Models the tenant's keys may use by default (names or globs like "gpt-*"); absent = all.
     models: tuple[str, ...] | None = None
+    # Rate limits, concurrency and budgets of the tenant as a whole (README, "Limits and budgets").
+    limits: LimitSpec | None = None
     # Defaults for later policy stages (limits, budgets, PII); keys override per field.
     policy: dict[str, Any] = Field(default_factory=dict)
 
@@ -188,6 +192,29 @@ class StaticKeyConfig(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     models: tuple[str, ...] | None = None
     expires_at: datetime | None = None
+    # This key's own limits (its tenant's apply too).
+    limits: LimitSpec | None = None
+
+
+class LimitsConfig(_Strict):
+    """How limits are enforced; the limits themselves are set per tenant and per key."""
+
+    # Redis unreachable: "open" falls back to a per-process limiter that allows each limit divided
+    # by expected_replicas; "closed" refuses with 503 limits_unavailable. Logged and counted.
+    failure_mode: Literal["open", "closed"] = "open"
+    expected_replicas: int = Field(default=1, ge=1, le=10_000)
+    # Output tokens reserved for a request that sets no max_tokens / max_completion_tokens.
+    default_max_output_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+    # A request's concurrency slot and budget reservation are leases, renewed while it runs: a
+    # replica that died stops holding them within this time.
+    lease_seconds: float = Field(default=30.0, ge=2, le=3600)
+
+
+class AlertsConfig(_Strict):
+    # Budget alerts are POSTed here as JSON (retried with backoff, off the request path); absent:
+    # alerts are a log line and a counter only.
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
 
 class AuthConfig(_Strict):
@@ -247,6 +274,8 @@ class GatewayConfig(_Strict):
     usage: UsageConfig = UsageConfig()
     # Per upstream model; overrides the price table shipped in extproc/accounting/prices.yaml.
     pricing: dict[str, PriceConfig] = Field(default_factory=dict)
+    limits: LimitsConfig = LimitsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     # Directory relative paths in this config are resolved against (the config file's).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -21,6 +21,8 @@ class ErrorKind(Enum):
     TOO_LARGE = (413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA = (415, "invalid_request_error", "invalid_request_error")
     RATE_LIMITED = (429, "rate_limit_error", "rate_limit_error")
+    # A spend or token budget is used up (OpenAI's own type for this; Anthropic has none of its own).
+    QUOTA_EXCEEDED = (429, "insufficient_quota", "rate_limit_error")
     HEADERS_TOO_LARGE = (431, "invalid_request_error", "invalid_request_error")
     INTERNAL = (500, "server_error", "api_error")
     UNAVAILABLE = (503, "server_error", "api_error")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import orjson
 
+from .accounting.record import UsageRecord
 from .auth.keys import Identity
 from .errors import ErrorKind, GatewayError, quote
 from .providers import Endpoint, ProviderAdapter
@@ -122,6 +123,7 @@ class RequestContext:
         "state",
         "streaming",
         "ts",
+        "usage",
     )
 
     def __init__(self) -> None:
@@ -166,6 +168,9 @@ class RequestContext:
         # Set by the processor: how the exchange ended, and the refusal if the gateway refused.
         self.outcome: Outcome | None = None
         self.error: GatewayError | None = None
+        # The exchange's usage record, set by the accounting stage in its finish (which runs before
+        # the finish of every stage ahead of it in the pipeline, e.g. limits settling on it).
+        self.usage: UsageRecord | None = None
 
     def need(self, what: Need) -> None:
         """Declare what this request's response must show the stages (during the request phases)."""

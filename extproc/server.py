@@ -23,9 +23,13 @@ from .auth.credentials import load_provider_auth
 from .auth.service import KeyService
 from .config import ConfigError, GatewayConfig
 from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
+from .limits.alerts import AlertSender
+from .limits.local import FallbackLimiter, LocalLimiter
+from .limits.redis import RedisLimiter
+from .limits.service import EmbeddedLimitsState, EmbeddedSpend, LimitsService, limits_state_path, snapshot_forever
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .stages import AccountingStage, AdmissionStage, default_stages
+from .stages import AccountingStage, AdmissionStage, LimitsStage, default_stages
 from .store import Backend, RedisBackend, open_backend
 from .wire import external_processor_pb2_grpc as ep_grpc
 
@@ -50,6 +54,7 @@ class Runtime:
     sink: UsageSink
     ledger: Ledger
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    limits: LimitsService | None = None
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -95,7 +100,10 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     closers.append(sink.close)
     keys = KeyService(store, config)
     accounting = AccountingStage(prices, sink)
-    stages = default_stages(config, keys, provider_auth, accounting)
+    limits, stop_limits = await start_limits(config, backend, sink, ledger)
+    closers.extend(stop_limits)
+    limits_stage = LimitsStage(limits, prices, config.limits.default_max_output_tokens)
+    stages = default_stages(config, keys, provider_auth, accounting, limits_stage)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
     trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
 
@@ -105,7 +113,49 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
             await trimmer
 
     closers.append(stop_trimmer)
-    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, sink, ledger, closers)
+    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, sink, ledger, closers, limits)
+
+
+async def start_limits(
+    config: GatewayConfig, backend: Backend, sink: UsageSink, ledger: Ledger
+) -> tuple[LimitsService, list[Callable[[], Awaitable[None]]]]:
+    """The process's limiter, started: shared in Redis (with the per-process fallback for outages),
+    or in memory on the embedded backend (its counters snapshotted for `extproc limits show`).
+    Returns it with what stops it, in the order to start them (close in reverse)."""
+    cfg = config.limits
+    alerts = AlertSender(config.alerts.webhook_url, timeout=config.alerts.webhook_timeout_seconds)
+    if isinstance(backend, RedisBackend):
+        service = LimitsService(
+            RedisLimiter(backend, cfg.lease_seconds),
+            fallback=FallbackLimiter(cfg.expected_replicas, cfg.lease_seconds),
+            failure_mode=cfg.failure_mode,
+            alerts=alerts,
+            lease_seconds=cfg.lease_seconds,
+            ping=backend.ping,
+        )
+        await service.start()
+        return service, [service.close]
+    assert isinstance(sink, EmbeddedUsageSink)
+    state = EmbeddedLimitsState(limits_state_path(config))
+
+    async def once(key: str) -> bool:
+        return await asyncio.to_thread(state.mark_once, key)
+
+    local = LocalLimiter(EmbeddedSpend(sink, ledger), lease_seconds=cfg.lease_seconds, once=once)
+    service = LimitsService(local, alerts=alerts, lease_seconds=cfg.lease_seconds)
+    await service.start()
+    snapshots = asyncio.create_task(snapshot_forever(local, state))
+
+    async def close_state() -> None:
+        state.close()
+
+    async def stop_snapshots() -> None:
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
+        await asyncio.to_thread(state.write_snapshot, local.snapshot())
+
+    return service, [close_state, service.close, stop_snapshots]
 
 
 def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:

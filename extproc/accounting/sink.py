@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -54,7 +53,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..store.embedded import EmbeddedBackend
 from ..store.errors import StoreUnavailable
-from ..store.redis import RedisBackend
+from ..store.redis import RedisBackend, tenant_tag
 from ..throttle import LogThrottle
 from .record import TOKEN_FIELDS, UsageRecord
 from .spool import Spool, chunks, record_json
@@ -75,7 +74,6 @@ AggregateRow = tuple[str, str, str, str, Mapping[str, int]]
 PUSD_PER_USD = 10**12
 SEEN_TTL_SECONDS = 7 * 24 * 3600
 AGG_TTL_SECONDS = 400 * 24 * 3600
-_TENANT = re.compile(r"[A-Za-z0-9_-]+")
 _MONEY = Context(prec=60)
 _PUSD = Decimal(PUSD_PER_USD)
 
@@ -171,13 +169,11 @@ def _day(ts: datetime) -> str:
     return (ts.astimezone(UTC) if ts.tzinfo is not None else ts).date().isoformat()
 
 
-def tenant_tag(tenant: str) -> str:
-    """`{t:<tenant>}`. A name outside [A-Za-z0-9_-] (never valid, but a brace would move the
-    Cluster slot) is hex-encoded rather than trusted."""
-    t = tenant or "_"
-    if not _TENANT.fullmatch(t):
-        t = "~" + t.encode().hex()
-    return "{t:" + t + "}"
+def aggregate_key(prefix: str, tenant: str, day: str | date, scope: Scope | str, id: str = "") -> str:
+    """The Redis hash of one (tenant, UTC day, scope, id) aggregate; `id` is ignored for "tenant".
+    Budgets (extproc.limits) read these keys in their own scripts."""
+    key = f"{prefix}{tenant_tag(tenant)}:agg:{utc_day(day)}:{scope}"
+    return key if scope == "tenant" else f"{key}:{id or '_'}"
 
 
 def scope_ids(rec: UsageRecord) -> tuple[tuple[Scope, str], ...]:
@@ -319,9 +315,7 @@ class RedisUsageSink(UsageSink):
         return [
             f"{base}usage:seen:{rec.request_id}",
             f"{base}usage",
-            f"{base}agg:{day}:tenant",
-            f"{base}agg:{day}:key:{rec.key_id or '_'}",
-            f"{base}agg:{day}:model:{rec.model or '_'}",
+            *(aggregate_key(self.prefix, rec.tenant, day, scope, sid) for scope, sid in scope_ids(rec)),
         ]
 
     def stream_name(self, tenant: str) -> str:
@@ -546,9 +540,7 @@ class RedisUsageSink(UsageSink):
 
     async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
         """Raises StoreUnavailable when Redis does not answer (the caller picks fail-open or not)."""
-        key = f"{self.prefix}{tenant_tag(tenant)}:agg:{utc_day(day)}:{scope}"
-        if scope != "tenant":
-            key += f":{id or '_'}"
+        key = aggregate_key(self.prefix, tenant, day, scope, id)
         raw: dict[str, str] = await self.backend.call(self.client.hgetall(key))  # type: ignore[arg-type]
         return shape_aggregates(raw)
 
@@ -652,6 +644,11 @@ class EmbeddedUsageSink(UsageSink):
     async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
         sid = "" if scope == "tenant" else id or "_"
         return shape_aggregates(self._agg.get((tenant or "_", utc_day(day), scope, sid), {}))
+
+    def counter(self, tenant: str, day: str, scope: Scope, id: str, name: str) -> int:
+        """One counter of one aggregate, without I/O (budgets read it on the request path)."""
+        sid = "" if scope == "tenant" else id or "_"
+        return self._agg.get((tenant or "_", day, scope, sid), {}).get(name, 0)
 
     async def _insert(self, recs: list[UsageRecord]) -> None:
         n, refused = await insert_setting_aside(self.ledger, recs)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from fnmatch import translate
 from typing import Any
 
+from ..limits.spec import Limits
+
 KEY_PREFIX = "sk-gw-"
 _BODY_LEN = 32  # token_urlsafe(24) -> 32 chars, 192 bits
 KEY_RE = re.compile(rf"^{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{{_BODY_LEN}}}$")
@@ -187,9 +189,13 @@ class Identity:
     tenant: str
     models: ModelMatcher
     policy: dict[str, Any]
+    # The tenant's and the key's rate limits and budgets (both apply).
+    limits: Limits = field(default_factory=Limits)
 
     @staticmethod
     def of(key: VirtualKey, tenant: Tenant | None) -> Identity:
         models = key.models if key.models is not None else (tenant.models if tenant else None)
-        policy = {**(tenant.policy if tenant else {}), **key.policy}
-        return Identity(key.id, key.name, key.tenant, ModelMatcher(models), policy)
+        tenant_policy = tenant.policy if tenant else {}
+        policy = {**tenant_policy, **key.policy}
+        limits = Limits.of(key.tenant, tenant_policy, key.id, key.policy)
+        return Identity(key.id, key.name, key.tenant, ModelMatcher(models), policy, limits)

@@ -8,9 +8,11 @@ keeps a lookup that raced with an invalidation from caching stale data.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from ..config import GatewayConfig
+from ..limits.spec import EPOCH_FIELD, LimitSpec
 from .keys import Identity, Tenant, VirtualKey, display_prefix, hash_key, mint, new_secret
 from .store import KeyStore
 
@@ -35,8 +37,12 @@ class _Entry:
     identity: Identity | None
 
 
+def _with_limits(policy: dict[str, Any], limits: LimitSpec | None) -> dict[str, Any]:
+    return {**policy, "limits": limits.to_dict()} if limits is not None else dict(policy)
+
+
 def _static_layer(config: GatewayConfig) -> tuple[dict[str, VirtualKey], dict[str, Tenant]]:
-    tenants = {name: Tenant(name, t.models, dict(t.policy)) for name, t in config.tenants.items()}
+    tenants = {name: Tenant(name, t.models, _with_limits(t.policy, t.limits)) for name, t in config.tenants.items()}
     keys = {}
     for k in config.auth.static_keys:
         keys[k.sha256] = VirtualKey(
@@ -48,6 +54,7 @@ def _static_layer(config: GatewayConfig) -> tuple[dict[str, VirtualKey], dict[st
             created_at=0.0,
             expires_at=k.expires_at.timestamp() if k.expires_at else None,
             models=k.models,
+            policy=_with_limits({}, k.limits),
             static=True,
         )
     return keys, tenants
@@ -71,7 +78,15 @@ class KeyService:
                 self._cache.pop(h, None)
 
     async def tenant(self, name: str) -> Tenant | None:
-        return self.static_tenants.get(name) or await self.store.get_tenant(name)
+        static = self.static_tenants.get(name)
+        if static is None:
+            return await self.store.get_tenant(name)
+        # A tenant from gateway.yaml may have a stored record holding only what the CLI may change
+        # for it: the limits reset epoch (`extproc limits reset`).
+        overlay = await self.store.get_tenant(name)
+        if overlay is not None and overlay.policy.get(EPOCH_FIELD):
+            return replace(static, policy={**static.policy, EPOCH_FIELD: overlay.policy[EPOCH_FIELD]})
+        return static
 
     async def authenticate(self, secret: str) -> Identity:
         """Raises AuthFailure, or StoreUnavailable when the store cannot answer."""
@@ -98,7 +113,7 @@ class KeyService:
     # -- management (CLI) -------------------------------------------------------------------------
 
     async def list_tenants(self) -> list[tuple[Tenant, bool]]:
-        stored = await self.store.list_tenants()
+        stored = [t for t in await self.store.list_tenants() if t.name not in self.static_tenants]
         return [(t, True) for t in self.static_tenants.values()] + [(t, False) for t in stored]
 
     async def create_tenant(self, name: str, models: tuple[str, ...] | None) -> Tenant:
@@ -120,6 +135,49 @@ class KeyService:
             raise AdminError(f"unknown tenant {name!r}")
         updated = Tenant(tenant.name, models, tenant.policy, tenant.created_at)
         await self.store.put_tenant(updated)
+        return updated
+
+    # -- limits (CLI) --------------------------------------------------------------------------------
+
+    async def set_tenant_limits(self, name: str, limits: LimitSpec) -> Tenant:
+        if name in self.static_tenants:
+            raise AdminError(f"tenant {name!r} is defined in gateway.yaml; set its limits there")
+        tenant = await self.store.get_tenant(name)
+        if tenant is None:
+            raise AdminError(f"unknown tenant {name!r}")
+        policy = {k: v for k, v in tenant.policy.items() if k != "limits"}
+        if not limits.empty:
+            policy["limits"] = limits.to_dict()
+        updated = replace(tenant, policy=policy)
+        await self.store.put_tenant(updated)
+        return updated
+
+    async def set_key_limits(self, key_id: str, limits: LimitSpec) -> VirtualKey:
+        key = await self._managed(key_id)
+        policy = {k: v for k, v in key.policy.items() if k != "limits"}
+        if not limits.empty:
+            policy["limits"] = limits.to_dict()
+        updated = key.with_changes(policy=policy)
+        await self.store.put_key(updated)
+        return updated
+
+    async def reset_tenant_limits(self, name: str) -> Tenant:
+        """A new epoch: the tenant's rate and concurrency counters start over (budgets keep their
+        spend). Also for a tenant from gateway.yaml (the epoch is stored beside it)."""
+        tenant = await self.tenant(name)
+        if tenant is None:
+            raise AdminError(f"unknown tenant {name!r}")
+        stored = await self.store.get_tenant(name)
+        if stored is None:  # a gateway.yaml tenant without a stored record yet
+            stored = Tenant(name, None, {}, time.time())
+        epoch = int(tenant.policy.get(EPOCH_FIELD) or 0) + 1
+        await self.store.put_tenant(replace(stored, policy={**stored.policy, EPOCH_FIELD: epoch}))
+        return replace(tenant, policy={**tenant.policy, EPOCH_FIELD: epoch})
+
+    async def reset_key_limits(self, key_id: str) -> VirtualKey:
+        key = await self._managed(key_id)
+        updated = key.with_changes(policy={**key.policy, EPOCH_FIELD: int(key.policy.get(EPOCH_FIELD) or 0) + 1})
+        await self.store.put_key(updated)
         return updated
 
     async def create_key(

@@ -44,22 +44,29 @@ class Filters:
     tenant: str | None = None
     key_id: str | None = None
     model: str | None = None
+    # Records strictly before this time (budgets read the spend from before the process started).
+    until: datetime | None = None
 
     def matches(self, record: UsageRecord) -> bool:
         return (
             (self.since is None or record.ts >= self.since)
+            and (self.until is None or record.ts < self.until)
             and (self.tenant is None or record.tenant == self.tenant)
             and (self.key_id is None or record.key_id == self.key_id)
             and (self.model is None or record.model == self.model)
         )
 
-    def conditions(self) -> list[tuple[str, object]]:
-        """(column, value) pairs each backend turns into `column >= ?` (ts) or `column = ?`."""
-        pairs: list[tuple[str, object]] = []
+    def conditions(self) -> list[tuple[str, str, object]]:
+        """(column, operator, value) triples each backend turns into `column <op> ?`."""
+        out: list[tuple[str, str, object]] = []
         if self.since is not None:
-            pairs.append(("ts", self.since))
-        pairs.extend((col, v) for col, v in (("tenant", self.tenant), ("key_id", self.key_id), ("model", self.model)))
-        return [(col, v) for col, v in pairs if v is not None]
+            out.append(("ts", ">=", self.since))
+        if self.until is not None:
+            out.append(("ts", "<", self.until))
+        for col, v in (("tenant", self.tenant), ("key_id", self.key_id), ("model", self.model)):
+            if v is not None:
+                out.append((col, "=", v))
+        return out
 
 
 @dataclass(slots=True)
@@ -205,8 +212,9 @@ class Ledger(abc.ABC):
         tenant: str | None = None,
         key_id: str | None = None,
         model: str | None = None,
+        until: datetime | None = None,
     ) -> ReportRow:
-        (row,) = await self.aggregate(None, Filters(since, tenant, key_id, model))
+        (row,) = await self.aggregate(None, Filters(since, tenant, key_id, model, until))
         return row
 
     @abc.abstractmethod

@@ -109,8 +109,8 @@ def describe(url: str) -> str:
 def _where(filters: Filters) -> tuple[str, list[object]]:
     parts: list[str] = []
     params: list[object] = []
-    for column, value in filters.conditions():
-        parts.append(f"{column} >= %s" if column == "ts" else f"{column} = %s")
+    for column, op, value in filters.conditions():
+        parts.append(f"{column} {op} %s")
         params.append(value)
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
 

@@ -108,13 +108,12 @@ class _DecimalSum:
 def _where(filters: Filters) -> tuple[str, list[object]]:
     parts: list[str] = []
     params: list[object] = []
-    for column, value in filters.conditions():
+    for column, op, value in filters.conditions():
+        parts.append(f"{column} {op} ?")
         if column == "ts":
             assert isinstance(value, datetime)
-            parts.append("ts >= ?")
             params.append(ts_text(value))
         else:
-            parts.append(f"{column} = ?")
             params.append(value)
     return (" WHERE " + " AND ".join(parts) if parts else ""), params
 

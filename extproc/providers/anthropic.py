@@ -9,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..routing import Route
 from ..sse import SSEEvent
-from .base import COMMON_FORWARD_HEADERS, Endpoint, ProviderAdapter, StreamReader, Usage, count
+from .base import COMMON_FORWARD_HEADERS, Endpoint, ProviderAdapter, StreamReader, Usage, count, requested_count
 
 
 class _Counts:
@@ -144,6 +144,9 @@ class AnthropicAdapter(ProviderAdapter):
             if block.get("type") == "tool_use":
                 parts.append(orjson.dumps(block.get("input")).decode())
         return "".join(parts)
+
+    def max_output_tokens(self, body: dict[str, Any]) -> int | None:
+        return requested_count(body.get("max_tokens"))
 
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         return AnthropicStreamReader()

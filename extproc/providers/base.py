@@ -42,6 +42,11 @@ def count(v: Any) -> int:
     return v if type(v) is int and v >= 0 else 0
 
 
+def requested_count(v: Any) -> int | None:
+    """A count a client asked for (max_tokens, n): a positive int; bools and the rest are None."""
+    return v if type(v) is int and v > 0 else None
+
+
 # Output text kept per stream for an estimate if the stream breaks (characters; beyond this only
 # the length is kept).
 MAX_KEPT_TEXT = 1_000_000
@@ -169,6 +174,10 @@ class ProviderAdapter(ABC):
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         """A reader for one streamed response; `injected_usage` when request_usage_in_stream changed
         the request."""
+
+    @abstractmethod
+    def max_output_tokens(self, body: dict[str, Any]) -> int | None:
+        """The most output tokens the request allows (all choices together), if it says."""
 
     def request_usage_in_stream(self, body: dict[str, Any]) -> bool:
         """Make a streaming request ask for usage when the client did not; True when the body was

@@ -9,7 +9,7 @@ import orjson
 from ..errors import GatewayError
 from ..routing import Route
 from ..sse import SSEEvent
-from .base import Endpoint, ProviderAdapter, StreamReader, Usage, count
+from .base import Endpoint, ProviderAdapter, StreamReader, Usage, count, requested_count
 
 
 def _usage(u: Any) -> Usage | None:
@@ -145,6 +145,11 @@ class OpenAIAdapter(ProviderAdapter):
 
     def stream_reader(self, injected_usage: bool = False) -> StreamReader:
         return OpenAIStreamReader(hide_usage=injected_usage)
+
+    def max_output_tokens(self, body: dict[str, Any]) -> int | None:
+        """`max_completion_tokens` (or the older `max_tokens`) bounds each choice; `n` choices."""
+        per_choice = requested_count(body.get("max_completion_tokens")) or requested_count(body.get("max_tokens"))
+        return per_choice * (requested_count(body.get("n")) or 1) if per_choice else None
 
     def request_usage_in_stream(self, body: dict[str, Any]) -> bool:
         """Without include_usage a stream reports no usage at all, and would be recorded as an

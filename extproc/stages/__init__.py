@@ -13,6 +13,7 @@ from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
 from .endpoints import EndpointStage
 from .headers import StripInternalHeaders
 from .hygiene import RequestHygieneStage
+from .limits import LimitsStage
 from .models import ModelsStage
 from .route import RoutingStage
 from .upstream_headers import UpstreamHeadersStage
@@ -23,6 +24,7 @@ def default_stages(
     keys: KeyService,
     provider_auth: dict[str, ProviderAuth],
     accounting: AccountingStage | None = None,
+    limits: LimitsStage | None = None,
 ) -> list[Stage]:
     router = Router(config)
     server = config.server
@@ -38,6 +40,10 @@ def default_stages(
         ModelAccessStage(),
         ProviderCredentialsStage(provider_auth),
     ]
+    if limits is not None:
+        # After routing and the model check (it needs the tenant, key and model), and before
+        # accounting: its finish then runs after accounting's and settles on the usage record.
+        stages.append(limits)
     if accounting is not None:
         # After routing (it records the upstream model) and late in the request, so its response
         # hooks see the provider's response first (the onion order).
@@ -52,6 +58,7 @@ __all__ = [
     "AdmissionStage",
     "AuthStage",
     "EndpointStage",
+    "LimitsStage",
     "ModelAccessStage",
     "ModelsStage",
     "ProviderCredentialsStage",

@@ -149,6 +149,7 @@ class AccountingStage(Stage):
             rec.error_code = rec.error_code or "accounting_error"
         self.counters.records += 1
         self.counters.estimated += rec.estimated
+        ctx.usage = rec
         await self.sink.record(rec)
         usage_log.info("%s", orjson.dumps(rec.to_dict()).decode())
 

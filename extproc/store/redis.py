@@ -7,6 +7,7 @@ up everywhere as the same StoreUnavailable after the same bounded wait, never as
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
@@ -17,6 +18,17 @@ from redis.exceptions import RedisError
 from .errors import StoreUnavailable
 
 T = TypeVar("T")
+_TENANT = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def tenant_tag(tenant: str) -> str:
+    """`{t:<tenant>}`: the hash tag of every key that belongs to one tenant (usage records,
+    aggregates, limits), so one script can touch them together on Redis Cluster. A name outside
+    [A-Za-z0-9_-] (never valid, but a brace would move the slot) is hex-encoded rather than trusted."""
+    t = tenant or "_"
+    if not _TENANT.fullmatch(t):
+        t = "~" + t.encode().hex()
+    return "{t:" + t + "}"
 
 
 class RedisBackend:

@@ -1,0 +1,370 @@
+"""Limits shared by every replica, in Redis: one script call per request to acquire, one to settle.
+
+Every key of a request's limits carries its tenant's hash tag (`{t:<tenant>}`, the same as the usage
+records' and aggregates'), so one script can read a tenant's budget aggregates and update its limits
+atomically, also on Redis Cluster. Layout (prefix `p`, tag `{t:T}`):
+
+  p{t:T}:lim:<state scope>:requests      GCRA TAT (µs, decimal text), PX until it is back to full
+  p{t:T}:lim:<state scope>:tokens        the same for tokens
+  p{t:T}:lim:<state scope>:concurrency   sorted set: request id -> lease expiry (µs)
+  p{t:T}:res:<scope>:<what>              hash: request id -> reserved amount; `__total` their sum
+  p{t:T}:resx:<scope>:<what>             sorted set: request id -> lease expiry (µs)
+  p{t:T}:alert:<scope>:<what>:<period>:<threshold>   "1" once an alert was sent (SET NX)
+
+The state scope contains the reset epoch (`extproc limits reset` starts new counters under a new
+name; the old ones expire), budgets' reservations and alerts do not (a reset keeps the spend history).
+Budgets read the accounting aggregates `p{t:T}:agg:<day>:tenant|key:<id>` (extproc.accounting.sink).
+
+Lua numbers are doubles: times in µs (~1.8e15) and amounts in pico-USD are exact below 2^53 (~9,000
+USD in one figure); above that a comparison may be off by a few pico-USD, which no budget notices.
+Amounts are passed to HINCRBY as the decimal text the gateway wrote, never through a Lua number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..accounting.sink import aggregate_key
+from ..store.errors import StoreUnavailable
+from ..store.redis import RedisBackend, tenant_tag
+from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateState, Verdict, remaining
+from .periods import period_days, period_id, seconds_to_end
+
+# KEYS, per check in order: rate: TAT key; concurrency: slot set; budget: reservations, their
+# leases, then the aggregate keys of the period's days.
+# ARGV: request id, lease (µs), then per check: kind ('r' / 'c' / 'b') and its arguments:
+#   r: interval (µs per unit), cost            c: limit            b: field, budget, amount, days
+# Every check is evaluated (so a refusal can still report the rate limits' state). Returns
+# {1, 0, 0, 0, per check: x, y} when all passed and were charged, or {0, index of the first refusing
+# check (1-based), wait µs (-1: never passes by waiting), used, per check: x, y} with nothing charged.
+# x, y per check: rate: units left and µs until full (after this request's charge when it passed);
+# concurrency: slots held before this request, 0; budget: used before this request, 0.
+ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local rid = ARGV[1]
+local lease = tonumber(ARGV[2])
+local window = 60000000
+local a, k, i = 3, 1, 0
+local plan = {}
+local state = {}
+local rates = {}
+local failed, wait, fused = 0, 0, 0
+local function refuse(w, u)
+  if failed == 0 then failed, wait, fused = i, w, u end
+end
+while a <= #ARGV do
+  i = i + 1
+  local kind = ARGV[a]
+  if kind == 'r' then
+    local interval, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local tat = tonumber(redis.call('GET', KEYS[k]) or '0')
+    if tat < now then tat = now end
+    local new = tat + cost * interval
+    if cost * interval > window + 1 then
+      refuse(-1, 0)
+      new = tat
+    elseif new - now > window + 1 then
+      refuse(math.ceil(new - window - now), 0)
+      new = tat
+    else
+      plan[#plan + 1] = {'r', KEYS[k], new}
+    end
+    rates[#rates + 1] = {#state + 1, tat, new, interval}
+    state[#state + 1] = 0
+    state[#state + 1] = 0
+    k, a = k + 1, a + 3
+  elseif kind == 'c' then
+    local limit = tonumber(ARGV[a + 1])
+    redis.call('ZREMRANGEBYSCORE', KEYS[k], '-inf', now)
+    local held = redis.call('ZCARD', KEYS[k])
+    if held >= limit and not redis.call('ZSCORE', KEYS[k], rid) then
+      refuse(1000000, held)
+    else
+      plan[#plan + 1] = {'c', KEYS[k]}
+    end
+    state[#state + 1] = held
+    state[#state + 1] = 0
+    k, a = k + 1, a + 2
+  else
+    local field, budget, amount, days = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
+    local res, resx = KEYS[k], KEYS[k + 1]
+    local stale = redis.call('ZRANGEBYSCORE', resx, '-inf', now)
+    for _, r in ipairs(stale) do
+      local amt = redis.call('HGET', res, r)
+      if amt then
+        redis.call('HDEL', res, r)
+        if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
+      end
+      redis.call('ZREM', resx, r)
+    end
+    local used = tonumber(redis.call('HGET', res, '__total') or '0')
+    for d = 1, days do
+      used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
+    end
+    if used >= budget then
+      refuse(-1, used)
+    else
+      plan[#plan + 1] = {'b', res, resx, amount}
+    end
+    state[#state + 1] = used
+    state[#state + 1] = 0
+    k, a = k + 2 + days, a + 5
+  end
+end
+-- Rate limits as they stand when nothing is charged, after the charge otherwise.
+for _, r in ipairs(rates) do
+  local at = r[3]
+  if failed > 0 then at = r[2] end
+  state[r[1]] = math.floor((window - (at - now) + 1) / r[4])
+  state[r[1] + 1] = math.ceil(at - now)
+end
+if failed > 0 then
+  local out = {0, failed, wait, fused}
+  for _, v in ipairs(state) do out[#out + 1] = v end
+  return out
+end
+local until_ = now + lease
+for _, p in ipairs(plan) do
+  if p[1] == 'r' then
+    redis.call('SET', p[2], string.format('%.17g', p[3]), 'PX', math.ceil((p[3] - now) / 1000) + 1000)
+  elseif p[1] == 'c' then
+    redis.call('ZADD', p[2], until_, rid)
+    redis.call('PEXPIRE', p[2], math.ceil(lease / 500))
+  else
+    if not redis.call('HGET', p[2], rid) then
+      redis.call('HSET', p[2], rid, p[4])
+      if p[4] ~= '0' then redis.call('HINCRBY', p[2], '__total', p[4]) end
+    end
+    redis.call('ZADD', p[3], until_, rid)
+    redis.call('PEXPIRE', p[2], math.ceil(lease / 500))
+    redis.call('PEXPIRE', p[3], math.ceil(lease / 500))
+  end
+end
+local out = {1, 0, 0, 0}
+for _, v in ipairs(state) do out[#out + 1] = v end
+return out
+"""
+
+# KEYS, per check: rate (tokens only): TAT key; concurrency: slot set; budget: reservations, leases,
+# the period's aggregate keys, then one alert key per threshold.
+# ARGV: request id, then per check: kind and its arguments:
+#   r: interval, units to add (negative: a refund)     c: (none)
+#   b: field, budget, days, alert TTL (ms), thresholds count, thresholds...
+# Returns the alerts sent: {check index, threshold index, used, ...}.
+SETTLE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local rid = ARGV[1]
+local a, k, i = 2, 1, 0
+local out = {}
+while a <= #ARGV do
+  i = i + 1
+  local kind = ARGV[a]
+  if kind == 'r' then
+    local tat = redis.call('GET', KEYS[k])
+    if tat then
+      local new = tonumber(tat) + tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2])
+      if new <= now then
+        redis.call('DEL', KEYS[k])
+      else
+        redis.call('SET', KEYS[k], string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+      end
+    end
+    k, a = k + 1, a + 3
+  elseif kind == 'c' then
+    redis.call('ZREM', KEYS[k], rid)
+    k, a = k + 1, a + 1
+  else
+    local field, budget, days = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local ttl, n = ARGV[a + 4], tonumber(ARGV[a + 5])
+    local res, resx = KEYS[k], KEYS[k + 1]
+    local amt = redis.call('HGET', res, rid)
+    if amt then
+      redis.call('HDEL', res, rid)
+      if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
+      redis.call('ZREM', resx, rid)
+      local used = 0
+      for d = 1, days do
+        used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
+      end
+      for j = 1, n do
+        if used >= tonumber(ARGV[a + 5 + j]) * budget then
+          if redis.call('SET', KEYS[k + 1 + days + j], '1', 'NX', 'PX', ttl) then
+            out[#out + 1] = i
+            out[#out + 1] = j
+            out[#out + 1] = used
+          end
+        end
+      end
+    end
+    k, a = k + 2 + days + n, a + 6 + n
+  end
+end
+return out
+"""
+
+# An alert marker outlives its period by this much (clock skew between replicas at the boundary).
+_ALERT_SLACK_DAYS = 2
+
+
+class RedisLimiter(Limiter):
+    def __init__(self, backend: RedisBackend, lease_seconds: float = 30.0) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.prefix = backend.prefix
+        self.lease_us = int(lease_seconds * 1e6)
+        self._acquire = self.client.register_script(ACQUIRE)
+        self._settle = self.client.register_script(SETTLE)
+
+    def _base(self, tenant: str) -> str:
+        return f"{self.prefix}{tenant_tag(tenant)}:"
+
+    def _state_key(self, tenant: str, c: Check) -> str:
+        return f"{self._base(tenant)}lim:{c.rule.state_scope}:{c.what}"
+
+    def _res_keys(self, tenant: str, c: Check) -> tuple[str, str]:
+        base = self._base(tenant)
+        return f"{base}res:{c.rule.scope}:{c.what}", f"{base}resx:{c.rule.scope}:{c.what}"
+
+    def _day_keys(self, tenant: str, c: Check, days: list[str]) -> list[str]:
+        kind = c.rule.kind
+        return [aggregate_key(self.prefix, tenant, day, kind, c.rule.owner) for day in days]
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await asyncio.wait_for(script(keys=keys, args=args), self.backend.timeout * 2)
+        except NoScriptError:  # pragma: no cover - redis-py's Script reloads it itself
+            raise StoreUnavailable("redis: script cache lost") from None
+        except ResponseError as err:
+            # A reply, not an outage: a bug in the script or a key of the wrong type. Fail safe.
+            raise StoreUnavailable(f"redis refused the limits script: {err}") from None
+        except (RedisError, OSError, TimeoutError) as err:
+            raise StoreUnavailable(f"redis: {type(err).__name__}") from None
+
+    async def acquire(self, demand: Demand) -> Verdict:
+        keys: list[str] = []
+        args: list[Any] = [demand.request_id, self.lease_us]
+        day = datetime.now(UTC).date()
+        for c in demand.checks:
+            if c.kind == "rate":
+                keys.append(self._state_key(demand.tenant, c))
+                args += ["r", repr(c.interval), c.cost]
+            elif c.kind == "concurrency":
+                keys.append(self._state_key(demand.tenant, c))
+                args += ["c", c.limit]
+            else:
+                days = period_days(c.rule.period, day)
+                keys += [*self._res_keys(demand.tenant, c), *self._day_keys(demand.tenant, c, days)]
+                args += ["b", c.field, c.limit, c.cost, len(days)]
+        res = await self._run(self._acquire, keys, args)
+        allowed = int(res[0]) == 1
+        verdict = Verdict(allowed)
+        for i, c in enumerate(demand.checks):
+            x, y = int(res[4 + 2 * i]), int(res[5 + 2 * i])
+            if c.kind == "rate":
+                verdict.rates.append(RateState(c, x, y / 1e6))
+            elif c.kind == "budget" and allowed:
+                verdict.budgets.append((c, x))
+        if allowed:
+            demand.holder = self
+            return verdict
+        c = verdict.refused_by = demand.checks[int(res[1]) - 1]
+        wait = int(res[2])
+        verdict.used = int(res[3])
+        if c.kind == "rate":
+            verdict.never = wait < 0
+            verdict.retry_after = None if wait < 0 else wait / 1e6
+        elif c.kind == "concurrency":
+            verdict.retry_after = 1.0
+        return verdict
+
+    async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
+        keys: list[str] = []
+        args: list[Any] = [demand.request_id]
+        day = datetime.now(UTC).date()
+        # The checks passed to the script, in its numbering (a request slot needs no settling).
+        passed: list[Check] = []
+        for c in demand.checks:
+            if c.what == "tokens":
+                if tokens == c.cost:
+                    continue
+                keys.append(self._state_key(demand.tenant, c))
+                args += ["r", repr(c.interval), tokens - c.cost]
+            elif c.kind == "concurrency":
+                keys.append(self._state_key(demand.tenant, c))
+                args += ["c"]
+            elif c.kind == "budget":
+                days = period_days(c.rule.period, day)
+                pid = period_id(c.rule.period, day)
+                thresholds = c.rule.alert_at
+                base = self._base(demand.tenant)
+                keys += [
+                    *self._res_keys(demand.tenant, c),
+                    *self._day_keys(demand.tenant, c, days),
+                    *(f"{base}alert:{c.rule.scope}:{c.what}:{pid}:{t:g}" for t in thresholds),
+                ]
+                ttl_ms = int((seconds_to_end(c.rule.period, datetime.now(UTC)) + _ALERT_SLACK_DAYS * 86400) * 1000)
+                args += ["b", c.field, c.limit, len(days), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
+            else:
+                continue
+            passed.append(c)
+        if not passed:
+            return []
+        res = await self._run(self._settle, keys, args)
+        alerts: list[Alert] = []
+        for j in range(0, len(res), 3):
+            c = passed[int(res[j]) - 1]
+            threshold = c.rule.alert_at[int(res[j + 1]) - 1]
+            alerts.append(Alert(c, threshold, int(res[j + 2]), period_id(c.rule.period, day)))
+        return alerts
+
+    async def refresh(self, demands: list[Demand]) -> None:
+        """ZADD XX: only the members still there (a lease that ran out stays gone)."""
+        if not demands:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        t = await self.backend.call(self.client.time())
+        until = int(t[0]) * 1_000_000 + int(t[1]) + self.lease_us
+        ttl_ms = self.lease_us // 500  # the sets themselves live two leases past their last touch
+        for d in demands:
+            for c in d.checks:
+                if c.kind == "concurrency":
+                    names = [self._state_key(d.tenant, c)]
+                elif c.kind == "budget":
+                    res, resx = self._res_keys(d.tenant, c)
+                    names = [resx]
+                    pipe.pexpire(res, ttl_ms)
+                else:
+                    continue
+                pipe.zadd(names[0], {d.request_id: until}, xx=True)
+                pipe.pexpire(names[0], ttl_ms)
+        await self.backend.call(pipe.execute())
+
+    async def status(self, tenant: str, checks: tuple[Check, ...]) -> list[CheckStatus]:
+        """Read-only figures for `extproc limits show` (the same arithmetic as the scripts)."""
+        t = await self.backend.call(self.client.time())
+        now = int(t[0]) * 1_000_000 + int(t[1])
+        day = datetime.now(UTC).date()
+        out: list[CheckStatus] = []
+        for c in checks:
+            if c.kind == "rate":
+                raw = await self.backend.call(self.client.get(self._state_key(tenant, c)))
+                tat = float(raw) if raw else 0.0
+                left = remaining(tat, now, WINDOW_US / c.limit)
+                out.append(CheckStatus(c, c.limit - left, left, max(0.0, tat - now) / 1e6))
+            elif c.kind == "concurrency":
+                n = int(await self.backend.call(self.client.zcount(self._state_key(tenant, c), f"({now}", "+inf")))
+                out.append(CheckStatus(c, n, max(0, c.limit - n), 0.0))
+            else:
+                res, _ = self._res_keys(tenant, c)
+                used = int(await self.backend.call(self.client.hget(res, "__total")) or 0)
+                for key in self._day_keys(tenant, c, period_days(c.rule.period, day)):
+                    used += int(await self.backend.call(self.client.hget(key, c.field)) or 0)
+                end = seconds_to_end(c.rule.period, datetime.now(UTC))
+                out.append(CheckStatus(c, used, max(0, c.limit - used), end))
+        return out

@@ -1,0 +1,197 @@
+"""Rate limits, concurrency limits and budgets of the calling tenant and key.
+
+Before the request leaves, its limits are charged in one step (one Redis round trip on the shared
+backend): a request slot, an estimate of its tokens (input counted with the accounting tokenizer,
+plus the output it allows: max_tokens / max_completion_tokens x n, or `limits.default_max_output_tokens`),
+a concurrency slot, and a budget reservation (the estimate's price). When the exchange ends, however
+it ends, `finish` settles on the usage record the accounting stage wrote (it finishes first: it is
+later in the pipeline): the token estimate is replaced by the real count, the reservation released,
+the slot freed. A record that is itself an estimate (a stream that broke off) settles on that.
+
+Every answer to a request with limits carries OpenAI-style `x-ratelimit-*` headers for the gateway's
+own tightest request and token limits. The provider's own `x-ratelimit-*` headers (which describe the
+gateway's provider account) are renamed `x-upstream-ratelimit-*`, so the two are never mixed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from ..accounting.pricing import PriceTable, cost_usd, format_usd
+from ..accounting.sink import cost_pusd
+from ..accounting.tokenizer import estimate_input_tokens
+from ..errors import ErrorKind, GatewayError, quote
+from ..limits.alerts import usd
+from ..limits.engine import Demand, RateState, Verdict, plan
+from ..limits.periods import period_end, period_id
+from ..limits.service import LimitsService, LimitsUnavailable
+from ..pipeline import Need, RequestContext, Stage
+from ..providers import ADAPTERS
+
+log = logging.getLogger("extproc.limits")
+
+# Bodies larger than this are tokenized in a worker thread (the Rust encoder releases the GIL; a
+# small body costs less than the thread hop).
+_THREAD_TOKENIZE_BYTES = 64 * 1024
+_UPSTREAM_PREFIX = "x-ratelimit-"
+
+
+@dataclass(slots=True)
+class _Held:
+    demand: Demand
+    headers: dict[str, str]
+
+
+def go_duration(seconds: float) -> str:
+    """A duration the way OpenAI's x-ratelimit-reset-* headers write it ("20ms", "1.5s", "6m0s")."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{text}s" if minutes else f"{text}s"
+
+
+def rate_headers(verdict: Verdict) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for what, name in (("requests", "requests"), ("tokens", "tokens")):
+        state: RateState | None = verdict.tightest(what)  # type: ignore[arg-type]
+        if state is None:
+            continue
+        out[f"x-ratelimit-limit-{name}"] = str(state.check.limit)
+        out[f"x-ratelimit-remaining-{name}"] = str(state.remaining)
+        out[f"x-ratelimit-reset-{name}"] = go_duration(state.reset)
+    return out
+
+
+class LimitsStage(Stage):
+    name = "limits"
+
+    def __init__(self, service: LimitsService, prices: PriceTable, default_max_output_tokens: int = 4096) -> None:
+        self.service = service
+        self.prices = prices
+        self.default_max_output_tokens = default_max_output_tokens
+
+    async def request_body(self, ctx: RequestContext) -> None:
+        route, identity = ctx.route, ctx.identity
+        if route is None:
+            return
+        # Every routed response: the provider's x-ratelimit-* headers are renamed.
+        ctx.need(Need.HEADERS)
+        if identity is None:
+            return
+        rules = identity.limits.for_model(route.public_model)
+        if not rules:
+            return
+        tokens = pusd = 0
+        if any(r.needs_tokens or r.needs_cost for r in rules):
+            adapter = ADAPTERS[route.schema]
+            body = ctx.json
+            output = adapter.max_output_tokens(body) or self.default_max_output_tokens
+            if ctx.body is not None and len(ctx.body) > _THREAD_TOKENIZE_BYTES:
+                prompt = await asyncio.to_thread(estimate_input_tokens, route.schema, body, route.upstream_model)
+            else:
+                prompt = estimate_input_tokens(route.schema, body, route.upstream_model)
+            tokens = prompt + output
+            if any(r.needs_cost for r in rules):
+                price = self.prices.price(route.upstream_model)
+                if price is None:
+                    # A budget in USD cannot count what has no price: refuse rather than let the
+                    # request bypass the budget.
+                    raise GatewayError(
+                        ErrorKind.FORBIDDEN,
+                        f"The model {quote(route.public_model)} has no price, and a USD budget applies to this "
+                        "key; ask the gateway's operators to add its price (gateway.yaml `pricing:`).",
+                        "unpriced_model",
+                        "model",
+                    )
+                pusd = cost_pusd(format_usd(cost_usd(price, prompt, output_tokens=output))) or 0
+        demand = Demand(ctx.request_id, identity.tenant, plan(rules, tokens, pusd), tokens, pusd)
+        try:
+            verdict = await self.service.acquire(demand)
+        except LimitsUnavailable:
+            raise GatewayError(
+                ErrorKind.UNAVAILABLE,
+                "The gateway cannot check rate limits right now; retry shortly.",
+                "limits_unavailable",
+                headers={"retry-after": "1"},
+            ) from None
+        headers = rate_headers(verdict)
+        if not verdict.allowed:
+            raise _refusal(verdict, headers)
+        ctx.state[self.name] = _Held(demand, headers)
+
+    async def response_headers(self, ctx: RequestContext) -> None:
+        for name, value in ctx.response_headers.items():
+            if name.startswith(_UPSTREAM_PREFIX):
+                ctx.remove_headers.append(name)
+                ctx.set_headers["x-upstream-" + name[2:]] = value
+        held: _Held | None = ctx.state.get(self.name)
+        if held is not None:
+            ctx.set_headers.update(held.headers)
+
+    async def finish(self, ctx: RequestContext) -> None:
+        held: _Held | None = ctx.state.pop(self.name, None)
+        if held is None:
+            return
+        demand = held.demand
+        usage = ctx.usage
+        if usage is None:
+            # No record (accounting off or it failed): the estimate stays charged (fail safe).
+            tokens, pusd = demand.tokens, demand.pusd
+        else:
+            tokens = usage.input_tokens + usage.output_tokens
+            spent = cost_pusd(usage.cost_usd)
+            pusd = demand.pusd if spent is None else spent
+        await self.service.settle(demand, tokens, pusd)
+
+
+def _refusal(verdict: Verdict, headers: dict[str, str]) -> GatewayError:
+    c = verdict.refused_by
+    assert c is not None
+    label = c.rule.label
+    if c.what == "concurrency":
+        return GatewayError(
+            ErrorKind.RATE_LIMITED,
+            f"Too many requests in flight for {label}: at most {c.limit} at once. Retry when one has finished.",
+            "concurrency_limit_exceeded",
+            headers={**headers, "retry-after": "1"},
+        )
+    if c.kind == "budget":
+        now = datetime.now(UTC)
+        period = c.rule.period
+        renews = period_end(period, now.date())
+        amount = (
+            f"{usd(verdict.used)} of {usd(c.limit)} USD"
+            if c.what == "budget_usd"
+            else (f"{verdict.used} of {c.limit} tokens")
+        )
+        return GatewayError(
+            ErrorKind.QUOTA_EXCEEDED,
+            f"Budget used up for {label}: {amount} this {period} ({period_id(period, now.date())}, counting "
+            f"requests in flight); it renews on {renews.isoformat()} UTC.",
+            "insufficient_quota",
+            headers=headers,
+        )
+    unit = "requests" if c.what == "requests" else "tokens"
+    if verdict.never:
+        return GatewayError(
+            ErrorKind.RATE_LIMITED,
+            f"This request needs {c.cost} tokens (its prompt plus the output it allows: max_tokens), more than "
+            f"the whole limit of {c.limit} tokens per minute for {label}; it can never pass. Lower max_tokens "
+            "or shorten the prompt.",
+            "rate_limit_exceeded",
+            headers=headers,
+        )
+    wait = max(1, math.ceil(verdict.retry_after or 1))
+    return GatewayError(
+        ErrorKind.RATE_LIMITED,
+        f"Rate limit reached for {label}: {c.limit} {unit} per minute. Retry after {wait}s.",
+        "rate_limit_exceeded",
+        headers={**headers, "retry-after": str(wait)},
+    )

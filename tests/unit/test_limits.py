@@ -1,0 +1,376 @@
+"""The limiters: GCRA and budget arithmetic at the boundaries, reservations and settlement, leases.
+
+Every scenario runs on both limiters, the in-memory one (embedded backend, outage fallback) and the
+Redis one (its Lua scripts against a real redis-server), so the two implementations cannot drift.
+Scenarios that need time to pass use a controllable clock locally and short real waits on Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime
+from typing import Any
+
+import pytest
+
+from extproc.accounting.sink import aggregate_key
+from extproc.limits.engine import WINDOW_US, Check, Demand, Limiter, gcra, plan, remaining
+from extproc.limits.local import FallbackLimiter, LocalLimiter
+from extproc.limits.periods import period_days, period_end, period_id, period_start, seconds_to_end
+from extproc.limits.redis import RedisLimiter
+from extproc.limits.spec import Limits, LimitsError, Rule, parse_limits, rules_of
+from extproc.store.redis import RedisBackend
+
+# -- pure arithmetic ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "burst", "passes"),
+    [(1, 1, 1), (1, 2, 1), (7, 7, 7), (7, 8, 7), (60, 60, 60), (1000, 1001, 1000), (3, 10, 3)],
+)
+def test_gcra_allows_exactly_the_limit_at_once(limit: int, burst: int, passes: int) -> None:
+    tat, now, ok_count = 0.0, 1e15, 0
+    interval = WINDOW_US / limit
+    for _ in range(burst):
+        ok, new, _ = gcra(tat, now, 1, interval)
+        if ok:
+            ok_count += 1
+            tat = new
+    assert ok_count == passes
+    assert remaining(tat, now, interval) == 0
+
+
+def test_gcra_has_no_double_burst_at_a_boundary() -> None:
+    """A fixed window lets N through just before its end and N more just after; GCRA lets through
+    only what came back in between."""
+    n, interval = 600, WINDOW_US / 600
+    tat, now = 0.0, 1e15
+    for _ in range(n):
+        ok, tat, _ = gcra(tat, now, 1, interval)
+        assert ok
+    later = now + 200_000  # 0.2 s later: 0.2 s x 10/s = 2 requests came back
+    passed = 0
+    for _ in range(n):
+        ok, new, _ = gcra(tat, later, 1, interval)
+        if not ok:
+            break
+        tat, passed = new, passed + 1
+    assert passed == 2
+
+
+@pytest.mark.parametrize(
+    ("cost", "elapsed_s", "ok", "wait_s"),
+    [
+        (1, 0.0, False, 0.1),  # full: the next unit comes back in one interval
+        (5, 0.0, False, 0.5),
+        (1, 0.1, True, 0.0),
+        (10, 0.5, False, 0.5),
+    ],
+)
+def test_gcra_retry_after(cost: int, elapsed_s: float, ok: bool, wait_s: float) -> None:
+    interval = WINDOW_US / 600  # 0.1 s per unit
+    now = 1e15
+    tat = now + WINDOW_US  # exactly full
+    passed, _, wait = gcra(tat, now + elapsed_s * 1e6, cost, interval)
+    assert passed is ok
+    assert wait / 1e6 == pytest.approx(wait_s, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("period", "day", "start", "end", "pid", "ndays"),
+    [
+        ("day", date(2026, 12, 6), date(2026, 12, 6), date(2026, 12, 7), "2026-12-06", 1),
+        ("week", date(2026, 12, 6), date(2026, 11, 30), date(2026, 12, 7), "2026-W49", 7),  # a Sunday
+        ("week", date(2026, 11, 30), date(2026, 11, 30), date(2026, 12, 7), "2026-W49", 1),  # a Monday
+        ("week", date(2027, 1, 1), date(2026, 12, 28), date(2027, 1, 4), "2026-W53", 5),  # ISO year
+        ("month", date(2026, 12, 31), date(2026, 12, 1), date(2027, 1, 1), "2026-12", 31),
+        ("month", date(2028, 2, 29), date(2028, 2, 1), date(2028, 3, 1), "2028-02", 29),
+        ("month", date(2026, 1, 1), date(2026, 1, 1), date(2026, 2, 1), "2026-01", 1),
+    ],
+)
+def test_budget_periods(period: Any, day: date, start: date, end: date, pid: str, ndays: int) -> None:
+    assert period_start(period, day) == start
+    assert period_end(period, day) == end
+    assert period_id(period, day) == pid
+    days = period_days(period, day)
+    assert len(days) == ndays and days[0] == start.isoformat() and days[-1] == day.isoformat()
+
+
+def test_seconds_to_end_of_period() -> None:
+    now = datetime(2026, 12, 31, 23, 59, 30, tzinfo=UTC)
+    assert seconds_to_end("day", now) == 30
+    assert seconds_to_end("month", now) == 30
+
+
+# -- spec -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"requests_per_minute": -1}, "requests_per_minute"),
+        ({"requests_per_minute": "ten"}, "requests_per_minute"),
+        ({"requests_per_minute": 1.5}, "whole number"),
+        ({"tokens_per_minute": True}, "whole number"),
+        ({"budget_usd": 0.1}, "quoted decimal"),
+        ({"budget_usd": "-3"}, "budget_usd"),
+        ({"budget_usd": "0"}, "more than 0"),
+        ({"period": "year"}, "period"),
+        ({"alert_at": [0]}, "alert_at"),
+        ({"models": {"gpt-{5}": {"requests_per_minute": 1}}}, "bad model glob"),
+        ({"models": {"gpt-5*": {"budget_usd": "1"}}}, "models.gpt-5*.budget_usd"),
+        ({"unknown": 1}, "unknown"),
+    ],
+)
+def test_bad_limits_name_the_field(data: dict[str, Any], error: str) -> None:
+    with pytest.raises(LimitsError, match=".") as info:
+        parse_limits(data, "tenants.acme.limits")
+    assert error in str(info.value)
+    assert str(info.value).startswith("tenants.acme.limits")
+
+
+def test_rules_and_model_globs() -> None:
+    spec = parse_limits(
+        {"requests_per_minute": 10, "budget_usd": "2.5", "models": {"gpt-5*": {"tokens_per_minute": 100}}}
+    )
+    rules = rules_of(spec, "acme", "tenant", "", 3)
+    assert [r.models for r in rules] == ["", "gpt-5*"]
+    assert rules[0].budget_pusd == 2_500_000_000_000
+    assert rules[0].state_scope == "tenant#3" and rules[0].scope == "tenant"
+    limits = Limits(rules)
+    assert len(limits.for_model("gpt-5.5")) == 2
+    assert len(limits.for_model("claude-sonnet")) == 1
+    key_rules = rules_of(parse_limits({"concurrent_requests": 2}), "acme", "key", "key_1", 0)
+    assert key_rules[0].scope == "key:key_1" and key_rules[0].label == "key key_1"
+
+
+# -- both limiters ----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time() * 1e6
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Harness:
+    """One limiter plus a way to set a budget's recorded spend and to let time pass."""
+
+    def __init__(self, limiter: Limiter, kind: str, backend: RedisBackend | None = None) -> None:
+        self.limiter = limiter
+        self.kind = kind
+        self.backend = backend
+        self.spend: dict[tuple[str, str, str, str], int] = {}
+        self.clock: Clock | None = None
+        self.tenant = f"t{uuid.uuid4().hex[:8]}"
+
+    async def set_spent(self, rule: Rule, field: str, value: int) -> None:
+        today = datetime.now(UTC).date().isoformat()
+        if self.backend is not None:
+            key = aggregate_key(self.backend.prefix, rule.tenant, today, rule.kind, rule.owner)
+            await self.backend.client.hset(key, field, value)  # type: ignore[misc]
+        else:
+            self.spend[(rule.kind, rule.owner, field, today)] = value
+
+    async def spent(self, rule: Rule, field: str, days: list[str]) -> int:
+        return sum(self.spend.get((rule.kind, rule.owner, field, d), 0) for d in days)
+
+    async def wait(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.t += seconds * 1e6
+        else:
+            await asyncio.sleep(seconds)
+
+    def rule(self, owner: str = "", **kw: Any) -> Rule:
+        kind = "key" if owner else "tenant"
+        return Rule(self.tenant, kind, owner, "", 0, **kw)  # type: ignore[arg-type]
+
+    def demand(self, rules: tuple[Rule, ...], tokens: int = 0, pusd: int = 0) -> Demand:
+        return Demand(uuid.uuid4().hex, self.tenant, plan(rules, tokens, pusd), tokens, pusd)
+
+
+@pytest.fixture(params=["local", "redis"])
+async def h(request: pytest.FixtureRequest, redis_url: str) -> AsyncIterator[Harness]:
+    if request.param == "local":
+        clock = Clock()
+        harness = Harness(LocalLimiter(None, lease_seconds=0.3, clock=clock), "local")
+        harness.limiter = LocalLimiter(harness.spent, lease_seconds=0.3, clock=clock)
+        harness.clock = clock
+        yield harness
+        return
+    backend = RedisBackend(redis_url, prefix=f"lim{uuid.uuid4().hex[:6]}:")
+    harness = Harness(RedisLimiter(backend, lease_seconds=0.3), "redis", backend)
+    yield harness
+    await backend.close()
+
+
+async def test_requests_per_minute_exactly_n_and_headers_count_down(h: Harness) -> None:
+    rules = (h.rule(rpm=5),)
+    seen = []
+    for _ in range(5):
+        v = await h.limiter.acquire(h.demand(rules))
+        assert v.allowed
+        state = v.tightest("requests")
+        assert state is not None
+        seen.append(state.remaining)
+    assert seen == [4, 3, 2, 1, 0]
+    v = await h.limiter.acquire(h.demand(rules))
+    assert not v.allowed and v.refused_by is not None and v.refused_by.what == "requests"
+    assert v.retry_after is not None and 0 < v.retry_after <= 12.0 + 1e-3
+    state = v.tightest("requests")
+    assert state is not None and state.remaining == 0
+
+
+async def test_a_refusal_charges_nothing(h: Harness) -> None:
+    """Every check or none: a request refused by its concurrency limit takes no request slot."""
+    rules = (h.rule(rpm=3, concurrency=1),)
+    first = h.demand(rules)
+    assert (await h.limiter.acquire(first)).allowed
+    refused = await h.limiter.acquire(h.demand(rules))
+    assert not refused.allowed and refused.refused_by is not None and refused.refused_by.what == "concurrency"
+    requests = refused.tightest("requests")
+    assert requests is not None and requests.remaining == 2  # reported, not charged
+    await h.limiter.settle(first, 0, 0)
+    assert (await h.limiter.acquire(h.demand(rules))).allowed
+    assert (await h.limiter.acquire(h.demand(rules))).allowed is False  # concurrency again
+
+
+async def test_tokens_reserved_then_settled_to_actual(h: Harness) -> None:
+    rules = (h.rule(tpm=1000),)
+    big = h.demand(rules, tokens=1000)
+    v = await h.limiter.acquire(big)
+    assert v.allowed
+    tokens = v.tightest("tokens")
+    assert tokens is not None and tokens.remaining == 0
+    assert not (await h.limiter.acquire(h.demand(rules, tokens=100))).allowed
+    await h.limiter.settle(big, 100, 0)  # used 100 of the 1000 reserved: 900 come back
+    nxt = await h.limiter.acquire(h.demand(rules, tokens=900))
+    assert nxt.allowed
+    state = nxt.tightest("tokens")
+    assert state is not None and state.remaining == 0
+
+
+async def test_settling_above_the_estimate_charges_the_difference(h: Harness) -> None:
+    rules = (h.rule(tpm=1000),)
+    d = h.demand(rules, tokens=100)
+    assert (await h.limiter.acquire(d)).allowed
+    await h.limiter.settle(d, 700, 0)
+    assert not (await h.limiter.acquire(h.demand(rules, tokens=301))).allowed
+    assert (await h.limiter.acquire(h.demand(rules, tokens=300))).allowed
+
+
+async def test_a_request_larger_than_the_whole_limit_never_passes(h: Harness) -> None:
+    v = await h.limiter.acquire(h.demand((h.rule(tpm=1000),), tokens=1001))
+    assert not v.allowed and v.never and v.retry_after is None
+
+
+async def test_concurrency_lease_expires_when_nobody_settles(h: Harness) -> None:
+    rules = (h.rule(concurrency=1),)
+    assert (await h.limiter.acquire(h.demand(rules))).allowed
+    assert not (await h.limiter.acquire(h.demand(rules))).allowed
+    await h.wait(0.4)  # lease 0.3 s: the holder died without settling
+    assert (await h.limiter.acquire(h.demand(rules))).allowed
+
+
+async def test_refresh_keeps_a_long_request_holding(h: Harness) -> None:
+    rules = (h.rule(concurrency=1),)
+    long = h.demand(rules)
+    assert (await h.limiter.acquire(long)).allowed
+    for _ in range(3):
+        await h.wait(0.2)
+        await h.limiter.refresh([long])
+    assert not (await h.limiter.acquire(h.demand(rules))).allowed
+    await h.limiter.settle(long, 0, 0)
+    assert (await h.limiter.acquire(h.demand(rules))).allowed
+
+
+async def test_budget_counts_spend_and_reservations(h: Harness) -> None:
+    rule = h.rule(budget_pusd=100, alert_at=(0.8, 1.0))
+    await h.set_spent(rule, "cost_pusd", 60)
+    first = h.demand((rule,), pusd=30)
+    v = await h.limiter.acquire(first)
+    assert v.allowed and v.budgets[0][1] == 60
+    second = h.demand((rule,), pusd=30)
+    assert (await h.limiter.acquire(second)).allowed  # 60 + 30 reserved < 100
+    third = await h.limiter.acquire(h.demand((rule,), pusd=1))
+    assert not third.allowed and third.used == 120 and third.refused_by is not None
+    assert third.refused_by.what == "budget_usd"
+    # The first settles at 5: recorded spend becomes 65 (the accounting stage records it first).
+    await h.set_spent(rule, "cost_pusd", 65)
+    await h.limiter.settle(first, 0, 5)
+    assert (await h.limiter.acquire(h.demand((rule,), pusd=1))).allowed  # 65 + 30 + 0 < 100
+
+
+async def test_budget_alerts_once_per_threshold(h: Harness) -> None:
+    rule = h.rule(budget_pusd=100, alert_at=(0.5, 0.8, 1.0))
+    sent = []
+    for spent in (40, 55, 60, 85, 120, 130):
+        d = h.demand((rule,), pusd=1)
+        v = await h.limiter.acquire(d)
+        await h.set_spent(rule, "cost_pusd", spent)
+        if v.allowed:
+            sent += [(a.threshold, a.used) for a in await h.limiter.settle(d, 0, 1)]
+    assert sent == [(0.5, 55), (0.8, 85), (1.0, 120)]
+
+
+async def test_key_and_tenant_rules_both_apply(h: Harness) -> None:
+    tenant_rule = h.rule(rpm=3)
+    key_a, key_b = h.rule("key_a", rpm=2), h.rule("key_b", rpm=2)
+    assert (await h.limiter.acquire(h.demand((tenant_rule, key_a)))).allowed
+    assert (await h.limiter.acquire(h.demand((tenant_rule, key_a)))).allowed
+    v = await h.limiter.acquire(h.demand((tenant_rule, key_a)))
+    assert not v.allowed and v.refused_by is not None and v.refused_by.rule.owner == "key_a"
+    assert (await h.limiter.acquire(h.demand((tenant_rule, key_b)))).allowed
+    v = await h.limiter.acquire(h.demand((tenant_rule, key_b)))
+    assert not v.allowed and v.refused_by is not None and v.refused_by.rule.kind == "tenant"
+
+
+async def test_a_reset_epoch_starts_counters_over(h: Harness) -> None:
+    rule = h.rule(rpm=1)
+    assert (await h.limiter.acquire(h.demand((rule,)))).allowed
+    assert not (await h.limiter.acquire(h.demand((rule,)))).allowed
+    reset = Rule(rule.tenant, rule.kind, rule.owner, "", 1, rpm=1)
+    assert (await h.limiter.acquire(h.demand((reset,)))).allowed
+
+
+async def test_concurrent_acquires_never_overshoot(h: Harness) -> None:
+    rules = (h.rule(rpm=50, concurrency=1000),)
+    results = await asyncio.gather(*(h.limiter.acquire(h.demand(rules)) for _ in range(200)))
+    assert sum(v.allowed for v in results) == 50
+
+
+# -- the outage fallback ------------------------------------------------------------------------------
+
+
+async def test_fallback_divides_limits_and_budget_remainders() -> None:
+    clock = Clock()
+    fb = FallbackLimiter(divisor=4, lease_seconds=30)
+    fb.clock = clock
+    rule = Rule("acme", "tenant", "", "", 0, rpm=100, budget_pusd=1000)
+    passed = 0
+    for _ in range(40):
+        d = Demand(uuid.uuid4().hex, "acme", plan((rule,), 0, 0))
+        passed += (await fb.acquire(d)).allowed
+    assert passed == 25  # the budget was never seen in Redis: not checked, rpm 100 / 4
+    budget_only = Rule("acme", "tenant", "", "", 0, budget_pusd=1000)
+    check = plan((budget_only,), 0, 10)[0]
+    fb.remember("acme", [(check, 600)])  # 400 left when Redis went away: 100 per replica
+    spent = 0
+    while True:
+        d = Demand(uuid.uuid4().hex, "acme", plan((budget_only,), 0, 10), 0, 10)
+        if not (await fb.acquire(d)).allowed:
+            break
+        await fb.settle(d, 0, 30)
+        spent += 30
+    assert spent == 120  # 0, 30, 60, 90 used < 100 pass; overshoot by at most one request
+    fb.forget()
+    assert fb.known == {} and fb.settled == {}
+
+
+def test_check_interval() -> None:
+    c = Check("requests", Rule("t", "tenant", "", "", 0, rpm=600), 600, 1)
+    assert c.interval == 100_000 and c.kind == "rate"
