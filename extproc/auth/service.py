@@ -14,7 +14,7 @@ from typing import Any
 from ..config import GatewayConfig
 from ..limits.spec import EPOCH_FIELD, LimitSpec
 from .keys import Identity, Tenant, VirtualKey, display_prefix, hash_key, mint, new_secret
-from .store import KeyStore
+from .store import KeyStore, StoreUnavailable
 
 _MAX_CACHE = 100_000
 
@@ -82,8 +82,12 @@ class KeyService:
         if static is None:
             return await self.store.get_tenant(name)
         # A tenant from gateway.yaml may have a stored record holding only what the CLI may change
-        # for it: the limits reset epoch (`extproc limits reset`).
-        overlay = await self.store.get_tenant(name)
+        # for it: the limits reset epoch (`extproc limits reset`). A static tenant keeps working
+        # while the store is unreachable (without a reset made meanwhile).
+        try:
+            overlay = await self.store.get_tenant(name)
+        except StoreUnavailable:
+            return static
         if overlay is not None and overlay.policy.get(EPOCH_FIELD):
             return replace(static, policy={**static.policy, EPOCH_FIELD: overlay.policy[EPOCH_FIELD]})
         return static

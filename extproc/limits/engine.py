@@ -99,6 +99,11 @@ class RateState:
     remaining: int
     # Seconds until the limit is back to full.
     reset: float
+    # The limit in force (the outage fallback's share is smaller than the configured one).
+    limit: int = 0
+
+    def __post_init__(self) -> None:
+        self.limit = self.limit or self.check.limit
 
 
 @dataclass(slots=True)

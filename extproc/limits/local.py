@@ -108,12 +108,14 @@ class LocalLimiter(Limiter):
         if not verdict.allowed:
             # Nothing is charged: report each rate limit as it stands.
             verdict.budgets = []
-            verdict.rates = [RateState(c, remaining(t, now, iv), (t - now) / 1e6) for c, t, iv in rate_tats]
+            verdict.rates = [
+                RateState(c, remaining(t, now, iv), (t - now) / 1e6, self.limit_of(c)) for c, t, iv in rate_tats
+            ]
             return verdict
         after = dict(new_tats)
         for c, t, iv in rate_tats:
             charged = after.get((demand.tenant, c.rule.state_scope, c.what), t)
-            verdict.rates.append(RateState(c, remaining(charged, now, iv), (charged - now) / 1e6))
+            verdict.rates.append(RateState(c, remaining(charged, now, iv), (charged - now) / 1e6, self.limit_of(c)))
         for tkey, tat_new in new_tats:
             self.tat[tkey] = tat_new
         expiry = now + self.lease_us

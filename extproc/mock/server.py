@@ -199,6 +199,7 @@ class MockProvider:
         app.router.add_get("/_mock/requests", self.list_requests)
         app.router.add_delete("/_mock/requests", self.clear_requests)
         app.router.add_get("/_mock/health", self.health)
+        app.on_response_prepare.append(_rate_limit_headers)
         return app
 
     # -- control endpoints ------------------------------------------------------------------------
@@ -428,6 +429,34 @@ class MockProvider:
         assert steering is not None
         tokens = self._anthropic_input(steering, body)
         return web.Response(body=orjson.dumps({"input_tokens": tokens}), content_type="application/json")
+
+
+# What the real APIs send about the caller's own rate limits on every answer (OpenAI: "Rate limits"
+# guide, response headers; Anthropic: "Rate limits", response headers). Fixed figures: the gateway
+# only has to keep them apart from its own.
+OPENAI_RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "10000",
+    "x-ratelimit-limit-tokens": "30000000",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-remaining-tokens": "29999000",
+    "x-ratelimit-reset-requests": "6ms",
+    "x-ratelimit-reset-tokens": "2ms",
+}
+ANTHROPIC_RATE_LIMIT_HEADERS = {
+    "anthropic-ratelimit-requests-limit": "4000",
+    "anthropic-ratelimit-requests-remaining": "3999",
+    "anthropic-ratelimit-requests-reset": "2026-01-01T00:00:01Z",
+    "anthropic-ratelimit-tokens-limit": "2000000",
+    "anthropic-ratelimit-tokens-remaining": "1999000",
+    "anthropic-ratelimit-tokens-reset": "2026-01-01T00:00:01Z",
+}
+
+
+async def _rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    if request.path == "/v1/chat/completions":
+        response.headers.update(OPENAI_RATE_LIMIT_HEADERS)
+    elif request.path.startswith("/v1/messages"):
+        response.headers.update(ANTHROPIC_RATE_LIMIT_HEADERS)
 
 
 async def serve(host: str, port: int, options: MockOptions | None = None) -> None:

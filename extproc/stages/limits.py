@@ -63,7 +63,7 @@ def rate_headers(verdict: Verdict) -> dict[str, str]:
         state: RateState | None = verdict.tightest(what)  # type: ignore[arg-type]
         if state is None:
             continue
-        out[f"x-ratelimit-limit-{name}"] = str(state.check.limit)
+        out[f"x-ratelimit-limit-{name}"] = str(state.limit)
         out[f"x-ratelimit-remaining-{name}"] = str(state.remaining)
         out[f"x-ratelimit-reset-{name}"] = go_duration(state.reset)
     return out

@@ -49,8 +49,11 @@ def free_ports() -> LocalPorts:
     return LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=free_port())
 
 
-def write_config(workdir: Path, redis: bool, prefix: str | None = None) -> Path:
-    """The shipped gateway.yaml with the store pointed at this test's Redis prefix or a tmp file."""
+def write_config(
+    workdir: Path, redis: bool, prefix: str | None = None, overrides: dict[str, Any] | None = None
+) -> Path:
+    """The shipped gateway.yaml with the store pointed at this test's Redis prefix or a tmp file, and
+    `overrides` (top-level sections, merged one level deep) on top."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load((ROOT / "gateway.yaml").read_text())
     # The mock provider is steered by x-mock-* headers: let them through the per-provider allow-list.
@@ -62,6 +65,11 @@ def write_config(workdir: Path, redis: bool, prefix: str | None = None) -> Path:
         data["store"] = {"backend": "redis", "redis_prefix": prefix or f"e2e{uuid.uuid4().hex[:8]}:"}
     else:
         data["store"] = {"backend": "embedded", "path": str(workdir / "state.db")}
+    for section, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(section), dict):
+            data[section] = {**data[section], **value}
+        else:
+            data[section] = value
     path = workdir / "gateway.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -145,8 +153,14 @@ def server_in_thread(admin: Admin, stack: Stack, extra_stages: tuple[Stage, ...]
     assert not thread.is_alive()
 
 
-def make_stack(workdir: Path, redis_url: str | None, prefix: str | None = None, **kw: Any) -> tuple[Stack, Admin]:
-    config = write_config(workdir, redis=redis_url is not None, prefix=prefix)
+def make_stack(
+    workdir: Path,
+    redis_url: str | None,
+    prefix: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    **kw: Any,
+) -> tuple[Stack, Admin]:
+    config = write_config(workdir, redis=redis_url is not None, prefix=prefix, overrides=overrides)
     env = {**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {})}
     stack = Stack(
         gateway_config=config,

@@ -33,11 +33,12 @@ import pytest
 import yaml
 from redis import Redis, RedisError
 
-from extproc.accounting.sink import PUSD_PER_USD, RedisUsageSink, Scope, tenant_tag
+from extproc.accounting.sink import PUSD_PER_USD, RedisUsageSink, Scope
 from extproc.accounting.spool import Spool
 from extproc.config import load_config
 from extproc.devstack import Stack, free_port, tcp_open, wait_until
 from extproc.store import RedisBackend
+from extproc.store.redis import tenant_tag
 from tests.e2e.conftest import Admin, make_stack
 from tests.e2e.test_accounting import MSGS
 

@@ -272,7 +272,9 @@ def envoy_allocated(stack: Stack) -> int:
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: on a loaded machine the mock writes too slowly to fill Envoy in the test's 10 s,
+    # and the defect does not show (seen once while a benchmark ran beside the suite).
+    strict=False,
     reason="Known defect: with the response body STREAMED through ext_proc (accounting reads every "
     "stream), Envoy 1.40 reads ~16-28 MiB of a stream whose client stopped reading before it pauses "
     "the upstream (then flat), whatever the listener and cluster buffer limits (tried 64 KiB both); "

@@ -35,12 +35,11 @@ from extproc.accounting.sink import (
     cost_pusd,
     increments,
     pusd_to_usd,
-    tenant_tag,
 )
 from extproc.accounting.spool import SEGMENT_PREFIX, Spool
 from extproc.devstack import free_port, tcp_open, wait_until
 from extproc.store.embedded import EmbeddedBackend
-from extproc.store.redis import RedisBackend
+from extproc.store.redis import RedisBackend, tenant_tag
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = datetime(2025, 3, 4, 12, 0, tzinfo=UTC)
