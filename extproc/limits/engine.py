@@ -159,7 +159,9 @@ def gcra(tat: float, now: float, cost: int, interval: float) -> tuple[bool, floa
 
 def remaining(tat: float, now: float, interval: float) -> int:
     """Units left in the window at `now` for a TAT."""
-    return max(0, math.floor((WINDOW_US - max(0.0, tat - now) + EPS_US) / interval))
+    units = math.floor((WINDOW_US - max(0.0, tat - now) + EPS_US) / interval)
+    # The slack must not show as more than the limit (it would for limits above ~1M a minute).
+    return max(0, min(units, round(WINDOW_US / interval)))
 
 
 class Limiter(abc.ABC):

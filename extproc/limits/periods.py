@@ -6,6 +6,7 @@ of a period is the sum of its days so far.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, date, datetime, timedelta
 
 from .spec import Period
@@ -29,10 +30,16 @@ def period_end(period: Period, day: date) -> date:
     return (start.replace(day=28) + timedelta(days=4)).replace(day=1)
 
 
-def period_days(period: Period, day: date) -> list[str]:
-    """ "YYYY-MM-DD" of every day of the period from its start up to and including `day`."""
+@functools.lru_cache(maxsize=64)
+def _days(period: Period, day: date) -> tuple[str, ...]:
     start = period_start(period, day)
-    return [(start + timedelta(days=i)).isoformat() for i in range((day - start).days + 1)]
+    return tuple((start + timedelta(days=i)).isoformat() for i in range((day - start).days + 1))
+
+
+def period_days(period: Period, day: date) -> list[str]:
+    """ "YYYY-MM-DD" of every day of the period from its start up to and including `day` (cached:
+    every budget check asks)."""
+    return list(_days(period, day))
 
 
 def period_id(period: Period, day: date) -> str:

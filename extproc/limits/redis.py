@@ -22,15 +22,13 @@ Amounts are passed to HINCRBY as the decimal text the gateway wrote, never throu
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from typing import Any
-
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..accounting.sink import aggregate_key
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend, tenant_tag
+from ..store.resp import ReplyError
 from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateState, Verdict, remaining
 from .periods import period_days, period_id, seconds_to_end
 
@@ -120,7 +118,7 @@ end
 for _, r in ipairs(rates) do
   local at = r[3]
   if failed > 0 then at = r[2] end
-  state[r[1]] = math.floor((window - (at - now) + 1) / r[4])
+  state[r[1]] = math.min(math.floor((window - (at - now) + 1) / r[4]), math.floor(window / r[4] + 0.5))
   state[r[1] + 1] = math.ceil(at - now)
 end
 if failed > 0 then
@@ -218,8 +216,6 @@ class RedisLimiter(Limiter):
         self.client = backend.client
         self.prefix = backend.prefix
         self.lease_us = int(lease_seconds * 1e6)
-        self._acquire = self.client.register_script(ACQUIRE)
-        self._settle = self.client.register_script(SETTLE)
 
     def _base(self, tenant: str) -> str:
         return f"{self.prefix}{tenant_tag(tenant)}:"
@@ -235,16 +231,12 @@ class RedisLimiter(Limiter):
         kind = c.rule.kind
         return [aggregate_key(self.prefix, tenant, day, kind, c.rule.owner) for day in days]
 
-    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await asyncio.wait_for(script(keys=keys, args=args), self.backend.timeout * 2)
-        except NoScriptError:  # pragma: no cover - redis-py's Script reloads it itself
-            raise StoreUnavailable("redis: script cache lost") from None
-        except ResponseError as err:
+            return await self.backend.script(script, keys, args)
+        except ReplyError as err:
             # A reply, not an outage: a bug in the script or a key of the wrong type. Fail safe.
-            raise StoreUnavailable(f"redis refused the limits script: {err}") from None
-        except (RedisError, OSError, TimeoutError) as err:
-            raise StoreUnavailable(f"redis: {type(err).__name__}") from None
+            raise StoreUnavailable(f"redis refused the limits script: {str(err)[:200]}") from None
 
     async def acquire(self, demand: Demand) -> Verdict:
         keys: list[str] = []
@@ -261,7 +253,7 @@ class RedisLimiter(Limiter):
                 days = period_days(c.rule.period, day)
                 keys += [*self._res_keys(demand.tenant, c), *self._day_keys(demand.tenant, c, days)]
                 args += ["b", c.field, c.limit, c.cost, len(days)]
-        res = await self._run(self._acquire, keys, args)
+        res = await self._run(ACQUIRE, keys, args)
         allowed = int(res[0]) == 1
         verdict = Verdict(allowed)
         for i, c in enumerate(demand.checks):
@@ -315,7 +307,7 @@ class RedisLimiter(Limiter):
             passed.append(c)
         if not passed:
             return []
-        res = await self._run(self._settle, keys, args)
+        res = await self._run(SETTLE, keys, args)
         alerts: list[Alert] = []
         for j in range(0, len(res), 3):
             c = passed[int(res[j]) - 1]

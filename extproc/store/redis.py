@@ -10,12 +10,13 @@ import asyncio
 import re
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from .errors import StoreUnavailable
+from .resp import ReplyError, RespConnection
 
 T = TypeVar("T")
 _TENANT = re.compile(r"[A-Za-z0-9_-]+")
@@ -40,6 +41,9 @@ class RedisBackend:
         self.timeout = timeout
         # Local files this process keeps even with Redis (the usage spool, the default SQLite ledger).
         self.state_dir = state_dir or Path(".extproc")
+        # The request path's script calls go through one pipelined connection of its own (see resp.py).
+        self.fast = RespConnection(url, timeout)
+        self._shas: dict[str, str] = {}
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -58,5 +62,20 @@ class RedisBackend:
     async def ping(self) -> None:
         await self.call(self.client.ping())
 
+    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script by its SHA on the fast connection, loading it once when Redis does not
+        know it (first use, or after a restart). Raises StoreUnavailable, or ReplyError when the
+        script itself failed."""
+        sha = self._shas.get(source)
+        if sha is not None:
+            try:
+                return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+            except ReplyError as err:
+                if not str(err).startswith("NOSCRIPT"):
+                    raise
+        sha = self._shas[source] = await self.fast.call("SCRIPT", "LOAD", source)
+        return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+
     async def close(self) -> None:
+        await self.fast.close()
         await self.client.aclose()

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extproc.config import ConfigError, load_config, parse_config
 
@@ -61,3 +62,18 @@ def test_yaml_errors_and_missing_files(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_the_readme_config_example_is_valid() -> None:
+    """The full example in the README is what operators copy: it must load as it is written
+    (placeholders aside)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Configuration: `gateway.yaml`", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    text = block.group(1).replace('"<64 hex chars: sha256 of the secret>"', '"' + "0" * 64 + '"')
+    config = parse_config(yaml.safe_load(text))
+    assert config.tenants["platform"].limits is not None
+    assert config.limits.failure_mode == "open"

@@ -59,11 +59,13 @@ def test_kustomization_files_and_config_map_names() -> None:
 def test_k8s_gateway_config_is_the_repo_one_with_redis() -> None:
     repo = yaml.safe_load((ROOT / "gateway.yaml").read_text())
     k8s = yaml.safe_load((K8S / "gateway.yaml").read_text())
-    own = ("store", "ledger", "usage")
+    own = ("store", "ledger", "usage", "limits")
     assert {k: v for k, v in k8s.items() if k not in own} == {k: v for k, v in repo.items() if k not in own}
     config = load_config(K8S / "gateway.yaml")
     assert config.store.backend == "redis", "replicas need the shared store"
     assert config.ledger.database_url_env == "DATABASE_URL", "replicas share one durable ledger"
+    replicas = deployment()["spec"]["replicas"]
+    assert config.limits.expected_replicas == replicas, "the outage fallback divides limits by the replicas"
 
 
 def test_local_state_is_on_a_writable_volume() -> None:

@@ -482,3 +482,49 @@ def test_cli_changes(current: dict[str, Any], argv: list[str], expected: dict[st
 
     args = build_parser().parse_args(["limits", "set", "--tenant", "t", *argv])
     assert apply_changes(current, args).to_dict() == expected
+
+
+# -- the embedded backend's budget spend ----------------------------------------------------------------
+
+
+async def test_embedded_spend_is_the_ledger_before_start_plus_this_process(tmp_path: Any) -> None:
+    """After a restart the in-memory aggregates start at zero: the spend of the period before this
+    process started comes from the ledger (once), and what this process records is counted live, so
+    nothing is counted twice even after it reaches the ledger too."""
+    from datetime import timedelta
+
+    from extproc.accounting.record import UsageRecord
+    from extproc.accounting.sink import EmbeddedUsageSink
+    from extproc.accounting.spool import Spool
+    from extproc.ledger import SqliteLedger
+    from extproc.limits.service import EmbeddedSpend
+    from extproc.store.embedded import EmbeddedBackend
+
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    today = datetime.now(UTC).date()
+    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)  # every record in today's period
+    started = midnight + timedelta(seconds=40)
+    now = started + timedelta(seconds=1)
+
+    def rec(ts: datetime, cost: str, tokens: int, key: str = "key_a") -> UsageRecord:
+        return UsageRecord(
+            uuid.uuid4().hex, ts, tenant="acme", key_id=key, total_tokens=tokens, input_tokens=tokens, cost_usd=cost
+        )
+
+    earlier = [rec(started - timedelta(seconds=30), "0.25", 100), rec(started - timedelta(seconds=20), "0.5", 50, "k2")]
+    await ledger.insert(earlier)
+    sink = EmbeddedUsageSink(EmbeddedBackend(tmp_path / "state.db"), ledger, Spool(tmp_path / "spool", 2**24))
+    await sink.start()
+    spend = EmbeddedSpend(sink, ledger, started)
+    tenant_rule = Rule("acme", "tenant", "", "", 0, budget_pusd=10**15)
+    key_rule = Rule("acme", "key", "key_a", "", 0, budget_pusd=10**15)
+    days = period_days("day", now.date())
+    assert await spend(tenant_rule, "cost_pusd", days) == 750_000_000_000
+    assert await spend(key_rule, "total_tokens", days) == 100
+    live = rec(now, "1", 7)
+    await sink.record(live)
+    await sink.flush()  # now in the ledger too: still counted once
+    assert await spend(tenant_rule, "cost_pusd", days) == 1_750_000_000_000
+    assert await spend(key_rule, "total_tokens", days) == 107
+    await sink.close()
+    await ledger.close()
