@@ -134,12 +134,10 @@ def main() -> None:
     added_p50 = med("L", 1, "p50") - med("B", 1, "p50")
     ratio = med("L", 16, "rps") / med("B", 16, "rps")
     cpu_added = med("L", 16, "cpu_us") - med("B", 16, "cpu_us")
-    print(
-        f"\nlimits add {added_p50:+.2f} ms p50 at 1 connection (floor <= 0.3: {'met' if added_p50 <= 0.3 else 'NOT met'})"
-    )
-    print(
-        f"throughput with limits {ratio:.2f} x without at 16 connections (floor >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'})"
-    )
+    p50_verdict = "met" if added_p50 <= 0.3 else "NOT met"
+    rps_verdict = "met" if ratio >= 0.9 else "NOT met"
+    print(f"\nlimits add {added_p50:+.2f} ms p50 at 1 connection (floor <= 0.3: {p50_verdict})")
+    print(f"throughput with limits {ratio:.2f} x without at 16 connections (floor >= 0.90: {rps_verdict})")
     print(f"server CPU added per request: {cpu_added:+.0f} µs")
     summary: dict[str, Any] = {"added_p50_ms": added_p50, "rps_ratio_16": ratio, "cpu_added_us": cpu_added}
     print(summary)
