@@ -445,3 +445,21 @@ def test_redis_outage_uses_the_configured_failure_mode_then_recovers(
     finally:
         stack.stop()
         redis.stop()
+
+
+def test_anthropic_clients_get_their_own_error_shape(pair: Pair) -> None:
+    import anthropic
+
+    from tests.e2e.conftest import anthropic_client
+
+    key, key_id, _ = pair.key()
+    pair.limits("--key", key_id, "--rpm", "1")
+    client = anthropic_client(pair.a, key)
+    ok = client.messages.with_raw_response.create(model="sonnet", max_tokens=64, messages=MSGS)
+    assert ok.headers["x-ratelimit-remaining-requests"] == "0"
+    assert ok.headers["anthropic-ratelimit-requests-limit"] == "4000"  # the provider's own, untouched
+    with pytest.raises(anthropic.RateLimitError) as info:
+        client.messages.create(model="sonnet", max_tokens=64, messages=MSGS)
+    body = info.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "rate_limit_exceeded"

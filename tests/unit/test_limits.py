@@ -528,3 +528,53 @@ async def test_embedded_spend_is_the_ledger_before_start_plus_this_process(tmp_p
     assert await spend(key_rule, "total_tokens", days) == 107
     await sink.close()
     await ledger.close()
+
+
+async def test_alert_webhook_is_retried_until_it_answers() -> None:
+    from aiohttp import web
+
+    from extproc.devstack import free_port
+    from extproc.limits.alerts import AlertSender
+    from extproc.limits.engine import Alert
+
+    got: list[dict[str, Any]] = []
+    attempts = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            return web.Response(status=503)
+        got.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sender = AlertSender(f"http://127.0.0.1:{port}/hook", backoff=0.01)
+    await sender.start()
+    rule = Rule("acme", "key", "key_1", "", 0, budget_pusd=2 * 10**12, alert_at=(0.8,))
+    check = plan((rule,), 0, 0)[0]
+    sender.emit(Alert(check, 0.8, 1_600_000_000_000, "2026-12"))
+    await asyncio.wait_for(sender.drain(), 5)
+    assert attempts == 3 and sender.counters.webhook_delivered == 1
+    assert got == [
+        {
+            "type": "budget_alert",
+            "ts": got[0]["ts"],
+            "tenant": "acme",
+            "scope": "key",
+            "key_id": "key_1",
+            "budget": "usd",
+            "period": "month",
+            "period_id": "2026-12",
+            "threshold": 0.8,
+            "limit": "2",
+            "used": "1.6",
+        }
+    ]
+    await sender.close()
+    await runner.cleanup()
