@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .limits.spec import LimitSpec
+from .pii.policy import PiiSpec
 
 Schema = Literal["openai", "anthropic"]
 
@@ -179,6 +180,8 @@ class TenantConfig(_Strict):
     models: tuple[str, ...] | None = None
     # Rate limits, concurrency and budgets of the tenant as a whole (README, "Limits and budgets").
     limits: LimitSpec | None = None
+    # PII handling for this tenant: each field set here overrides the top-level `pii:`.
+    pii: PiiSpec | None = None
     # Defaults for later policy stages (limits, budgets, PII); keys override per field.
     policy: dict[str, Any] = Field(default_factory=dict)
 
@@ -276,6 +279,8 @@ class GatewayConfig(_Strict):
     pricing: dict[str, PriceConfig] = Field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    # PII and secret redaction defaults (README, "PII redaction"); absent: nothing is scanned.
+    pii: PiiSpec | None = None
     # Directory relative paths in this config are resolved against (the config file's).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -109,6 +109,7 @@ class RequestContext:
         "method",
         "outcome",
         "path",
+        "pii",
         "query",
         "remove_headers",
         "reply",
@@ -171,6 +172,8 @@ class RequestContext:
         # The exchange's usage record, set by the accounting stage in its finish (which runs before
         # the finish of every stage ahead of it in the pipeline, e.g. limits settling on it).
         self.usage: UsageRecord | None = None
+        # Entities the PII stage redacted from the request, per type (for the usage record).
+        self.pii: dict[str, int] | None = None
 
     def need(self, what: Need) -> None:
         """Declare what this request's response must show the stages (during the request phases)."""

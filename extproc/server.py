@@ -29,7 +29,8 @@ from .limits.redis import RedisLimiter
 from .limits.service import EmbeddedLimitsState, EmbeddedSpend, LimitsService, limits_state_path, snapshot_forever
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .stages import AccountingStage, AdmissionStage, LimitsStage, default_stages
+from .stages import AccountingStage, AdmissionStage, LimitsStage, PiiStage, default_stages
+from .stages.pii import hash_key_from_env, pii_wanted
 from .store import Backend, RedisBackend, open_backend
 from .wire import external_processor_pb2_grpc as ep_grpc
 
@@ -68,6 +69,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
     provider_auth = load_provider_auth(config)
+    pii_hash_key = hash_key_from_env(config)  # a missing secret stops the start, like a provider key
     prices = PriceTable.from_config(config)
     # Loaded now (~0.8 s, ~44 MB) rather than at the first aborted stream: memory is what it will
     # be in production from the start, and no estimate waits for it.
@@ -103,7 +105,8 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     limits, stop_limits = await start_limits(config, backend, sink, ledger)
     closers.extend(stop_limits)
     limits_stage = LimitsStage(limits, prices, config.limits.default_max_output_tokens)
-    stages = default_stages(config, keys, provider_auth, accounting, limits_stage)
+    pii = PiiStage(config, pii_hash_key) if pii_wanted(config) else None
+    stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
     trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
 

@@ -7,6 +7,7 @@ and SQLite would keep it; both now refuse it the same way.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from decimal import Context, Decimal, InvalidOperation
@@ -81,7 +82,17 @@ def prepare(record: UsageRecord) -> Row:
     values = {name: getattr(record, name) for name in COLUMNS}
     values["ts"] = utc(record.ts)
     values["cost_usd"] = parse_cost(record.request_id, record.cost_usd)
+    values["pii"] = pii_text(record.request_id, record.pii)
     return Row(values)
+
+
+def pii_text(request_id: str, pii: Any) -> str | None:
+    """The per-type counts as the JSON text both ledgers store (sorted keys: one text per value)."""
+    if pii is None:
+        return None
+    if not isinstance(pii, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in pii.items()):
+        raise InvalidRecord(f"record {request_id!r}: pii must map entity types to counts")
+    return json.dumps(pii, sort_keys=True, separators=(",", ":")) if pii else None
 
 
 def validate_record(record: UsageRecord) -> None:
@@ -98,4 +109,6 @@ def to_record(values: dict[str, Any]) -> UsageRecord:
     out["cost_usd"] = None if cost is None else decimal_text(Decimal(cost))
     for name in _BOOLEANS:
         out[name] = bool(out[name])
+    pii = out.get("pii")
+    out["pii"] = json.loads(pii) if isinstance(pii, str) else pii
     return UsageRecord(**out)

@@ -63,6 +63,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             f"CREATE INDEX {TABLE}_model_ts ON {TABLE} (model, ts)",
         ),
     ),
+    # Counts per entity type the PII stage redacted, as a JSON object ({"EMAIL": 2}); NULL: none.
+    Migration(2, "usage_records.pii", (f"ALTER TABLE {TABLE} ADD COLUMN pii TEXT",)),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -15,6 +15,7 @@ from .headers import StripInternalHeaders
 from .hygiene import RequestHygieneStage
 from .limits import LimitsStage
 from .models import ModelsStage
+from .pii import PiiStage
 from .route import RoutingStage
 from .upstream_headers import UpstreamHeadersStage
 
@@ -25,6 +26,7 @@ def default_stages(
     provider_auth: dict[str, ProviderAuth],
     accounting: AccountingStage | None = None,
     limits: LimitsStage | None = None,
+    pii: PiiStage | None = None,
 ) -> list[Stage]:
     router = Router(config)
     server = config.server
@@ -38,8 +40,12 @@ def default_stages(
         EndpointStage(),
         RoutingStage(router),
         ModelAccessStage(),
-        ProviderCredentialsStage(provider_auth),
     ]
+    if pii is not None:
+        # Once the tenant and model are known; before anything estimates tokens from the text (the
+        # provider is billed for the redacted text). Its response hooks run last: the client's view.
+        stages.append(pii)
+    stages.append(ProviderCredentialsStage(provider_auth))
     if limits is not None:
         # After routing and the model check (it needs the tenant, key and model), and before
         # accounting: its finish then runs after accounting's and settles on the usage record.
@@ -61,6 +67,7 @@ __all__ = [
     "LimitsStage",
     "ModelAccessStage",
     "ModelsStage",
+    "PiiStage",
     "ProviderCredentialsStage",
     "RequestHygieneStage",
     "RoutingStage",

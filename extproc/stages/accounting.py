@@ -147,6 +147,7 @@ class AccountingStage(Stage):
             self.counters.failures += 1
             rec = self._bare(ctx)
             rec.error_code = rec.error_code or "accounting_error"
+        rec.pii = ctx.pii
         self.counters.records += 1
         self.counters.estimated += rec.estimated
         ctx.usage = rec

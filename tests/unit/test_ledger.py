@@ -144,7 +144,7 @@ async def filled(ledger: Ledger) -> Ledger:
 async def test_migrate_is_repeatable(ledger: Ledger) -> None:
     assert await ledger.migrate() == []
     assert await ledger.migrate() == []
-    assert await ledger.schema_version() == ledger.latest_version == 1
+    assert await ledger.schema_version() == ledger.latest_version == 2
     await ledger.check_schema()
 
 
@@ -161,6 +161,31 @@ async def table_columns(ledger: Ledger) -> list[str]:
         return [str(row[0]) for row in await cur.fetchall()]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_an_existing_v1_ledger_upgrades_in_place(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A ledger created before the pii column keeps its rows and gains the column (migration 2)."""
+    url = request.getfixturevalue("pg_schema_url") if backend == "postgres" else None
+
+    def make() -> Ledger:
+        return SqliteLedger(tmp_path / "old.db") if url is None else PostgresLedger(url)
+
+    old = make()
+    old.migrations = old.migrations[:1]  # type: ignore[misc]
+    assert await old.migrate() == [1]
+    await old.close()
+    led = make()
+    try:
+        assert await led.migrate() == [2]
+        rec = UsageRecord("upgraded", datetime(2026, 12, 6, tzinfo=UTC), tenant="t", pii={"EMAIL": 2, "PHONE": 1})
+        assert await led.insert([rec, UsageRecord("plain", datetime(2026, 12, 6, tzinfo=UTC))]) == 2
+        got = {r.request_id: r.pii for r in await led.list(limit=10)}
+        assert got == {"upgraded": {"EMAIL": 2, "PHONE": 1}, "plain": None}
+    finally:
+        await led.close()
+
+
 async def test_columns_are_the_record_fields(ledger: Ledger) -> None:
     """The record's field names are a contract: the table holds exactly them, plus the sequence."""
     assert await table_columns(ledger) == ["seq", *COLUMNS]
@@ -168,7 +193,7 @@ async def test_columns_are_the_record_fields(ledger: Ledger) -> None:
 
 async def test_postgres_types_and_indexes(pg_schema_url: str) -> None:
     async with PostgresLedger(pg_schema_url) as led:
-        assert await led.migrate() == [1]
+        assert await led.migrate() == [1, 2]
     async with await psycopg.AsyncConnection.connect(pg_schema_url) as conn:
         cur = await conn.execute(
             "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
@@ -195,7 +220,7 @@ async def test_postgres_concurrent_migrations_apply_once(pg_schema_url: str) -> 
     finally:
         for led in ledgers:
             await led.close()
-    assert sorted(results) == [[], [], [1]]
+    assert sorted(results) == [[], [], [1, 2]]
 
 
 async def test_postgres_unmigrated_schema_is_refused_with_the_fix(pg_schema_url: str) -> None:

@@ -1,0 +1,515 @@
+"""Finding personal data and secrets in text.
+
+Each entity type is a candidate scan (a regex compiled once, by hand: this is the hot path) followed
+by a validator that cuts false positives with the real rules, from well-kept libraries where they
+exist: `phonenumbers` (Google's libphonenumber metadata) decides whether digits are a phone number of
+some country, `python-stdnum` checks IBANs (country length and format, mod 97), Luhn and US SSN
+rules, `ipaddress` parses addresses. Scans are skipped outright when the text lacks what every
+candidate of the type needs (an "@", a digit, a ":"), so plain prose costs a few passes of C code.
+
+Overlaps are settled by specificity: a secret or a card number wins over a phone number made of the
+same digits, an IBAN over the digits inside it, an e-mail over an IP address in its domain.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Final
+
+import phonenumbers
+from stdnum import iban as stdnum_iban
+from stdnum import luhn
+from stdnum.us import ssn as stdnum_ssn
+
+ENTITY_TYPES: Final = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "IP_ADDRESS", "SECRET")
+# Higher wins when two findings overlap.
+_PRIORITY: Final = {"SECRET": 7, "CREDIT_CARD": 6, "IBAN": 5, "EMAIL": 4, "US_SSN": 3, "IP_ADDRESS": 2, "PHONE": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    type: str
+    start: int
+    end: int
+
+
+# -- EMAIL ----------------------------------------------------------------------------------------
+
+_EMAIL = re.compile(
+    r"(?<![A-Za-z0-9._%+\-/])"
+    r"([A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))"
+    r"(?![A-Za-z0-9\-]|\.[A-Za-z0-9])"
+)
+# "icon@2x.png", "image@3x.webp": asset names, not addresses.
+_FILE_EXTENSIONS: Final = frozenset(
+    [
+        "png",
+        "jpg",
+        "jpeg",
+        "gif",
+        "svg",
+        "webp",
+        "bmp",
+        "ico",
+        "tif",
+        "tiff",
+        "pdf",
+        "js",
+        "mjs",
+        "ts",
+        "css",
+        "scss",
+        "html",
+        "htm",
+        "json",
+        "yaml",
+        "yml",
+        "xml",
+        "txt",
+        "md",
+        "py",
+        "rb",
+        "go",
+        "rs",
+        "java",
+        "kt",
+        "c",
+        "h",
+        "cpp",
+        "hpp",
+        "cs",
+        "php",
+        "sh",
+        "zip",
+        "gz",
+        "tar",
+        "mp3",
+        "mp4",
+        "mov",
+        "avi",
+        "wav",
+        "woff",
+        "woff2",
+        "ttf",
+        "otf",
+        "map",
+        "lock",
+    ]
+)
+
+
+def _emails(text: str, found: list[Finding]) -> None:
+    at = text.find("@")
+    while at != -1:
+        # The regex only around each "@" (a local part is at most 64 characters).
+        lo = max(0, at - 65)
+        m = _EMAIL.search(text, lo, min(len(text), at + 256))
+        while m is not None and m.end() <= at:
+            m = _EMAIL.search(text, m.end(), min(len(text), at + 256))
+        if m is not None and m.start() <= at < m.end():
+            if m.group(3).lower() not in _FILE_EXTENSIONS:
+                found.append(Finding("EMAIL", m.start(), m.end()))
+            at = text.find("@", m.end())
+        else:
+            at = text.find("@", at + 1)
+
+
+# -- numbers: CREDIT_CARD, US_SSN, IPv4, PHONE -------------------------------------------------------
+#
+# One pass finds every run of digits written with the separators these use; each run is then split
+# at spaces into tokens and windows of tokens are classified (longest first), so a card number, a
+# phone number and an address in one run are told apart, and most runs (a year, a count) are
+# dismissed by their digit count alone. Faster than one regex per type: every such regex would have
+# to look at every digit of the text again.
+
+_NUM = re.compile(r"\d[\d \-./()\u00a0]*\d")
+_SPACE_SPLIT = re.compile(r"[ \u00a0]+")
+_NOT_DIGITS = str.maketrans("", "", " -./()\u00a0")
+_MAX_WINDOW = 7
+
+
+def _card_brand_ok(digits: str) -> bool:
+    """The number has the length of a brand with its issuer prefix (a random Luhn-valid number
+    mostly does not)."""
+    n = len(digits)
+    p2, p3, p4, p6 = int(digits[:2]), int(digits[:3]), int(digits[:4]), int(digits[:6])
+    if digits[0] == "4":
+        return n in (13, 16, 19)  # Visa
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return n == 16  # Mastercard
+    if p2 in (34, 37):
+        return n == 15  # Amex
+    if digits.startswith("6011") or 644 <= p3 <= 649 or p2 == 65 or 622126 <= p6 <= 622925:
+        return 16 <= n <= 19  # Discover
+    if 3528 <= p4 <= 3589:
+        return 16 <= n <= 19  # JCB
+    if 300 <= p3 <= 305 or p2 in (36, 38, 39) or p4 == 3095:
+        return 14 <= n <= 19  # Diners Club
+    if p2 in (62, 81):
+        return 16 <= n <= 19  # UnionPay
+    if p2 in (50, 56, 57, 58, 63, 67, 68, 69) or p4 in (6304, 6759, 6761, 6762, 6763):
+        return 12 <= n <= 19  # Maestro
+    if 2200 <= p4 <= 2204:
+        return n == 16  # Mir
+    return False
+
+
+def _is_card(raw: str, digits: str) -> bool:
+    if not 13 <= len(digits) <= 19:
+        return False
+    seps = {c for c in raw if not c.isdigit()}
+    if len(seps) > 1 or not seps <= {" ", "-", "\u00a0"}:
+        return False
+    return _card_brand_ok(digits) and luhn.is_valid(digits)
+
+
+_SSN_SHAPE = re.compile(r"(\d{3})([- ]?)(\d{2})\2(\d{4})")
+_SSN_CONTEXT = re.compile(
+    r"(?i)(?:\bssn\b|\bss#|social[\s\-]+security|\bsocial\s+sec\b|\bss\s*no\b|\bsocsec|\btaxpayer\s+id|\btin\b|"
+    r"\bitin\b|n[uú]mero\s+de\s+seguro\s+social|sozialversicherung)"
+)
+
+
+def _is_ssn(text: str, start: int, raw: str) -> bool:
+    m = _SSN_SHAPE.fullmatch(raw)
+    if m is None or not stdnum_ssn.is_valid(m.group(1) + m.group(3) + m.group(4)):
+        return False
+    # Nine bare digits are an SSN only where the text says so.
+    return bool(m.group(2)) or _SSN_CONTEXT.search(text, max(0, start - 60), start) is not None
+
+
+_IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
+# Preceded by these (case-insensitive), a dotted quad is a version number.
+_VERSION_BEFORE = re.compile(r"(?i)(?:\bv|\bversion\s*:?\s*|\bver\.?\s*|\brelease\s+|\bbuild\s+|\bv\.\s*|[@=~^<>]=?)$")
+
+
+def _is_ipv4(text: str, start: int, raw: str) -> bool:
+    return _IPV4.fullmatch(raw) is not None and _VERSION_BEFORE.search(text, max(0, start - 16), start) is None
+
+
+_PHONE_CONTEXT = re.compile(
+    r"(?i)(?:phone|\btel\b|\btel\.|telephone|mobile|\bcell|\bcall|\bfax|whatsapp|contact|\bsms\b|text me|reach|dial|"
+    r"hotline|number|\bring\b|\bm:|\bt:|\bp:|\bph\.?|\bmob\.?|téléphone|portable|telefon|handy|móvil|celular|"
+    r"teléfono|telefono|cellulare|電話|携帯|手机|电话|फ़ोन|फोन|мобильный|телефон)"
+)
+# Regions tried for numbers written without a country code (most common first).
+NATIONAL_REGIONS: Final = ("US", "GB", "DE", "FR", "IN", "ES", "IT", "NL", "BR", "AU", "CA", "JP", "CN", "MX", "CH")
+_DATE_LIKE = re.compile(r"\d{4}[\-./]\d{1,2}[\-./]\d{1,2}|\d{1,2}[\-./]\d{1,2}[\-./]\d{2,4}")
+
+
+def _parse_phone(candidate: str, region: str | None) -> bool:
+    try:
+        number = phonenumbers.parse(candidate, region)
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_valid_number(number))
+
+
+def _is_phone(text: str, start: int, raw: str, digits: str, international: bool) -> bool:
+    if not 7 <= len(digits) <= 15 or _DATE_LIKE.fullmatch(raw):
+        return False
+    if raw.count("(") != raw.count(")"):
+        return False
+    if international:
+        return _parse_phone("+" + raw if not raw.startswith(("+", "(")) else raw, None)
+    if raw.startswith("00") and _parse_phone("+" + raw[2:], None):
+        return True
+    context = _PHONE_CONTEXT.search(text, max(0, start - 40), start) is not None
+    formatted = raw != digits
+    if not (formatted or context):
+        return False  # a bare run of digits: an id, an amount, a timestamp
+    if "." in raw and not context and raw.count(".") < 2:
+        return False  # a decimal number
+    for region in NATIONAL_REGIONS:
+        if _parse_phone(raw, region):
+            return context or "(" in raw or raw[0] == "0" or (region in ("US", "CA") and len(digits) in (10, 11))
+    return False
+
+
+def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
+    want_card, want_ssn = "CREDIT_CARD" in types, "US_SSN" in types
+    want_ip, want_phone = "IP_ADDRESS" in types, "PHONE" in types
+    want_iban = "IBAN" in types
+    skip_to = 0
+    for m in _NUM.finditer(text):
+        base = m.start()
+        if base < skip_to:
+            continue
+        if want_iban and base >= 2 and text[base - 2 : base].isupper() and text[base - 2 : base].isalpha():
+            end = _iban_at(text, base - 2, found)
+            if end != -1:
+                skip_to = end
+                continue
+        span = m.group()
+        if len(span.translate(_NOT_DIGITS)) < 4:
+            continue
+        # Tokens: (start, end) offsets in the text of the space-separated parts of the run.
+        tokens: list[tuple[int, int]] = []
+        pos = 0
+        for sep in _SPACE_SPLIT.finditer(span):
+            if sep.start() > pos:
+                tokens.append((base + pos, base + sep.start()))
+            pos = sep.end()
+        if pos < len(span):
+            tokens.append((base + pos, base + len(span)))
+        i = 0
+        while i < len(tokens):
+            hit = None
+            for j in range(min(len(tokens), i + _MAX_WINDOW) - 1, i - 1, -1):
+                start, end = tokens[i][0], tokens[j][1]
+                # Parentheses and trailing dots belong to a number only when balanced / inside it.
+                while end > start and text[end - 1] in ".-/(":
+                    end -= 1
+                while start < end and text[start] in ".-/)":
+                    start += 1
+                if text[start] == "(" and ")" not in text[start:end]:
+                    start += 1
+                if end > start and text[end - 1] == ")" and "(" not in text[start:end]:
+                    end -= 1
+                raw = text[start:end]
+                digits = raw.translate(_NOT_DIGITS)
+                if len(digits) < 4:
+                    continue
+                international = start > 0 and text[start - 1] == "+"
+                if want_card and _is_card(raw, digits):
+                    hit = ("CREDIT_CARD", start, end)
+                elif want_ip and j == i and _is_ipv4(text, start, raw):
+                    hit = ("IP_ADDRESS", start, end)
+                elif want_ssn and j - i <= 2 and _is_ssn(text, start, raw):
+                    hit = ("US_SSN", start, end)
+                elif want_phone and _is_phone(text, start, raw, digits, international):
+                    hit = ("PHONE", start - 1 if international else start, end)
+                if hit is not None:
+                    break
+            if hit is None:
+                i += 1
+                continue
+            found.append(Finding(*hit))
+            while i < len(tokens) and tokens[i][0] < hit[2]:
+                i += 1
+
+
+# -- IBAN -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _iban_lengths() -> dict[str, int]:
+    """Country code -> IBAN length, from python-stdnum's copy of the SWIFT registry."""
+    out: dict[str, int] = {}
+    text = resources.files("stdnum").joinpath("iban.dat").read_text(encoding="utf-8")
+    for line in text.splitlines():
+        m = re.match(r'^([A-Z]{2}) .*bban="([^"]+)"', line)
+        if m:
+            out[m.group(1)] = 4 + sum(int(x) for x in re.findall(r"(\d+)!", m.group(2)))
+    return out
+
+
+def _iban_at(text: str, start: int, found: list[Finding]) -> int:
+    """An IBAN starting at `start` (its country code), or -1. Called from the numbers pass for a
+    digit run right after two capital letters."""
+    want = _iban_lengths().get(text[start : start + 2])
+    if want is None or (start > 0 and text[start - 1].isalnum()):
+        return -1
+    n = len(text)
+    # Exactly the country's length in characters, in groups separated by single spaces or dashes.
+    chars = [text[start : start + 4]]
+    count, i, end = 4, start + 4, start + 4
+    while count < want and i < n:
+        c = text[i]
+        if c in " -" and i + 1 < n and text[i + 1].isalnum() and text[i - 1].isalnum():
+            i += 1
+            continue
+        if not c.isalnum():
+            break
+        chars.append(c)
+        count += 1
+        i += 1
+        end = i
+    if count != want or (end < n and text[end].isalnum()):
+        return -1
+    candidate = "".join(chars)
+    if candidate.upper() != candidate or not stdnum_iban.is_valid(candidate):
+        return -1
+    found.append(Finding("IBAN", start, end))
+    return end
+
+
+# -- IPv6 -----------------------------------------------------------------------------------------
+
+_IPV6 = re.compile(r"[0-9A-Fa-f:]*[0-9A-Fa-f:.]*[0-9A-Fa-f]|[0-9A-Fa-f:]*::")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _ipv6(text: str, found: list[Finding]) -> None:
+    """Candidates around each colon that has a hex digit or another colon on both sides (found with
+    str.find, so JSON's `"key": value` colons cost almost nothing), parsed by `ipaddress`."""
+    n = len(text)
+    i = text.find(":")
+    while i != -1:
+        before = text[i - 1] if i > 0 else ""
+        after = text[i + 1] if i + 1 < n else ""
+        if not ((before in _HEX or before == ":") and (after in _HEX or after == ":")) or (not before and not after):
+            i = text.find(":", i + 1)
+            continue
+        start = i
+        while start > 0 and (text[start - 1] in _HEX or text[start - 1] == ":"):
+            start -= 1
+        m = _IPV6.match(text, start)
+        end = m.end() if m is not None else i + 1
+        i = text.find(":", max(end, i + 1))
+        if m is None:
+            continue
+        value = m.group()
+        if value.count(":") < 2 or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.")):
+            continue
+        if end < n and (text[end].isalnum() or text[end] == "_"):
+            continue
+        try:
+            ipaddress.IPv6Address(value)
+        except ValueError:
+            continue
+        if _looks_like_code(text, start, end) or not any(c.isdigit() for c in value):
+            continue
+        found.append(Finding("IP_ADDRESS", start, end))
+
+
+def _looks_like_code(text: str, start: int, end: int) -> bool:
+    """`a::b` between identifiers (C++ / Rust paths, Ruby constants) is not an address."""
+    groups = [g for g in text[start:end].split(":") if g]
+    return len(groups) <= 2 and end < len(text) and text[end] in "(<;"
+
+
+# -- SECRET ---------------------------------------------------------------------------------------
+
+# (literal prefix, the whole token from there). Found with str.find (C speed), then matched there.
+_SECRET_PATTERNS: Final = (
+    ("sk-", r"sk-ant-(?:api|admin|sid)\d{2}-[A-Za-z0-9_\-]{20,}"),  # Anthropic
+    ("sk-", r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_\-]{20,}"),  # OpenAI project / service / admin
+    ("sk-", r"sk-gw-[A-Za-z0-9_\-]{32}"),  # this gateway's own keys
+    ("sk-", r"sk-[A-Za-z0-9]{20,}"),  # OpenAI legacy
+    ("sk_", r"sk_(?:live|test)_[A-Za-z0-9]{16,}"),  # Stripe
+    ("rk_", r"rk_(?:live|test)_[A-Za-z0-9]{16,}"),
+    ("AKIA", r"AKIA[A-Z0-9]{16}"),  # AWS access key ids
+    ("ASIA", r"ASIA[A-Z0-9]{16}"),
+    ("AGPA", r"AGPA[A-Z0-9]{16}"),
+    ("AIDA", r"AIDA[A-Z0-9]{16}"),
+    ("AROA", r"AROA[A-Z0-9]{16}"),
+    ("ANPA", r"ANPA[A-Z0-9]{16}"),
+    ("ghp_", r"ghp_[A-Za-z0-9]{36,255}"),  # GitHub
+    ("gho_", r"gho_[A-Za-z0-9]{36,255}"),
+    ("ghu_", r"ghu_[A-Za-z0-9]{36,255}"),
+    ("ghs_", r"ghs_[A-Za-z0-9]{36,255}"),
+    ("ghr_", r"ghr_[A-Za-z0-9]{36,255}"),
+    ("github_pat_", r"github_pat_[A-Za-z0-9_]{60,255}"),
+    ("xox", r"xox[abposr]-[A-Za-z0-9\-]{10,}"),  # Slack
+    ("xapp-", r"xapp-\d-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+"),
+    ("AIza", r"AIza[0-9A-Za-z_\-]{35}"),  # Google API keys
+    # JWTs: a JSON header and payload (both start with '{"', i.e. "eyJ"), then the signature.
+    ("eyJ", r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),
+)
+_SECRET_RES: Final = tuple((prefix, re.compile(pattern)) for prefix, pattern in _SECRET_PATTERNS)
+_TOKEN_CHAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_PEM = re.compile(
+    r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END \1PRIVATE KEY(?: BLOCK)?-----"
+)
+_BEARER = re.compile(r"(?i:bearer)[ \t:]+([A-Za-z0-9\-._~+/]{16,}=*)(?![A-Za-z0-9\-._~+/=])")
+
+
+def _has_entropy(token: str) -> bool:
+    """A bearer token is random: letters and digits mixed, not a word or a placeholder."""
+    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token) and len(set(token)) >= 8
+
+
+def _secrets(text: str, found: list[Finding]) -> None:
+    n = len(text)
+    taken: set[int] = set()
+    for prefix, pattern in _SECRET_RES:
+        i = text.find(prefix)
+        while i != -1:
+            if i not in taken and (i == 0 or text[i - 1] not in _TOKEN_CHAR):
+                m = pattern.match(text, i)
+                if m is not None and (m.end() == n or text[m.end()] not in _TOKEN_CHAR):
+                    found.append(Finding("SECRET", i, m.end()))
+                    taken.add(i)
+            i = text.find(prefix, i + 1)
+    if "-----BEGIN" in text:
+        for m in _PEM.finditer(text):
+            found.append(Finding("SECRET", m.start(), m.end()))
+    for word in ("Bearer", "bearer", "BEARER"):
+        i = text.find(word)
+        while i != -1:
+            m = _BEARER.match(text, i)
+            if m is not None and (i == 0 or not text[i - 1].isalnum()) and _has_entropy(m.group(1)):
+                found.append(Finding("SECRET", m.start(1), m.end(1)))
+            i = text.find(word, i + 6)
+
+
+# -- the detector ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CustomDetector:
+    """A detector from config: `name` (the entity type), a regex, optionally a validator."""
+
+    name: str
+    pattern: re.Pattern[str]
+    validator: Callable[[str], bool] | None = None
+
+    def scan(self, text: str, found: list[Finding]) -> None:
+        for m in self.pattern.finditer(text):
+            if m.end() > m.start() and (self.validator is None or self.validator(m.group())):
+                found.append(Finding(self.name, m.start(), m.end()))
+
+
+_HAS_DIGIT = re.compile(r"\d")
+
+
+class Detector:
+    """Built-in types (all, or those named) plus custom detectors."""
+
+    def __init__(self, types: Iterable[str] = ENTITY_TYPES, custom: Iterable[CustomDetector] = ()) -> None:
+        self.builtin = frozenset(types) & frozenset(ENTITY_TYPES)
+        self.custom = tuple(custom)
+        self.types = tuple(t for t in ENTITY_TYPES if t in self.builtin) + tuple(c.name for c in self.custom)
+
+    def find(self, text: str) -> list[Finding]:
+        """Entities in `text`, ordered by position, never overlapping."""
+        if not text:
+            return []
+        found: list[Finding] = []
+        b = self.builtin
+        if "SECRET" in b:
+            _secrets(text, found)
+        if "EMAIL" in b and "@" in text:
+            _emails(text, found)
+        if _HAS_DIGIT.search(text) is not None:
+            if b & _NUMBER_TYPES:
+                _numbers(text, found, b)
+            if "IP_ADDRESS" in b and ":" in text:
+                _ipv6(text, found)
+        for c in self.custom:
+            c.scan(text, found)
+        if len(found) < 2:
+            return found
+        # Most specific first, then longest; keep what does not overlap something kept.
+        found.sort(key=lambda f: (-_PRIORITY.get(f.type, 8), -(f.end - f.start), f.start))
+        kept: list[Finding] = []
+        for f in found:
+            if all(f.end <= k.start or f.start >= k.end for k in kept):
+                kept.append(f)
+        kept.sort(key=lambda f: f.start)
+        return kept
+
+
+_NUMBER_TYPES: Final = frozenset(("CREDIT_CARD", "US_SSN", "IP_ADDRESS", "PHONE", "IBAN"))
+
+
+@functools.cache
+def default_detector() -> Detector:
+    return Detector()
