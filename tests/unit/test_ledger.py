@@ -172,7 +172,7 @@ async def test_an_existing_v1_ledger_upgrades_in_place(
         return SqliteLedger(tmp_path / "old.db") if url is None else PostgresLedger(url)
 
     old = make()
-    old.migrations = old.migrations[:1]  # type: ignore[misc]
+    old.migrations = old.migrations[:1]
     assert await old.migrate() == [1]
     await old.close()
     led = make()
