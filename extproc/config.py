@@ -315,6 +315,15 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"bad provider name {name!r}: lowercase letters, digits, '-' and '_' only")
         return v
 
+    def _check_pii(self) -> None:
+        top = _pii_names(self.pii)
+        _check_pii_entities("pii", self.pii, top)
+        for name, tenant in self.tenants.items():
+            own = _pii_names(tenant.pii)
+            _check_pii_entities(f"tenants.{name}.pii", tenant.pii, own if tenant.pii and tenant.pii.custom else top)
+            if tenant.pii is not None and tenant.pii.hash_key_env is not None:
+                raise ValueError(f"tenants.{name}.pii.hash_key_env: set the hash secret once, at the top level")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
         seen: dict[str, str] = {}
@@ -326,6 +335,7 @@ class GatewayConfig(_Strict):
                 if public in seen:
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")
                 seen[public] = m.name
+        self._check_pii()
         ids: set[str] = set()
         hashes: set[str] = set()
         for k in self.auth.static_keys:
@@ -336,6 +346,19 @@ class GatewayConfig(_Strict):
             ids.add(k.id)
             hashes.add(k.sha256)
         return self
+
+
+def _pii_names(spec: PiiSpec | None) -> set[str]:
+    return {c.name for c in (spec.custom or ())} if spec is not None else set()
+
+
+def _check_pii_entities(where: str, spec: PiiSpec | None, custom: set[str]) -> None:
+    from .pii.detect import ENTITY_TYPES
+
+    for name in spec.entities if spec is not None else ():
+        if name not in ENTITY_TYPES and name not in custom:
+            known = ", ".join((*ENTITY_TYPES, *sorted(custom)))
+            raise ValueError(f"{where}.entities: unknown entity type {name!r} (known: {known})")
 
 
 def _format_validation_error(source: str, err: ValidationError) -> str:

@@ -415,7 +415,7 @@ _SECRET_PATTERNS: Final = (
 )
 _SECRET_RES: Final = tuple((prefix, re.compile(pattern)) for prefix, pattern in _SECRET_PATTERNS)
 _TOKEN_CHAR = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
-_PEM = re.compile(
+PEM_BLOCK = re.compile(
     r"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY(?: BLOCK)?-----[\s\S]*?-----END \1PRIVATE KEY(?: BLOCK)?-----"
 )
 _BEARER = re.compile(r"(?i:bearer)[ \t:]+([A-Za-z0-9\-._~+/]{16,}=*)(?![A-Za-z0-9\-._~+/=])")
@@ -439,7 +439,7 @@ def _secrets(text: str, found: list[Finding]) -> None:
                     taken.add(i)
             i = text.find(prefix, i + 1)
     if "-----BEGIN" in text:
-        for m in _PEM.finditer(text):
+        for m in PEM_BLOCK.finditer(text):
             found.append(Finding("SECRET", m.start(), m.end()))
     for word in ("Bearer", "bearer", "BEARER"):
         i = text.find(word)

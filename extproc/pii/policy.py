@@ -89,6 +89,7 @@ class PiiSpec(_Strict):
     @field_validator("entities")
     @classmethod
     def _entities(cls, v: dict[str, Action]) -> dict[str, Action]:
+        # Names of custom detectors are checked against the config's `custom` lists (config.py).
         for name in v:
             if name not in ENTITY_TYPES and not _NAME.match(name):
                 raise ValueError(f"unknown entity type {name!r} (built in: {', '.join(ENTITY_TYPES)})")

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from ..sse import SSEEvent
+from .detect import PEM_BLOCK
 from .redact import PLACEHOLDER, restore_text
 from .walk import response_slots
 
@@ -28,7 +29,7 @@ from .walk import response_slots
 _PARTIAL = re.compile(r"\[[A-Z][A-Z0-9_]*\d*$|\[$")
 _MAX_PLACEHOLDER = 40
 # Words before the last one that may belong to the same entity (digit groups of a phone or card).
-_NUMERIC_WORD = re.compile(r"[+(]?[\d().\-]{1,8}$")
+_NUMERIC_WORD = re.compile(r"[+(]?[\d().\-]{1,8}")
 # Text kept from what was released, so context words ("call", "SSN") still count at the start.
 _CONTEXT = 64
 # At most this much is held while masking (an unterminated key block is masked as a whole beyond).
@@ -88,24 +89,22 @@ class Channel:
 
 
 def _entity_tail(s: str) -> int:
-    """Where the text that could still become (part of) an entity starts."""
-    if not s or s[-1].isspace():
-        j = len(s)
-    else:
-        j = len(s)
-        while j > 0 and not s[j - 1].isspace():
-            j -= 1
-        # Digit groups before it, separated by single spaces, may be the same number.
-        while j > 1 and s[j - 1] == " ":
-            k = j - 1
-            while k > 0 and not s[k - 1].isspace():
-                k -= 1
-            if k == j - 1 or not _NUMERIC_WORD.match(s, k, j - 1):
-                break
-            j = k
+    """Where the text that could still become (part of) an entity starts: the last word (empty when
+    the text ends in a space), and before it any digit groups separated by single spaces (a phone
+    or card number being written: "+1 415 " may go on with "555 0132")."""
+    j = len(s)
+    while j > 0 and not s[j - 1].isspace():
+        j -= 1
+    while j > 1 and s[j - 1] == " " and not s[j - 2].isspace():
+        k = j - 1
+        while k > 0 and not s[k - 1].isspace():
+            k -= 1
+        if not _NUMERIC_WORD.fullmatch(s, k, j - 1):
+            break
+        j = k
     begin = s.rfind("-----BEGIN")
-    if begin != -1 and "-----END" not in s[begin:]:
-        j = min(j, begin)
+    if begin != -1 and PEM_BLOCK.match(s, begin) is None:
+        j = min(j, begin)  # a key block still being written: held until its END line is complete
     return max(j, len(s) - _MAX_HELD)
 
 

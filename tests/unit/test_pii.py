@@ -1,0 +1,405 @@
+"""PII redaction: policies, what is scanned in each schema, every action, and responses (JSON and
+SSE split at every offset) with placeholders put back or entities masked."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+
+from extproc.config import parse_config
+from extproc.pii.policy import PiiSpec, resolve
+from extproc.pii.redact import PiiBlocked, Redaction, restore_text
+from extproc.pii.stream import Rewriter, StreamRewriter, rewrite_json
+from extproc.pii.walk import request_slots
+from extproc.sse import SSEEvent
+
+EMAIL, PHONE, CARD = "jane.roe@acme-corp.io", "+1 415 555 0132", "4111 1111 1111 1111"
+KEY = "sk-proj-" + "Ab1" * 12
+
+
+def redact_body(schema: str, body: dict[str, Any], spec: PiiSpec, tenant: str = "t") -> Redaction:
+    policy = resolve(spec, None)
+    assert policy is not None
+    r = Redaction(policy, tenant, b"k" * 32)
+    slots = request_slots(schema, body)
+    texts = [owner[key] for owner, key, _ in slots]
+    r.reserve(texts)
+    for (owner, key, json_text), text in zip(slots, texts, strict=True):
+        owner[key] = r.redact(text, json_text)
+    return r
+
+
+def openai_body() -> dict[str, Any]:
+    return {
+        "model": "gpt-5.5",
+        "messages": [
+            {"role": "system", "content": f"Support agent. Escalations go to {EMAIL}."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": f"Call me on {PHONE}; card {CARD}."},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD" + "4111111111111111"}},
+                ],
+            },
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "send", "arguments": f'{{"to": "{EMAIL}"}}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": f"sent to {EMAIL} with key {KEY}"},
+        ],
+    }
+
+
+def anthropic_body() -> dict[str, Any]:
+    return {
+        "model": "claude-sonnet-5-5",
+        "max_tokens": 100,
+        "system": [{"type": "text", "text": f"Escalate to {EMAIL}."}],
+        "messages": [
+            {"role": "user", "content": f"My number is {PHONE}."},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "thinking", "thinking": f"the user wrote {PHONE}", "signature": "sig"},
+                    {"type": "tool_use", "id": "tu_1", "name": "lookup", "input": {"phone": PHONE, "n": [EMAIL, 3]}},
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": "tu_1", "content": [{"type": "text", "text": EMAIL}]}
+                ],
+            },
+        ],
+    }
+
+
+def test_only_the_text_the_model_reads_is_changed() -> None:
+    body = openai_body()
+    r = redact_body("openai", body, PiiSpec(action="mask"))
+    dumped = orjson.dumps(body).decode()
+    for value in (EMAIL, PHONE, CARD, KEY):
+        assert value not in dumped
+    assert body["messages"][1]["content"][0]["text"] == "Call me on [PHONE]; card [CREDIT_CARD]."
+    assert body["messages"][1]["content"][1]["image_url"]["url"].endswith("4111111111111111")  # not text
+    assert orjson.loads(body["messages"][2]["tool_calls"][0]["function"]["arguments"]) == {"to": "[EMAIL]"}
+    assert body["model"] == "gpt-5.5" and body["messages"][2]["tool_calls"][0]["id"] == "call_1"
+    assert dict(r.counts) == {"EMAIL": 3, "PHONE": 1, "CREDIT_CARD": 1, "SECRET": 1}
+
+
+def test_anthropic_system_tool_use_and_results_but_not_thinking() -> None:
+    body = anthropic_body()
+    redact_body("anthropic", body, PiiSpec(action="mask"))
+    assert body["system"][0]["text"] == "Escalate to [EMAIL]."
+    assert body["messages"][0]["content"] == "My number is [PHONE]."
+    thinking, tool_use = body["messages"][1]["content"]
+    assert thinking["thinking"] == f"the user wrote {PHONE}"  # signed by the provider: untouched
+    assert tool_use["input"] == {"phone": "[PHONE]", "n": ["[EMAIL]", 3]}
+    assert body["messages"][2]["content"][0]["content"][0]["text"] == "[EMAIL]"
+
+
+def test_block_names_the_types_never_the_values() -> None:
+    body = openai_body()
+    r = redact_body("openai", body, PiiSpec(action="mask", entities={"CREDIT_CARD": "block", "SECRET": "block"}))
+    with pytest.raises(PiiBlocked) as info:
+        r.check()
+    assert info.value.types == ["CREDIT_CARD", "SECRET"]
+    assert CARD not in str(info.value) and KEY not in str(info.value)
+
+
+def test_hash_is_stable_per_tenant_and_tells_values_apart() -> None:
+    spec = PiiSpec(action="hash")
+    a1, a2, b = ({"x": f"{EMAIL} and other@acme-corp.io"} for _ in range(3))
+    for body, tenant in ((a1, "a"), (a2, "a"), (b, "b")):
+        policy = resolve(spec, None)
+        assert policy is not None
+        r = Redaction(policy, tenant, b"s" * 32)
+        body["x"] = r.redact(body["x"])
+    assert a1 == a2 and a1 != b
+    first, second = a1["x"].split(" and ")
+    assert first.startswith("[EMAIL_") and len(first) == len("[EMAIL_1a2b3c4d]") and first != second
+
+
+def test_restore_reuses_placeholders_and_never_takes_the_clients_own() -> None:
+    policy = resolve(PiiSpec(action="restore"), None)
+    assert policy is not None
+    r = Redaction(policy, "t")
+    texts = [f"[EMAIL_1] is a literal; write to {EMAIL}", f"again {EMAIL}, then ops@acme-corp.io"]
+    r.reserve(texts)
+    out = [r.redact(t) for t in texts]
+    assert out == ["[EMAIL_1] is a literal; write to [EMAIL_2]", "again [EMAIL_2], then [EMAIL_3]"]
+    assert restore_text(out[1], r.originals) == texts[1]
+    assert restore_text("[EMAIL_1] stays", r.originals) == "[EMAIL_1] stays"
+
+
+def test_tenant_policy_overrides_the_defaults_per_field() -> None:
+    config = parse_config(
+        {
+            "providers": {"o": {"schema": "openai"}},
+            "pii": {"action": "mask", "entities": {"IP_ADDRESS": "allow"}, "responses": "off"},
+            "tenants": {"acme": {"pii": {"entities": {"EMAIL": "restore"}, "on_error": "allow"}}},
+        }
+    )
+    default = resolve(config.pii, None)
+    acme = resolve(config.pii, config.tenants["acme"].pii)
+    assert default is not None and acme is not None
+    assert default.action("EMAIL") == "mask" and acme.action("EMAIL") == "restore"
+    assert acme.action("IP_ADDRESS") == "allow" and acme.action("PHONE") == "mask"
+    assert acme.on_error == "allow" and acme.responses == "off" and default.on_error == "block"
+    assert resolve(None, None) is None
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"action": "redact"}, "pii.action"),
+        ({"entities": {"EMAILS": "mask"}}, "unknown entity type"),
+        ({"custom": [{"name": "emp", "pattern": "E-\\d+"}]}, "bad entity name"),
+        ({"custom": [{"name": "EMP", "pattern": "E-("}]}, "not a valid regular expression"),
+        ({"custom": [{"name": "EMP", "pattern": "x*"}]}, "matches the empty string"),
+        ({"custom": [{"name": "EMAIL", "pattern": "x+"}]}, "built-in entity type"),
+        ({"custom": [{"name": "EMP", "pattern": "x+", "validator": "nope"}]}, "unknown validator"),
+        ({"custom": [{"name": "EMP", "pattern": "x+", "validator": "no.such.module:f"}]}, "cannot be imported"),
+        ({"responses": "redact"}, "pii.responses"),
+    ],
+)
+def test_bad_pii_config_names_the_field(data: dict[str, Any], error: str) -> None:
+    from extproc.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": {"o": {"schema": "openai"}}, "pii": data})
+    assert error in str(info.value)
+
+
+def test_custom_detector_with_a_validator() -> None:
+    spec = PiiSpec.model_validate(
+        {
+            "custom": [
+                {"name": "EMPLOYEE_ID", "pattern": r"E-\d{6}"},
+                {"name": "ACCOUNT", "pattern": r"\d{16}", "validator": "luhn"},
+            ]
+        }
+    )
+    policy = resolve(spec, None)
+    assert policy is not None
+    r = Redaction(policy, "t")
+    assert r.redact("E-123456 paid from 4539578763621486 not 4539578763621487") == (
+        "[EMPLOYEE_ID] paid from [ACCOUNT] not 4539578763621487"  # a custom detector wins an overlap
+    )
+
+
+def test_documentation_values_can_be_left_alone() -> None:
+    text = "mail user@example.com or jane@acme-corp.io from 192.0.2.7 or 10.1.2.3"
+    for ignore, expected in (
+        (False, "mail [EMAIL] or [EMAIL] from [IP_ADDRESS] or [IP_ADDRESS]"),
+        (True, "mail user@example.com or [EMAIL] from 192.0.2.7 or [IP_ADDRESS]"),
+    ):
+        policy = resolve(PiiSpec(ignore_documentation_values=ignore), None)
+        assert policy is not None
+        assert Redaction(policy, "t").redact(text) == expected
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def test_json_responses_get_values_back_in_text_and_tool_calls() -> None:
+    originals = {"[EMAIL_1]": EMAIL, "[NAME_1]": 'Jane "J" Roe'}
+    rw = Rewriter(originals)
+    body: dict[str, Any] = {
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Writing to [EMAIL_1] for [NAME_1].",
+                    "tool_calls": [{"function": {"name": "send", "arguments": '{"to": "[EMAIL_1]", "n": "[NAME_1]"}'}}],
+                },
+            }
+        ]
+    }
+    assert rewrite_json("openai", body, rw)
+    msg = body["choices"][0]["message"]
+    assert msg["content"] == f'Writing to {EMAIL} for Jane "J" Roe.'
+    assert orjson.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"to": EMAIL, "n": 'Jane "J" Roe'}
+    anthropic: dict[str, Any] = {
+        "content": [{"type": "text", "text": "[EMAIL_1]"}, {"type": "tool_use", "input": {"a": ["[NAME_1]"]}}]
+    }
+    assert rewrite_json("anthropic", anthropic, rw)
+    assert anthropic["content"][0]["text"] == EMAIL and anthropic["content"][1]["input"] == {"a": ['Jane "J" Roe']}
+
+
+def openai_stream(pieces: list[str], tool_pieces: list[str]) -> list[SSEEvent]:
+    events = [
+        SSEEvent.make(
+            orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}).decode()
+        )
+    ]
+    for p in pieces:
+        events.append(
+            SSEEvent.make(orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {"content": p}}]}).decode())
+        )
+    for p in tool_pieces:
+        delta = {"tool_calls": [{"index": 0, "function": {"arguments": p}}]}
+        events.append(SSEEvent.make(orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": delta}]}).decode()))
+    events.append(
+        SSEEvent.make(
+            orjson.dumps({"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}).decode()
+        )
+    )
+    events.append(SSEEvent.make("[DONE]"))
+    return events
+
+
+def run_stream(schema: str, events: list[SSEEvent], rw: Rewriter, per_chunk: int = 1) -> list[SSEEvent]:
+    sr = StreamRewriter(schema, rw)
+    out: list[SSEEvent] = []
+    for i in range(0, len(events), per_chunk):
+        batch = copy.deepcopy(events[i : i + per_chunk])
+        new, _ = sr.events(batch, i + per_chunk >= len(events))
+        out.extend(new)
+    return out
+
+
+def openai_text(events: list[SSEEvent]) -> tuple[str, str]:
+    content, args = "", ""
+    for ev in events:
+        if ev.data == "[DONE]":
+            continue
+        assert ev.data is not None
+        chunk = orjson.loads(ev.data)  # every event stays valid JSON
+        for choice in chunk["choices"]:
+            delta = choice.get("delta", {})
+            content += delta.get("content") or ""
+            for call in delta.get("tool_calls") or ():
+                args += call["function"]["arguments"]
+    return content, args
+
+
+def splits(text: str) -> list[list[str]]:
+    """The text in two pieces at every offset, and in pieces of each size from 1 to 5."""
+    out = [[text[:i], text[i:]] for i in range(len(text) + 1)]
+    out += [[text[i : i + n] for i in range(0, len(text), n)] for n in range(1, 6)]
+    return out
+
+
+def test_streamed_placeholders_are_restored_at_every_split() -> None:
+    originals = {"[EMAIL_1]": EMAIL, "[PHONE_12]": PHONE, "[NAME_1]": 'Jane "J" Roe'}
+    text = "Hi [NAME_1], I'll write to [EMAIL_1] and call [PHONE_12]. [x] [EMAIL_9] [EMA"
+    args = '{"to": "[EMAIL_1]", "who": "[NAME_1]"}'
+    for pieces in splits(text):
+        got, got_args = openai_text(run_stream("openai", openai_stream(pieces, splits(args)[7]), Rewriter(originals)))
+        assert got == restore_text(text, originals), pieces
+        assert orjson.loads(got_args) == {"to": EMAIL, "who": 'Jane "J" Roe'}
+    for pieces in splits(args):
+        _, got_args = openai_text(run_stream("openai", openai_stream(["x"], pieces), Rewriter(originals), per_chunk=3))
+        assert orjson.loads(got_args) == {"to": EMAIL, "who": 'Jane "J" Roe'}, pieces
+
+
+def test_a_placeholder_held_at_the_end_of_a_broken_stream_is_released() -> None:
+    originals = {"[EMAIL_1]": EMAIL}
+    events = openai_stream(["to [EMA", "IL_1"], [])[:-2]  # no finish chunk, no [DONE]
+    got, _ = openai_text(run_stream("openai", events, Rewriter(originals), per_chunk=len(events)))
+    assert got == "to [EMAIL_1"  # not a placeholder after all: released as written
+
+
+def anthropic_stream(pieces: list[str], json_pieces: list[str]) -> list[SSEEvent]:
+    def ev(kind: str, body: dict[str, Any]) -> SSEEvent:
+        return SSEEvent.make(orjson.dumps({"type": kind, **body}).decode(), kind)
+
+    events = [
+        ev("message_start", {"message": {"id": "m", "content": []}}),
+        ev("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+    ]
+    events += [ev("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": p}}) for p in pieces]
+    events += [
+        ev("content_block_stop", {"index": 0}),
+        ev(
+            "content_block_start",
+            {"index": 1, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}},
+        ),
+    ]
+    events += [
+        ev("content_block_delta", {"index": 1, "delta": {"type": "input_json_delta", "partial_json": p}})
+        for p in json_pieces
+    ]
+    events += [ev("content_block_stop", {"index": 1}), ev("message_delta", {"delta": {}}), ev("message_stop", {})]
+    return events
+
+
+def anthropic_text(events: list[SSEEvent]) -> tuple[str, str]:
+    text, js = "", ""
+    stopped: set[int] = set()
+    for ev in events:
+        assert ev.data is not None
+        msg = orjson.loads(ev.data)
+        if msg["type"] == "content_block_stop":
+            stopped.add(msg["index"])
+        if msg["type"] == "content_block_delta":
+            assert msg["index"] not in stopped, "a delta after its block stopped"
+            d = msg["delta"]
+            text += d.get("text", "")
+            js += d.get("partial_json", "")
+    return text, js
+
+
+def test_anthropic_streams_are_restored_before_each_block_stops() -> None:
+    originals = {"[EMAIL_1]": EMAIL, "[NAME_1]": 'Jane "J" Roe'}
+    text = "Dear [NAME_1], mail [EMAIL_1]"
+    js = '{"to": "[EMAIL_1]", "who": "[NAME_1]"}'
+    for pieces in splits(text):
+        got, got_js = anthropic_text(run_stream("anthropic", anthropic_stream(pieces, [js]), Rewriter(originals)))
+        assert got == f'Dear Jane "J" Roe, mail {EMAIL}', pieces
+        assert orjson.loads(got_js) == {"to": EMAIL, "who": 'Jane "J" Roe'}
+    for pieces in splits(js):
+        _, got_js = anthropic_text(run_stream("anthropic", anthropic_stream(["x"], pieces), Rewriter(originals)))
+        assert orjson.loads(got_js) == {"to": EMAIL, "who": 'Jane "J" Roe'}, pieces
+
+
+def masker(spec: PiiSpec) -> Any:
+    from extproc.config import GatewayConfig
+    from extproc.stages.pii import PiiStage
+
+    config = GatewayConfig.model_validate({"providers": {"o": {"schema": "openai"}}, "pii": spec.model_dump()})
+    stage = PiiStage(config)
+    policy = stage.policy_for("")
+    assert policy is not None
+    return stage._masker(policy)
+
+
+def test_entities_the_model_writes_are_masked_at_every_split() -> None:
+    mask = masker(PiiSpec(action="mask", responses="mask"))
+    text = f"Reach Jane at {EMAIL} or call {PHONE}; her card is {CARD}, key {KEY}. Bye."
+    expected = "Reach Jane at [EMAIL] or call [PHONE]; her card is [CREDIT_CARD], key [SECRET]. Bye."
+    for pieces in splits(text):
+        got, _ = openai_text(run_stream("openai", openai_stream(pieces, []), Rewriter({}, mask)))
+        assert got == expected, pieces
+    for pieces in splits(text)[::7]:
+        got, _ = anthropic_text(run_stream("anthropic", anthropic_stream(pieces, ['{"a": 1}']), Rewriter({}, mask)))
+        assert got == expected, pieces
+
+
+def test_a_private_key_block_is_masked_whole_across_chunks() -> None:
+    mask = masker(PiiSpec(action="mask", responses="mask"))
+    pem = (
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----"
+    )
+    text = f"Here it is:\n{pem}\nKeep it safe."
+    for pieces in splits(text)[::5]:
+        got, _ = openai_text(run_stream("openai", openai_stream(pieces, []), Rewriter({}, mask)))
+        assert got == "Here it is:\n[SECRET]\nKeep it safe.", pieces
+
+
+def test_the_fast_path_leaves_events_without_placeholders_untouched() -> None:
+    events = openai_stream(["plain ", "text"], [])
+    out = run_stream("openai", events, Rewriter({"[EMAIL_1]": EMAIL}), per_chunk=len(events))
+    assert [e.raw for e in out] == [e.raw for e in events]
+    assert all(e.data == o.data for e, o in zip(events, out, strict=True))
