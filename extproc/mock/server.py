@@ -15,6 +15,8 @@ Behaviour is steered per request by `x-mock-*` headers, which pass through Envoy
                              and end the stream there (no message_stop / [DONE])
   x-mock-stream-error-after: N  events before that error (default: half the stream)
   x-mock-tag: T              label for GET /_mock/requests?tag=T
+  x-mock-echo: 1             the answer repeats the last user message (3-character pieces when streamed;
+                             tool calls get {"echo": <that text>} as arguments, in 4-character pieces)
 
 Content and token accounting (all counts deterministic; see wire.build_answer):
 
@@ -55,7 +57,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import orjson
@@ -121,6 +123,7 @@ class Steering:
     crlf: bool
     stream_error: str | None
     stream_error_after: int | None
+    echo: bool = False
 
     @classmethod
     def from_request(cls, request: web.Request) -> Steering:
@@ -148,11 +151,12 @@ class Steering:
             crlf=h.get("x-mock-crlf", "").lower() in ("1", "true", "yes"),
             stream_error=h.get("x-mock-stream-error") or None,
             stream_error_after=_opt_int_header(request, "x-mock-stream-error-after"),
+            echo=h.get("x-mock-echo", "").lower() in ("1", "true", "yes"),
         )
 
     def answer(self, schema: Literal["openai", "anthropic"], body: dict[str, Any], id_prefix: str) -> wire.Answer:
         cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        return wire.build_answer(
+        answer = wire.build_answer(
             schema,
             self.content,
             self.output_tokens,
@@ -161,6 +165,38 @@ class Steering:
             _tool_names(schema, body.get("tools")),
             id_prefix,
         )
+        if not self.echo:
+            return answer
+        # A model that repeats what it was sent: the text of the last user message, in 3-character
+        # pieces (so anything in it arrives split across events), and as {"echo": ...} in tool calls.
+        text = _last_user_text(body)
+        args = orjson.dumps({"echo": text}).decode()
+        blocks = tuple(
+            replace(b, pieces=_pieces(text, 3))
+            if b.kind == "text"
+            else replace(b, pieces=_pieces(args, 4))
+            if b.kind == "tool"
+            else b
+            for b in answer.blocks
+        )
+        return replace(answer, blocks=blocks)
+
+
+def _pieces(text: str, n: int) -> tuple[str, ...]:
+    return tuple(text[i : i + n] for i in range(0, len(text), n)) or ("",)
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    """The text of the last user message, either schema (a string, or its text parts joined)."""
+    for msg in reversed(body.get("messages") or []):
+        if not isinstance(msg, dict) or msg.get("role") != "user":
+            continue
+        content = msg.get("content")
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
 
 
 def _tool_names(schema: str, tools: Any) -> list[str]:

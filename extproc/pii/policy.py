@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -130,11 +130,13 @@ class Policy:
     actions: dict[str, Action]
     responses: ResponseMode
     on_error: OnError
+    # Scans the types whose request action is not "allow".
     detector: Detector
     ignore_documentation_values: bool
     timeout_seconds: float
-    # Types that are scanned at all (an "allow" type is not, unless responses: mask needs it).
-    scanned: frozenset[str] = field(default=frozenset())
+    # `responses: mask`: scans every type not explicitly allowed under `entities` (the default
+    # `action` is about requests: a tenant may send its own data and still not get others').
+    response_detector: Detector | None = None
 
     def action(self, entity: str) -> Action:
         return self.actions.get(entity, "allow")
@@ -142,10 +144,6 @@ class Policy:
     @property
     def restores(self) -> bool:
         return "restore" in self.actions.values()
-
-    @property
-    def reads_responses(self) -> bool:
-        return self.responses == "mask" or (self.responses == "restore" and self.restores)
 
 
 def resolve(default: PiiSpec | None, tenant: PiiSpec | None) -> Policy | None:
@@ -164,21 +162,22 @@ def resolve(default: PiiSpec | None, tenant: PiiSpec | None) -> Policy | None:
     if ignore is None:
         ignore = bool(base.ignore_documentation_values)
     timeout = over.timeout_seconds or base.timeout_seconds or 2.0
-    wanted = {t for t, a in actions.items() if a != "allow"}
+    detectors = {c.name: _custom_detector(c) for c in custom}
+
+    def detector(types: set[str]) -> Detector:
+        return Detector((t for t in ENTITY_TYPES if t in types), [d for n, d in detectors.items() if n in types])
+
+    request_types = {t for t, a in actions.items() if a != "allow"}
+    response_detector = None
     if responses == "mask":
-        wanted = set(actions)
-    detectors = [
-        CustomDetector(
-            c.name,
-            re.compile(c.pattern),
-            None
-            if c.validator is None
-            else _builtin_validator(c.validator)
-            if c.validator in _BUILTIN_VALIDATORS
-            else _import_validator(c.validator),
+        response_detector = detector({t for t in actions if entities.get(t) != "allow"})
+    return Policy(actions, responses, on_error, detector(request_types), ignore, timeout, response_detector)
+
+
+def _custom_detector(c: CustomSpec) -> CustomDetector:
+    validator = None
+    if c.validator is not None:
+        validator = (
+            _builtin_validator(c.validator) if c.validator in _BUILTIN_VALIDATORS else _import_validator(c.validator)
         )
-        for c in custom
-        if c.name in wanted
-    ]
-    detector = Detector((t for t in ENTITY_TYPES if t in wanted), detectors)
-    return Policy(actions, responses, on_error, detector, ignore, timeout, frozenset(wanted))
+    return CustomDetector(c.name, re.compile(c.pattern), validator)

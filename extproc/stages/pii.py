@@ -126,11 +126,14 @@ class PiiStage(Stage):
     def _masker(self, policy: Policy) -> Any:
         counts = self.counters.masked_in_responses
 
+        detector = policy.response_detector
+        assert detector is not None
+
         def mask(text: str, start_at: int) -> str:
             out: list[str] = []
             pos = start_at
-            for f in policy.detector.find(text):
-                if f.start < start_at or policy.action(f.type) == "allow":
+            for f in detector.find(text):
+                if f.start < start_at:
                     continue
                 if policy.ignore_documentation_values and is_documentation_value(f.type, text[f.start : f.end]):
                     continue

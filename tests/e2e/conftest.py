@@ -161,7 +161,7 @@ def make_stack(
     **kw: Any,
 ) -> tuple[Stack, Admin]:
     config = write_config(workdir, redis=redis_url is not None, prefix=prefix, overrides=overrides)
-    env = {**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {})}
+    env = {**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {}), **kw.pop("extra_env", {})}
     stack = Stack(
         gateway_config=config,
         envoy_config=ROOT / "envoy" / "envoy.yaml",
