@@ -207,7 +207,7 @@ def test_a_failing_detector_refuses_the_request(env: Env, tag: str) -> None:
             model="gpt-5.4-mini", messages=[{"role": "user", "content": f"ticket BOOM-123 from {EMAIL}"}]
         )
     assert info.value.status_code == 503
-    assert info.value.code == "pii_redaction_failed"  # type: ignore[attr-defined]
+    assert info.value.code == "pii_redaction_failed"
     assert env.mock.requests(tag) == []
 
 
