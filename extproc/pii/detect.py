@@ -22,6 +22,7 @@ from importlib import resources
 from typing import Final
 
 import phonenumbers
+from phonenumbers import re_util as _phone_re_util
 from stdnum import iban as stdnum_iban
 from stdnum import luhn
 from stdnum.us import ssn as stdnum_ssn
@@ -128,7 +129,12 @@ def _emails(text: str, found: list[Finding]) -> None:
 # dismissed by their digit count alone. Faster than one regex per type: every such regex would have
 # to look at every digit of the text again.
 
-_NUM = re.compile(r"\d[\d \-./()\u00a0]*\d")
+# Runs of at least 7 characters (the shortest entity here: an IPv4 address like 1.1.1.1), so years,
+# sizes and counts are skipped inside the regex engine.
+_NUM = re.compile(r"\d[\d \-./()\u00a0]{5,}\d")
+# Where an IBAN may start: a country code and two check digits, then its account part.
+_IBAN_START = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d\d(?=[ \-]?[A-Z0-9])")
+_GLUE = re.compile(r"[A-Za-z_\u00c0-\u024f]")
 _SPACE_SPLIT = re.compile(r"[ \u00a0]+")
 _NOT_DIGITS = str.maketrans("", "", " -./()\u00a0")
 _MAX_WINDOW = 7
@@ -160,19 +166,24 @@ def _card_brand_ok(digits: str) -> bool:
     return False
 
 
+# How card numbers are grouped when they are: fours (the last group shorter for 13-19 digits), or
+# Amex / Diners 4-6-5 and 4-6-4.
+_CARD_GROUPS = re.compile(r"\d{4}(?:([ \-\u00a0])\d{4}(?:\1\d{4}){0,2}\1\d{1,5}|([ \-\u00a0])\d{6}\2\d{4,5})")
+
+
 def _is_card(raw: str, digits: str) -> bool:
     if not 13 <= len(digits) <= 19:
         return False
-    seps = {c for c in raw if not c.isdigit()}
-    if len(seps) > 1 or not seps <= {" ", "-", "\u00a0"}:
+    if raw != digits and _CARD_GROUPS.fullmatch(raw) is None:
         return False
     return _card_brand_ok(digits) and luhn.is_valid(digits)
 
 
 _SSN_SHAPE = re.compile(r"(\d{3})([- ]?)(\d{2})\2(\d{4})")
 _SSN_CONTEXT = re.compile(
-    r"(?i)(?:\bssn\b|\bss#|social[\s\-]+security|\bsocial\s+sec\b|\bss\s*no\b|\bsocsec|\btaxpayer\s+id|\btin\b|"
-    r"\bitin\b|n[uú]mero\s+de\s+seguro\s+social|sozialversicherung)"
+    r"(?i)(?:(?<![a-z])ssns?(?![a-z])|(?<![a-z])ss#|social[\s\-_]*security|(?<![a-z])social(?![a-z])|"
+    r"(?<![a-z])ss\s*no(?![a-z])|socsec|taxpayer[\s_]+id|(?<![a-z])i?tin(?![a-z])|"
+    r"n[uú]mero\s+de\s+seguro\s+social|sozialversicherung)"
 )
 
 
@@ -181,12 +192,18 @@ def _is_ssn(text: str, start: int, raw: str) -> bool:
     if m is None or not stdnum_ssn.is_valid(m.group(1) + m.group(3) + m.group(4)):
         return False
     # Nine bare digits are an SSN only where the text says so.
-    return bool(m.group(2)) or _SSN_CONTEXT.search(text, max(0, start - 60), start) is not None
+    if m.group(2):
+        return True
+    # Nine bare digits: "SSN" (or the like) before it in the line or table, or just after it.
+    end = start + len(raw)
+    return _SSN_CONTEXT.search(text, max(0, start - 300), min(len(text), end + 80)) is not None
 
 
 _IPV4 = re.compile(r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}")
 # Preceded by these (case-insensitive), a dotted quad is a version number.
-_VERSION_BEFORE = re.compile(r"(?i)(?:\bv|\bversion\s*:?\s*|\bver\.?\s*|\brelease\s+|\bbuild\s+|\bv\.\s*|[@=~^<>]=?)$")
+_VERSION_BEFORE = re.compile(
+    r"(?i)(?:\bv|\bversion\s*[:=]?\s*|\bver\.?\s*|\brelease\s+|\bbuild\s+|\bv\.\s*|==|>=|<=|~=|\^|[A-Za-z]/)$"
+)
 
 
 def _is_ipv4(text: str, start: int, raw: str) -> bool:
@@ -195,12 +212,58 @@ def _is_ipv4(text: str, start: int, raw: str) -> bool:
 
 _PHONE_CONTEXT = re.compile(
     r"(?i)(?:phone|\btel\b|\btel\.|telephone|mobile|\bcell|\bcall|\bfax|whatsapp|contact|\bsms\b|text me|reach|dial|"
-    r"hotline|number|\bring\b|\bm:|\bt:|\bp:|\bph\.?|\bmob\.?|téléphone|portable|telefon|handy|móvil|celular|"
-    r"teléfono|telefono|cellulare|電話|携帯|手机|电话|फ़ोन|फोन|мобильный|телефон)"
+    r"hotline|\bring\b|\bm:|\bt:|\bp:|\bph\.?|\bmob\.?|téléphone|portable|appel|telefon|handy|anruf|ruf|"
+    r"erreichbar|móvil|celular|teléfono|telefono|llam|llám|ligue|ligar|contato|chiam|cellulare|bel |bellen|zadzwo|"
+    r"dzwo|ring|numero|número|numéro|nummer|電話|携帯|手机|电话|拨打|联系|फ़ोन|फोन|कॉल|मोबाइल|мобильный|телефон|звон)"
 )
 # Regions tried for numbers written without a country code (most common first).
-NATIONAL_REGIONS: Final = ("US", "GB", "DE", "FR", "IN", "ES", "IT", "NL", "BR", "AU", "CA", "JP", "CN", "MX", "CH")
+NATIONAL_REGIONS: Final = (
+    "US",
+    "GB",
+    "DE",
+    "FR",
+    "IN",
+    "ES",
+    "IT",
+    "NL",
+    "BR",
+    "AU",
+    "CA",
+    "JP",
+    "CN",
+    "MX",
+    "CH",
+    "PL",
+    "PT",
+    "SE",
+    "BE",
+    "AT",
+    "IE",
+    "ZA",
+    "KR",
+    "RU",
+    "TR",
+    "AR",
+    "SG",
+    "NZ",
+)
 _DATE_LIKE = re.compile(r"\d{4}[\-./]\d{1,2}[\-./]\d{1,2}|\d{1,2}[\-./]\d{1,2}[\-./]\d{2,4}")
+
+
+# libphonenumber's metadata has thousands of patterns; without its own cache they fall out of the re
+# module's 512 entries and are compiled again and again (~0.7 ms each): keep them.
+_phone_re_util.enable_pattern_cache()
+
+
+def warm_up() -> None:
+    """Load the phone metadata of every region tried and compile its patterns now (server start), not
+    on the first request that holds a number."""
+    for region in NATIONAL_REGIONS:
+        example = phonenumbers.example_number(region)
+        if example is not None:
+            _parse_phone(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.NATIONAL), region)
+            _parse_phone(phonenumbers.format_number(example, phonenumbers.PhoneNumberFormat.E164), None)
+    _iban_lengths()
 
 
 def _parse_phone(candidate: str, region: str | None) -> bool:
@@ -226,28 +289,67 @@ def _is_phone(text: str, start: int, raw: str, digits: str, international: bool)
         return False  # a bare run of digits: an id, an amount, a timestamp
     if "." in raw and not context and raw.count(".") < 2:
         return False  # a decimal number
-    for region in NATIONAL_REGIONS:
-        if _parse_phone(raw, region):
-            return context or "(" in raw or raw[0] == "0" or (region in ("US", "CA") and len(digits) in (10, 11))
-    return False
+    if _placeholder_digits(digits) or _NOT_PHONE_BEFORE.search(text, max(0, start - 24), start):
+        return False
+    if _SSN_LAYOUT.fullmatch(raw) or _IBAN_NEAR.search(text, max(0, start - 40), start):
+        return False  # an SSN-shaped number, or digits of an account number
+    if context:
+        return any(_parse_phone(raw, region) for region in NATIONAL_REGIONS)
+    # No phone word nearby: only numbers written the way that country writes them.
+    if "(" in raw or raw[0] == "0":
+        return any(_parse_phone(raw, region) for region in NATIONAL_REGIONS)
+    return _NANP_LAYOUT.fullmatch(raw) is not None and (_parse_phone(raw, "US") or _parse_phone(raw, "CA"))
+
+
+# North American numbers as they are written: 415-555-0132, 415.555.0132, 415 555 0132, 1-415-555-0132.
+_NANP_LAYOUT = re.compile(r"(?:1[ .\-])?\d{3}([ .\-])\d{3}\1\d{4}")
+# Digits after these are an ISBN, an order or a part number, not a phone number.
+_NOT_PHONE_BEFORE = re.compile(
+    r"(?i)(?:isbn(?:-1[03])?|issn|part\s+(?:no\.?|number|#)|sku|order\s+(?:no\.?|#))[\s:#]*$"
+)
+
+
+_SSN_LAYOUT = re.compile(r"\d{3}-\d{2}-\d{4}")
+_IBAN_NEAR = re.compile(r"(?i)\biban\b")
+
+
+def _placeholder_digits(digits: str) -> bool:
+    """999-999-9999, 123-456-7890, 000 000 0000: what forms show, not anyone's number."""
+    return len(set(digits)) <= 2 or digits in "012345678901234567890" or digits in "98765432109876543210"
 
 
 def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
     want_card, want_ssn = "CREDIT_CARD" in types, "US_SSN" in types
     want_ip, want_phone = "IP_ADDRESS" in types, "PHONE" in types
-    want_iban = "IBAN" in types
-    skip_to = 0
+    # IBANs first: their digits must not be read as a card or phone number.
+    taken: list[tuple[int, int]] = []
+    if "IBAN" in types:
+        for im in _IBAN_START.finditer(text):
+            if taken and im.start() < taken[-1][1]:
+                continue
+            end = _iban_at(text, im.start(), found)
+            if end != -1:
+                taken.append((im.start(), end))
+    if not (want_card or want_ssn or want_ip or want_phone):
+        return
+    t = 0
     for m in _NUM.finditer(text):
         base = m.start()
-        if base < skip_to:
-            continue
-        if want_iban and base >= 2 and text[base - 2 : base].isupper() and text[base - 2 : base].isalpha():
-            end = _iban_at(text, base - 2, found)
-            if end != -1:
-                skip_to = end
-                continue
+        while t < len(taken) and taken[t][1] <= base:
+            t += 1
+        if t < len(taken) and taken[t][0] < m.end():
+            continue  # inside (or touching) an IBAN
         span = m.group()
-        if len(span.translate(_NOT_DIGITS)) < 4:
+        # Fewer than 7 digits can only be an IPv4 address (1.2.3.4): most runs (years, sizes,
+        # amounts) end here.
+        if len(span.translate(_NOT_DIGITS)) < 7 and span.count(".") < 3:
+            continue
+        # Digits glued to Latin letters are part of an identifier (a hex id, a UUID, "v2", "abc123");
+        # scripts without spaces (Chinese, Japanese) put numbers right next to words.
+        if base > 0 and _GLUE.match(text, base - 1):
+            continue
+        after = m.end()
+        if after < len(text) and _GLUE.match(text, after):
             continue
         # Tokens: (start, end) offsets in the text of the space-separated parts of the run.
         tokens: list[tuple[int, int]] = []
@@ -258,10 +360,17 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
             pos = sep.end()
         if pos < len(span):
             tokens.append((base + pos, base + len(span)))
+        # A dotted quad is never part of a longer number ("ping -c 3 10.0.0.1").
+        stops = {k for k, (a, b) in enumerate(tokens) if text.count(".", a, b) == 3}
         i = 0
         while i < len(tokens):
             hit = None
-            for j in range(min(len(tokens), i + _MAX_WINDOW) - 1, i - 1, -1):
+            last = min(len(tokens), i + _MAX_WINDOW) - 1
+            for k in range(i, last + 1):
+                if k in stops:
+                    last = max(i, k - 1) if k > i else i
+                    break
+            for j in range(last, i - 1, -1):
                 start, end = tokens[i][0], tokens[j][1]
                 # Parentheses and trailing dots belong to a number only when balanced / inside it.
                 while end > start and text[end - 1] in ".-/(":
@@ -270,6 +379,8 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
                     start += 1
                 if text[start] == "(" and ")" not in text[start:end]:
                     start += 1
+                if start > 0 and text[start - 1] == "(" and text[start:end].count(")") > text[start:end].count("("):
+                    start -= 1  # "(888) 205-3187": the run started inside the parentheses
                 if end > start and text[end - 1] == ")" and "(" not in text[start:end]:
                     end -= 1
                 raw = text[start:end]
@@ -277,7 +388,7 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
                 if len(digits) < 4:
                     continue
                 international = start > 0 and text[start - 1] == "+"
-                if want_card and _is_card(raw, digits):
+                if want_card and not international and _is_card(raw, digits):
                     hit = ("CREDIT_CARD", start, end)
                 elif want_ip and j == i and _is_ipv4(text, start, raw):
                     hit = ("IP_ADDRESS", start, end)
@@ -311,8 +422,7 @@ def _iban_lengths() -> dict[str, int]:
 
 
 def _iban_at(text: str, start: int, found: list[Finding]) -> int:
-    """An IBAN starting at `start` (its country code), or -1. Called from the numbers pass for a
-    digit run right after two capital letters."""
+    """An IBAN starting at `start` (its country code), or -1."""
     want = _iban_lengths().get(text[start : start + 2])
     if want is None or (start > 0 and text[start - 1].isalnum()):
         return -1
@@ -334,7 +444,9 @@ def _iban_at(text: str, start: int, found: list[Finding]) -> int:
     if count != want or (end < n and text[end].isalnum()):
         return -1
     candidate = "".join(chars)
-    if candidate.upper() != candidate or not stdnum_iban.is_valid(candidate):
+    # The SWIFT length and format and the mod-97 checksum; not the national check digits (many
+    # systems' test and generated IBANs carry random ones, and they are no less an account number).
+    if candidate.upper() != candidate or not stdnum_iban.is_valid(candidate, check_country=False):
         return -1
     found.append(Finding("IBAN", start, end))
     return end
@@ -366,9 +478,9 @@ def _ipv6(text: str, found: list[Finding]) -> None:
         if m is None:
             continue
         value = m.group()
-        if value.count(":") < 2 or (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_.")):
+        if value.count(":") < 2 or (start > 0 and (_GLUE.match(text, start - 1) or text[start - 1] in "_.")):
             continue
-        if end < n and (text[end].isalnum() or text[end] == "_"):
+        if end < n and (_GLUE.match(text, end) or text[end].isdigit()):
             continue
         try:
             ipaddress.IPv6Address(value)
@@ -407,7 +519,7 @@ _SECRET_PATTERNS: Final = (
     ("ghs_", r"ghs_[A-Za-z0-9]{36,255}"),
     ("ghr_", r"ghr_[A-Za-z0-9]{36,255}"),
     ("github_pat_", r"github_pat_[A-Za-z0-9_]{60,255}"),
-    ("xox", r"xox[abposr]-[A-Za-z0-9\-]{10,}"),  # Slack
+    ("xox", r"xox[abposr]-(?:\d-)?\d{6,}-[A-Za-z0-9\-]{8,}"),  # Slack (workspace / user ids, then the secret)
     ("xapp-", r"xapp-\d-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+"),
     ("AIza", r"AIza[0-9A-Za-z_\-]{35}"),  # Google API keys
     # JWTs: a JSON header and payload (both start with '{"', i.e. "eyJ"), then the signature.
