@@ -131,9 +131,8 @@ def _emails(text: str, found: list[Finding]) -> None:
 
 # Runs of at least 7 characters (the shortest entity here: an IPv4 address like 1.1.1.1), so years,
 # sizes and counts are skipped inside the regex engine.
-_NUM = re.compile(r"\d[\d \-./()\u00a0]{5,}\d")
-# Where an IBAN may start: a country code and two check digits, then its account part.
-_IBAN_START = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d\d(?=[ \-]?[A-Z0-9])")
+# ...and where an IBAN may start: a country code and two check digits, then its account part.
+_NUM = re.compile(r"\d[\d \-./()\u00a0]{5,}\d|[A-Z]{2}\d\d(?=[ \-]?[A-Z0-9])")
 _GLUE = re.compile(r"[A-Za-z_\u00c0-\u024f]")
 _SPACE_SPLIT = re.compile(r"[ \u00a0]+")
 _NOT_DIGITS = str.maketrans("", "", " -./()\u00a0")
@@ -321,24 +320,21 @@ def _placeholder_digits(digits: str) -> bool:
 def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
     want_card, want_ssn = "CREDIT_CARD" in types, "US_SSN" in types
     want_ip, want_phone = "IP_ADDRESS" in types, "PHONE" in types
-    # IBANs first: their digits must not be read as a card or phone number.
-    taken: list[tuple[int, int]] = []
-    if "IBAN" in types:
-        for im in _IBAN_START.finditer(text):
-            if taken and im.start() < taken[-1][1]:
-                continue
-            end = _iban_at(text, im.start(), found)
-            if end != -1:
-                taken.append((im.start(), end))
-    if not (want_card or want_ssn or want_ip or want_phone):
-        return
-    t = 0
+    want_iban = "IBAN" in types
+    skip_to = 0
     for m in _NUM.finditer(text):
         base = m.start()
-        while t < len(taken) and taken[t][1] <= base:
-            t += 1
-        if t < len(taken) and taken[t][0] < m.end():
-            continue  # inside (or touching) an IBAN
+        if base < skip_to:
+            continue  # inside an IBAN: its digits are not a card or phone number
+        if text[base].isalpha():
+            # A country code and check digits (the same pass finds them: one scan instead of two).
+            if want_iban and (base == 0 or not text[base - 1].isalnum()):
+                end = _iban_at(text, base, found)
+                if end != -1:
+                    skip_to = end
+            continue
+        if not (want_card or want_ssn or want_ip or want_phone):
+            continue
         span = m.group()
         # Fewer than 7 digits can only be an IPv4 address (1.2.3.4): most runs (years, sizes,
         # amounts) end here.
@@ -422,7 +418,9 @@ def _iban_lengths() -> dict[str, int]:
 
 
 def _iban_at(text: str, start: int, found: list[Finding]) -> int:
-    """An IBAN starting at `start` (its country code), or -1."""
+    """Where an IBAN-shaped account number starting at `start` (a known country code, exactly that
+    country's length) ends, or -1. Only a valid one is an IBAN finding; an invalid one is still an
+    account number attempt, whose digits are not to be read as a phone or card number."""
     want = _iban_lengths().get(text[start : start + 2])
     if want is None or (start > 0 and text[start - 1].isalnum()):
         return -1
@@ -446,9 +444,8 @@ def _iban_at(text: str, start: int, found: list[Finding]) -> int:
     candidate = "".join(chars)
     # The SWIFT length and format and the mod-97 checksum; not the national check digits (many
     # systems' test and generated IBANs carry random ones, and they are no less an account number).
-    if candidate.upper() != candidate or not stdnum_iban.is_valid(candidate, check_country=False):
-        return -1
-    found.append(Finding("IBAN", start, end))
+    if candidate.upper() == candidate and stdnum_iban.is_valid(candidate, check_country=False):
+        found.append(Finding("IBAN", start, end))
     return end
 
 

@@ -173,9 +173,7 @@ class PiiStage(Stage):
 
 
 def _scan(redaction: Redaction, slots: list[Any]) -> list[str]:
-    texts = [owner[key] for owner, key, _ in slots]
-    redaction.reserve(texts)
-    return [redaction.redact(t, json_text) for t, (_, _, json_text) in zip(texts, slots, strict=True)]
+    return redaction.redact_all([owner[key] for owner, key, _ in slots], [json_text for _, _, json_text in slots])
 
 
 def hash_key_from_env(config: GatewayConfig) -> bytes | None:

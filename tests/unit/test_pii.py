@@ -403,3 +403,20 @@ def test_the_fast_path_leaves_events_without_placeholders_untouched() -> None:
     out = run_stream("openai", events, Rewriter({"[EMAIL_1]": EMAIL}), per_chunk=len(events))
     assert [e.raw for e in out] == [e.raw for e in events]
     assert all(e.data == o.data for e, o in zip(events, out, strict=True))
+
+
+def test_a_request_is_scanned_in_one_pass_but_never_across_texts() -> None:
+    policy = resolve(PiiSpec(action="mask"), None)
+    assert policy is not None
+    r = Redaction(policy, "t")
+    texts = [
+        f"write {EMAIL}",
+        "call +1 415 555",
+        "0132 tomorrow",
+        "-----BEGIN PRIVATE KEY-----\nMIIE",
+        "abc\n-----END PRIVATE KEY-----",
+        KEY,
+    ]
+    out = r.redact_all(texts, [False] * len(texts))
+    assert out == ["write [EMAIL]", "call +1 415 555", "0132 tomorrow", texts[3], texts[4], "[SECRET]"]
+    assert dict(r.counts) == {"EMAIL": 1, "SECRET": 1}
