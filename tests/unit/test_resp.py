@@ -1,0 +1,117 @@
+"""The hand-written pipelined RESP connection (extproc.store.resp), on both event loops the server
+may run (uvloop's transports are not asyncio's classes), against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+import uvloop
+
+from extproc.devstack import free_port
+from extproc.store.errors import StoreUnavailable
+from extproc.store.redis import RedisBackend
+from extproc.store.resp import ReplyError, RespConnection
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(kind: str, coro: Callable[[], Awaitable[Any]]) -> Any:
+    if kind == "uvloop":
+        return uvloop.run(coro())
+    return asyncio.run(coro())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_concurrent_calls_get_their_own_replies(loop: str, redis_url: str) -> None:
+    async def go() -> None:
+        conn = RespConnection(redis_url)
+        key = f"resp:{uuid.uuid4().hex}"
+        replies = await asyncio.gather(*(conn.call("INCR", key) for _ in range(500)))
+        assert sorted(replies) == list(range(1, 501))
+        echoed = await asyncio.gather(*(conn.call("ECHO", f"v{i}") for i in range(200)))
+        assert echoed == [f"v{i}" for i in range(200)]
+        with pytest.raises(ReplyError, match="WRONGTYPE|not an integer"):
+            await conn.call("LPUSH", key, "x")
+        assert await conn.call("GET", key) == "500"  # the connection goes on after an error reply
+        await conn.close()
+
+    run(loop, go)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_scripts_are_loaded_once_when_redis_does_not_know_them(loop: str, redis_url: str) -> None:
+    async def go() -> None:
+        backend = RedisBackend(redis_url, prefix="t:")
+        script = f"return {{KEYS[1], ARGV[1], '{uuid.uuid4().hex}'}}"
+        first = await backend.script(script, ["k"], ["a"])
+        await backend.fast.call("SCRIPT", "FLUSH")  # a restarted Redis forgot it
+        second = await backend.script(script, ["k"], ["b"])
+        assert first[:2] == ["k", "a"] and second[:2] == ["k", "b"]
+        await backend.close()
+
+    run(loop, go)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_killed_connection_fails_its_calls_then_reconnects(loop: str, redis_url: str) -> None:
+    async def go() -> None:
+        conn = RespConnection(redis_url)
+        name = f"resp-{uuid.uuid4().hex[:8]}"
+        await conn.call("CLIENT", "SETNAME", name)
+        admin = redis.Redis.from_url(redis_url)
+        killed = admin.client_kill_filter(_type=None, skipme=True, client_name=name)  # type: ignore[no-untyped-call]
+        admin.close()
+        assert killed == 1
+        with pytest.raises(StoreUnavailable):
+            for _ in range(50):  # the first call after the kill may still be written before the close arrives
+                await conn.call("PING")
+                await asyncio.sleep(0.01)
+        assert await conn.call("PING") == "PONG"
+        await conn.close()
+
+    run(loop, go)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_unreachable_and_silent_servers_are_store_unavailable(loop: str) -> None:
+    async def go() -> None:
+        refused = RespConnection(f"redis://127.0.0.1:{free_port()}/0", timeout=0.2)
+        with pytest.raises(StoreUnavailable):
+            await refused.call("PING")
+        # A server that accepts and never answers: the call times out, and the connection is dropped
+        # so a late reply can never be taken for another command's.
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        silent = RespConnection(f"redis://127.0.0.1:{listener.getsockname()[1]}/0", timeout=0.2)
+        with pytest.raises(StoreUnavailable, match="TimeoutError"):
+            await silent.call("PING")
+        assert silent._protocol is None
+        listener.close()
+
+    run(loop, go)
+
+
+def test_auth_and_database_from_the_url(redis_url: str) -> None:
+    """SELECT from the URL's path: a key written on db 3 is not on db 0."""
+
+    async def go() -> None:
+        key = f"resp:{uuid.uuid4().hex}"
+        on3 = RespConnection(redis_url.rsplit("/", 1)[0] + "/3")
+        on0 = RespConnection(redis_url)
+        await on3.call("SET", key, "x")
+        assert await on0.call("GET", key) is None and await on3.call("GET", key) == "x"
+        await on3.call("DEL", key)
+        bad = RespConnection(redis_url.replace("redis://", "redis://:wrong-password@"))
+        with pytest.raises(StoreUnavailable):
+            await bad.call("PING")
+        await on3.close()
+        await on0.close()
+
+    uvloop.run(go())
