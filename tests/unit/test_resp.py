@@ -62,10 +62,9 @@ def test_scripts_are_loaded_once_when_redis_does_not_know_them(loop: str, redis_
 def test_a_killed_connection_fails_its_calls_then_reconnects(loop: str, redis_url: str) -> None:
     async def go() -> None:
         conn = RespConnection(redis_url)
-        name = f"resp-{uuid.uuid4().hex[:8]}"
-        await conn.call("CLIENT", "SETNAME", name)
+        client_id = await conn.call("CLIENT", "ID")
         admin = redis.Redis.from_url(redis_url)
-        killed = admin.client_kill_filter(_type=None, skipme=True, client_name=name)
+        killed = admin.client_kill_filter(_id=str(client_id))
         admin.close()
         assert killed == 1
         with pytest.raises(StoreUnavailable):
@@ -73,6 +72,7 @@ def test_a_killed_connection_fails_its_calls_then_reconnects(loop: str, redis_ur
                 await conn.call("PING")
                 await asyncio.sleep(0.01)
         assert await conn.call("PING") == "PONG"
+        assert await conn.call("CLIENT", "ID") != client_id  # a new connection
         await conn.close()
 
     run(loop, go)
