@@ -43,7 +43,7 @@ class Finding:
 
 _EMAIL = re.compile(
     r"(?<![A-Za-z0-9._%+\-/])"
-    r"([A-Za-z0-9_%+\-]+(?:\.[A-Za-z0-9_%+\-]+)*)"
+    r"([A-Za-z0-9_%+\-][A-Za-z0-9_%+\-']*(?:\.[A-Za-z0-9_%+\-']+)*)"
     r"@((?:[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))"
     r"(?![A-Za-z0-9\-]|\.[A-Za-z0-9])"
 )
@@ -135,6 +135,8 @@ def _emails(text: str, found: list[Finding]) -> None:
 _NUM = re.compile(r"\d[\d \-./()\u00a0]{5,}\d|[A-Z]{2}\d\d(?=[ \-]?[A-Z0-9])")
 _GLUE = re.compile(r"[A-Za-z_\u00c0-\u024f]")
 _SPACE_SPLIT = re.compile(r"[ \u00a0]+")
+# A group of a grouped digit run (card numbers are written in groups of 4 to 6).
+_GROUP = re.compile(r"\d{2,6}")
 _NOT_DIGITS = str.maketrans("", "", " -./()\u00a0")
 _MAX_WINDOW = 7
 
@@ -211,9 +213,9 @@ def _is_ipv4(text: str, start: int, raw: str) -> bool:
 
 _PHONE_CONTEXT = re.compile(
     r"(?i)(?:phone|\btel\b|\btel\.|telephone|mobile|\bcell|\bcall|\bfax|whatsapp|contact|\bsms\b|text me|reach|dial|"
-    r"hotline|\bring\b|\bm:|\bt:|\bp:|\bph\.?|\bmob\.?|téléphone|portable|appel|telefon|handy|anruf|ruf|"
+    r"hotline|toll[\s\-]?free|\bring\b|\bm:|\bt:|\bp:|\bph\.?|\bmob\.?|téléphone|portable|appel|telefon|handy|anruf|ruf|"
     r"erreichbar|móvil|celular|teléfono|telefono|llam|llám|ligue|ligar|contato|chiam|cellulare|bel |bellen|zadzwo|"
-    r"dzwo|ring|numero|número|numéro|nummer|電話|携帯|手机|电话|拨打|联系|फ़ोन|फोन|कॉल|मोबाइल|мобильный|телефон|звон)"
+    r"dzwo|kontakt|komórk|ringe|ring\s|bel\s|(?<![a-z])numer|(?<![a-z])numero|(?<![a-z])número|(?<![a-z])numéro|(?<![a-z])nummer|電話|携帯|手机|电话|拨打|联系|फ़ोन|फोन|कॉल|मोबाइल|мобильный|телефон|звон)"
 )
 # Regions tried for numbers written without a country code (most common first).
 NATIONAL_REGIONS: Final = (
@@ -282,15 +284,17 @@ def _is_phone(text: str, start: int, raw: str, digits: str, international: bool)
         return _parse_phone("+" + raw if not raw.startswith(("+", "(")) else raw, None)
     if raw.startswith("00") and _parse_phone("+" + raw[2:], None):
         return True
-    context = _PHONE_CONTEXT.search(text, max(0, start - 40), start) is not None
+    context = _PHONE_CONTEXT.search(text, max(0, start - 60), start) is not None
     formatted = raw != digits
-    if not (formatted or context):
-        return False  # a bare run of digits: an id, an amount, a timestamp
+    if not formatted and (not context or len(digits) > 11):
+        return False  # a bare run of digits: an id, an IMEI, an amount, a timestamp
+    if any(_DATE_LIKE.fullmatch(part) for part in raw.split()):
+        return False  # a date and a time
     if "." in raw and not context and raw.count(".") < 2:
         return False  # a decimal number
     if _placeholder_digits(digits) or _NOT_PHONE_BEFORE.search(text, max(0, start - 24), start):
         return False
-    if _SSN_LAYOUT.fullmatch(raw) or _IBAN_NEAR.search(text, max(0, start - 40), start):
+    if _NOT_PHONE_LAYOUT.fullmatch(raw) or _IBAN_NEAR.search(text, max(0, start - 40), start):
         return False  # an SSN-shaped number, or digits of an account number
     if context:
         return any(_parse_phone(raw, region) for region in NATIONAL_REGIONS)
@@ -304,11 +308,14 @@ def _is_phone(text: str, start: int, raw: str, digits: str, international: bool)
 _NANP_LAYOUT = re.compile(r"(?:1[ .\-])?\d{3}([ .\-])\d{3}\1\d{4}")
 # Digits after these are an ISBN, an order or a part number, not a phone number.
 _NOT_PHONE_BEFORE = re.compile(
-    r"(?i)(?:isbn(?:-1[03])?|issn|part\s+(?:no\.?|number|#)|sku|order\s+(?:no\.?|#))[\s:#]*$"
+    r"(?i)(?:isbn(?:-1[03])?|issn|imei|part\s+(?:no\.?|number|#)|sku|order\s+(?:no\.?|#)|zip(?:\s*code)?|postcode|"
+    r"postal\s*code|cep|plz|tracking(?:\s+(?:no\.?|number|#))?|routing(?:\s+(?:no\.?|number|#))?|"
+    r"account(?:\s+(?:no\.?|number|#))?|mandate)[\s:#]*$"
 )
 
 
-_SSN_LAYOUT = re.compile(r"\d{3}-\d{2}-\d{4}")
+# An SSN, a US ZIP+4, a Brazilian CEP: shapes no phone number is written in.
+_NOT_PHONE_LAYOUT = re.compile(r"\d{3}-\d{2}-\d{4}|\d{5}-\d{3,4}")
 _IBAN_NEAR = re.compile(r"(?i)\biban\b")
 
 
@@ -328,10 +335,14 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
             continue  # inside an IBAN: its digits are not a card or phone number
         if text[base].isalpha():
             # A country code and check digits (the same pass finds them: one scan instead of two).
-            if want_iban and (base == 0 or not text[base - 1].isalnum()):
-                end = _iban_at(text, base, found)
-                if end != -1:
-                    skip_to = end
+            end = _iban_at(text, base, found) if want_iban and (base == 0 or not text[base - 1].isalnum()) else -1
+            if end == -1:
+                # Not an IBAN: the rest of this identifier ("XEH830845911", "1ZZVDR640357300180") is
+                # not a number of its own either.
+                end = m.end()
+                while end < len(text) and text[end].isalnum():
+                    end += 1
+            skip_to = end
             continue
         if not (want_card or want_ssn or want_ip or want_phone):
             continue
@@ -344,6 +355,8 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
         # scripts without spaces (Chinese, Japanese) put numbers right next to words.
         if base > 0 and _GLUE.match(text, base - 1):
             continue
+        if base > 1 and text[base - 1] in "-_/#" and text[base - 2].isascii() and text[base - 2].isalpha():
+            continue  # "INV-2021-0471", "ORD-2020-335845": a code, not a number of its own
         after = m.end()
         if after < len(text) and _GLUE.match(text, after):
             continue
@@ -385,12 +398,16 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
                     continue
                 international = start > 0 and text[start - 1] == "+"
                 if want_card and not international and _is_card(raw, digits):
-                    hit = ("CREDIT_CARD", start, end)
+                    # Inside a longer run of digit groups (a tracking number) a card-shaped part is not one.
+                    if not (i > 0 and _GROUP.fullmatch(text, *tokens[i - 1])) and not (
+                        j + 1 < len(tokens) and _GROUP.fullmatch(text, *tokens[j + 1])
+                    ):
+                        hit = ("CREDIT_CARD", start, end)
                 elif want_ip and j == i and _is_ipv4(text, start, raw):
                     hit = ("IP_ADDRESS", start, end)
                 elif want_ssn and j - i <= 2 and _is_ssn(text, start, raw):
                     hit = ("US_SSN", start, end)
-                elif want_phone and _is_phone(text, start, raw, digits, international):
+                elif want_phone and i == 0 and _is_phone(text, start, raw, digits, international):
                     hit = ("PHONE", start - 1 if international else start, end)
                 if hit is not None:
                     break
@@ -451,13 +468,15 @@ def _iban_at(text: str, start: int, found: list[Finding]) -> int:
 
 # -- IPv6 -----------------------------------------------------------------------------------------
 
-_IPV6 = re.compile(r"[0-9A-Fa-f:]*[0-9A-Fa-f:.]*[0-9A-Fa-f]|[0-9A-Fa-f:]*::")
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+")
+_ZONE = re.compile(r"%[A-Za-z0-9_.\-]{1,32}")
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 
 def _ipv6(text: str, found: list[Finding]) -> None:
     """Candidates around each colon that has a hex digit or another colon on both sides (found with
-    str.find, so JSON's `"key": value` colons cost almost nothing), parsed by `ipaddress`."""
+    str.find, so JSON's `"key": value` colons cost almost nothing), parsed by `ipaddress`. A zone
+    (`fe80::1%eth0`) belongs to the address; a port after `]:` does not."""
     n = len(text)
     i = text.find(":")
     while i != -1:
@@ -470,22 +489,27 @@ def _ipv6(text: str, found: list[Finding]) -> None:
         while start > 0 and (text[start - 1] in _HEX or text[start - 1] == ":"):
             start -= 1
         m = _IPV6.match(text, start)
-        end = m.end() if m is not None else i + 1
+        assert m is not None
+        end = m.end()
         i = text.find(":", max(end, i + 1))
-        if m is None:
-            continue
-        value = m.group()
+        # Sentence punctuation after the address: a final "." or a single ":" ("at fe80::1: ...").
+        while end > start and text[end - 1] == ".":
+            end -= 1
+        if end - start >= 2 and text[end - 1] == ":" and text[end - 2] != ":":
+            end -= 1
+        value = text[start:end]
         if value.count(":") < 2 or (start > 0 and (_GLUE.match(text, start - 1) or text[start - 1] in "_.")):
             continue
         if end < n and (_GLUE.match(text, end) or text[end].isdigit()):
             continue
+        zone = _ZONE.match(text, end) if end < n and text[end] == "%" else None
         try:
             ipaddress.IPv6Address(value)
         except ValueError:
             continue
         if _looks_like_code(text, start, end) or not any(c.isdigit() for c in value):
             continue
-        found.append(Finding("IP_ADDRESS", start, end))
+        found.append(Finding("IP_ADDRESS", start, zone.end() if zone is not None else end))
 
 
 def _looks_like_code(text: str, start: int, end: int) -> bool:
@@ -519,6 +543,7 @@ _SECRET_PATTERNS: Final = (
     ("xox", r"xox[abposr]-(?:\d-)?\d{6,}-[A-Za-z0-9\-]{8,}"),  # Slack (workspace / user ids, then the secret)
     ("xapp-", r"xapp-\d-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+"),
     ("AIza", r"AIza[0-9A-Za-z_\-]{35}"),  # Google API keys
+    ("glpat-", r"glpat-[0-9A-Za-z_\-]{20,}"),  # GitLab personal access tokens
     # JWTs: a JSON header and payload (both start with '{"', i.e. "eyJ"), then the signature.
     ("eyJ", r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),
 )
@@ -531,8 +556,16 @@ _BEARER = re.compile(r"(?i:bearer)[ \t:]+([A-Za-z0-9\-._~+/]{16,}=*)(?![A-Za-z0-
 
 
 def _has_entropy(token: str) -> bool:
-    """A bearer token is random: letters and digits mixed, not a word or a placeholder."""
-    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token) and len(set(token)) >= 8
+    """A bearer token is random: many different characters, digits or both cases, not a word or a
+    placeholder ("<token>", "xxxxxxxx")."""
+    if len(set(token)) < 10:
+        return False
+    return any(c.isdigit() for c in token) or (any(c.isupper() for c in token) and any(c.islower() for c in token))
+
+
+def _placeholder_secret(token: str, prefix_end: int) -> bool:
+    """`sk-proj-XXXXXXXX…`, `ghp_xxxx…`: the shape of a key with nothing secret in it."""
+    return len(set(token[prefix_end:].replace("-", "").replace("_", ""))) <= 3
 
 
 def _secrets(text: str, found: list[Finding]) -> None:
@@ -543,7 +576,11 @@ def _secrets(text: str, found: list[Finding]) -> None:
         while i != -1:
             if i not in taken and (i == 0 or text[i - 1] not in _TOKEN_CHAR):
                 m = pattern.match(text, i)
-                if m is not None and (m.end() == n or text[m.end()] not in _TOKEN_CHAR):
+                if (
+                    m is not None
+                    and (m.end() == n or text[m.end()] not in _TOKEN_CHAR)
+                    and not _placeholder_secret(m.group(), len(prefix) + 4)
+                ):
                     found.append(Finding("SECRET", i, m.end()))
                     taken.add(i)
             i = text.find(prefix, i + 1)

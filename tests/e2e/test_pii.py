@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 EMAIL, PHONE, CARD = "maria.gonzalez@northwind-traders.com", "+44 20 7946 0958", "4539 5787 6362 1486"
-KEY = "sk-proj-" + "Zq7" * 14
+KEY = "sk-proj-" + "Zq7vK2mP9xR4tL8nW3bY6cH1jF5dS0gAeT4uN"
 ECHO = {"x-mock-echo": "1"}
 TOOLS: list[Any] = [
     {"type": "function", "function": {"name": "send", "parameters": {"type": "object", "properties": {}}}}

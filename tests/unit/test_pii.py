@@ -17,7 +17,7 @@ from extproc.pii.walk import request_slots
 from extproc.sse import SSEEvent
 
 EMAIL, PHONE, CARD = "jane.roe@acme-corp.io", "+1 415 555 0132", "4111 1111 1111 1111"
-KEY = "sk-proj-" + "Ab1" * 12
+KEY = "sk-proj-" + "Zq7vK2mP9xR4tL8nW3bY6cH1jF5dS0gAe"
 
 
 def redact_body(schema: str, body: dict[str, Any], spec: PiiSpec, tenant: str = "t") -> Redaction:

@@ -1,0 +1,1 @@
+"""Held-out PII/secret corpus (README.md here); generate.py writes and checks it."""
