@@ -62,6 +62,13 @@ class Price:
     cache_creation_input: Decimal
     output: Decimal
 
+    def pusd_per_token(self) -> tuple[int, int]:
+        """(input, output) in pico-USD per token, exact: a price has at most 6 decimals per 1M
+        tokens, so per token it is a whole number of pico-USD (for estimates on the request path,
+        where Decimal arithmetic cost more than the rest of the limit check)."""
+        scale = Decimal(10**6)  # 10^12 pico-USD per USD / 10^6 tokens
+        return int(self.input * scale), int(self.output * scale)
+
     @classmethod
     def from_config(cls, cfg: PriceConfig) -> Price:
         base = Decimal(cfg.input)

@@ -36,6 +36,7 @@ releases the GIL, so a caller on the event loop should run `estimate_input_token
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import json
@@ -241,11 +242,13 @@ def warm_up(encodings: Iterable[str] = (O200K,)) -> None:
         get_encoding(name)
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalize(model: str) -> str:
     name = model.strip().lower()
     return name.removeprefix("ft:")
 
 
+@functools.lru_cache(maxsize=4096)
 def _openai_encoding(model: str) -> str | None:
     name = _normalize(model)
     for prefix, encoding in _MODEL_PREFIXES:
@@ -254,10 +257,12 @@ def _openai_encoding(model: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_claude(model: str) -> bool:
     return "claude" in _normalize(model)
 
 
+@functools.lru_cache(maxsize=4096)
 def _claude_new_tokenizer(model: str) -> bool:
     """Whether a Claude model uses Anthropic's newer tokenizer (Opus 4.7 and later, Claude 5).
     Names that cannot be read count as new: the larger estimate."""

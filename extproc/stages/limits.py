@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from ..accounting.pricing import PriceTable, cost_usd, format_usd
+from ..accounting.pricing import PriceTable
 from ..accounting.sink import cost_pusd
 from ..accounting.tokenizer import estimate_input_tokens
 from ..errors import ErrorKind, GatewayError, quote
@@ -59,10 +59,13 @@ def go_duration(seconds: float) -> str:
 
 def rate_headers(verdict: Verdict) -> dict[str, str]:
     out: dict[str, str] = {}
-    for what, name in (("requests", "requests"), ("tokens", "tokens")):
-        state: RateState | None = verdict.tightest(what)  # type: ignore[arg-type]
-        if state is None:
-            continue
+    best: dict[str, RateState] = {}
+    for state in verdict.rates:
+        what = state.check.what
+        held = best.get(what)
+        if held is None or (state.remaining, -state.reset) < (held.remaining, -held.reset):
+            best[what] = state
+    for name, state in best.items():
         out[f"x-ratelimit-limit-{name}"] = str(state.limit)
         out[f"x-ratelimit-remaining-{name}"] = str(state.remaining)
         out[f"x-ratelimit-reset-{name}"] = go_duration(state.reset)
@@ -76,6 +79,8 @@ class LimitsStage(Stage):
         self.service = service
         self.prices = prices
         self.default_max_output_tokens = default_max_output_tokens
+        # Upstream model -> (input, output) pico-USD per token, or None when it has no price.
+        self._rates: dict[str, tuple[int, int] | None] = {}
 
     async def request_body(self, ctx: RequestContext) -> None:
         route, identity = ctx.route, ctx.identity
@@ -99,8 +104,13 @@ class LimitsStage(Stage):
                 prompt = estimate_input_tokens(route.schema, body, route.upstream_model)
             tokens = prompt + output
             if any(r.needs_cost for r in rules):
-                price = self.prices.price(route.upstream_model)
-                if price is None:
+                rates = self._rates.get(route.upstream_model)
+                if rates is None:
+                    price = self.prices.price(route.upstream_model)
+                    rates = price.pusd_per_token() if price is not None else None
+                    if len(self._rates) < 10_000:
+                        self._rates[route.upstream_model] = rates
+                if rates is None:
                     # A budget in USD cannot count what has no price: refuse rather than let the
                     # request bypass the budget.
                     raise GatewayError(
@@ -110,7 +120,7 @@ class LimitsStage(Stage):
                         "unpriced_model",
                         "model",
                     )
-                pusd = cost_pusd(format_usd(cost_usd(price, prompt, output_tokens=output))) or 0
+                pusd = prompt * rates[0] + output * rates[1]
         demand = Demand(ctx.request_id, identity.tenant, plan(rules, tokens, pusd), tokens, pusd)
         try:
             verdict = await self.service.acquire(demand)

@@ -7,6 +7,7 @@ up everywhere as the same StoreUnavailable after the same bounded wait, never as
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from collections.abc import Awaitable
 from pathlib import Path
@@ -22,6 +23,7 @@ T = TypeVar("T")
 _TENANT = re.compile(r"[A-Za-z0-9_-]+")
 
 
+@functools.lru_cache(maxsize=65536)
 def tenant_tag(tenant: str) -> str:
     """`{t:<tenant>}`: the hash tag of every key that belongs to one tenant (usage records,
     aggregates, limits), so one script can touch them together on Redis Cluster. A name outside

@@ -7,11 +7,13 @@ calls per request. Here a command is `hiredis.pack_command` + one transport writ
 parsed by hiredis and matched to callers in order (RESP replies come back in the order the commands
 were sent): ~15-25 µs per call, and concurrent requests share the connection and its round trips.
 
-It does only that: send a command, await its reply. Everything else (pub/sub, streams, admin) stays on
-redis-py through RedisBackend. It speaks RESP2 with AUTH and SELECT from the same URL, over TCP,
-TLS (`rediss://`) or a unix socket. Any failure (refused, reset, a reply later than the timeout)
-closes the connection and fails every call waiting on it with StoreUnavailable; the next call
-reconnects. A late reply can therefore never be taken for the answer to a later command.
+It does only that: send a command, await its reply. Commands made in one event-loop iteration go out
+in one write, and one watchdog per connection (not a timer per call) enforces the timeout.
+Everything else (pub/sub, streams, admin) stays on redis-py through RedisBackend. It speaks RESP2
+with AUTH and SELECT from the same URL, over TCP, TLS (`rediss://`) or a unix socket. Any failure
+(refused, reset, a reply later than the timeout) closes the connection and fails every call waiting
+on it with StoreUnavailable; the next call reconnects. A late reply can therefore never be taken for
+the answer to a later command.
 """
 
 from __future__ import annotations
@@ -35,12 +37,46 @@ class _Protocol(asyncio.Protocol):
     def __init__(self, owner: RespConnection) -> None:
         self.owner = owner
         self.reader = hiredis.Reader(encoding="utf-8")
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # Calls waiting for their reply, in the order their commands were written, with when each
+        # was sent (a watchdog, not a timer per call, fails the connection when the oldest is late).
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        # Commands of this loop iteration, written together (one syscall for many callers).
+        self.out: list[bytes] = []
+        self.flush_scheduled = False
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
         self.transport = cast(asyncio.Transport, transport)
+
+    def send(self, packed: bytes, fut: asyncio.Future[Any], now: float) -> None:
+        self.waiting.append((fut, now))
+        self.out.append(packed)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            fut.get_loop().call_soon(self.flush)
+        if self.watchdog is None:
+            self.watchdog = fut.get_loop().call_later(self.owner.timeout, self.check)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        if self.transport is not None and self.out:
+            self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
+        self.out = []
+
+    def check(self) -> None:
+        """A reply later than the timeout: the connection is dropped, so that reply can never be
+        taken for the answer to a later command."""
+        self.watchdog = None
+        if not self.waiting:
+            return
+        loop = self.waiting[0][0].get_loop()
+        age = loop.time() - self.waiting[0][1]
+        if age >= self.owner.timeout:
+            self.fail("TimeoutError")
+        else:
+            self.watchdog = loop.call_later(self.owner.timeout - age, self.check)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -55,7 +91,7 @@ class _Protocol(asyncio.Protocol):
             if not self.waiting:
                 self.fail("a reply nobody asked for")
                 return
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if fut.done():
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -67,11 +103,15 @@ class _Protocol(asyncio.Protocol):
         self.fail("connection lost")
 
     def fail(self, why: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
+        self.out = []
         while self.waiting:
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_exception(StoreUnavailable(f"redis: {why}"))
         if self.owner._protocol is self:
@@ -133,15 +173,10 @@ class RespConnection:
     async def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> Any:
         if proto.transport is None:
             raise StoreUnavailable("redis: connection lost")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        proto.waiting.append(fut)
-        proto.transport.write(hiredis.pack_command(args))
-        try:
-            return await asyncio.wait_for(fut, self.timeout)
-        except TimeoutError:
-            # The reply may still come: drop the connection so it can never answer a later call.
-            proto.fail("timeout")
-            raise StoreUnavailable("redis: TimeoutError") from None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        proto.send(hiredis.pack_command(args), fut, loop.time())
+        return await fut
 
     async def call(self, *args: Any) -> Any:
         """One command's reply. Raises ReplyError (Redis said no) or StoreUnavailable."""
