@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -367,19 +368,24 @@ class Processor:
         return resp
 
 
-async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Drive one ext_proc stream with context.read()/write() (cheaper than an async generator)."""
+async def run_stream(
+    pipeline: Pipeline,
+    read: Callable[[], Awaitable[ep.ProcessingRequest | None]],
+    write: Callable[[ep.ProcessingResponse], Awaitable[None]],
+) -> None:
+    """Drive one ext_proc stream over any transport: `read` returns the next message or None at the
+    end of Envoy's side; `write` sends a reply."""
     proc = Processor(pipeline)
     try:
         while not proc.done:
-            req = await context.read()
-            if req is grpc.aio.EOF:
+            req = await read()
+            if req is None:
                 break
             resp = await proc.handle(req)
             # Drop the message (it may hold a 16 MiB body) before waiting on the next one.
             del req
             if resp is not None:
-                await context.write(resp)
+                await write(resp)
                 del resp
     finally:
         # Shielded: a cancelled stream (client gone) must not cut a finish short; if this task is
@@ -392,3 +398,13 @@ async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any
                 _FINISHING.add(task)
                 task.add_done_callback(_FINISHING.discard)
             raise
+
+
+async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """One stream on grpc.aio (context.read()/write() are cheaper than an async generator)."""
+
+    async def read() -> ep.ProcessingRequest | None:
+        req = await context.read()
+        return None if req is grpc.aio.EOF else req
+
+    await run_stream(pipeline, read, context.write)

@@ -8,7 +8,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -32,6 +32,7 @@ from .processor import serve_stream
 from .stages import AccountingStage, AdmissionStage, LimitsStage, PiiStage, default_stages
 from .stages.pii import hash_key_from_env, pii_wanted
 from .store import Backend, RedisBackend, open_backend
+from .transport.h2server import NativeServer
 from .wire import external_processor_pb2_grpc as ep_grpc
 
 log = logging.getLogger("extproc.server")
@@ -161,8 +162,22 @@ async def start_limits(
     return service, [close_state, service.close, stop_snapshots]
 
 
-def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[grpc.aio.Server, int]:
+class ExtProcServer(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self, grace: float | None) -> Any: ...
+    async def wait_for_termination(self) -> Any: ...
+
+
+def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[ExtProcServer, int]:
     """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
+    address = listen or config.server.listen
+    if config.server.transport == "native":
+        # Streams beyond max_concurrent_streams still open (the admission stage answers them with a
+        # counted 503); twice that is refused at the HTTP/2 level.
+        native = NativeServer(
+            pipeline, address, config.server.max_message_bytes, 2 * config.server.max_concurrent_streams
+        )
+        return native, native.port
     limit = config.server.max_message_bytes
     streams = config.server.max_concurrent_streams
     server = grpc.aio.server(
@@ -183,7 +198,6 @@ def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None 
     ep_grpc.add_ExternalProcessorServicer_to_server(  # type: ignore[no-untyped-call]
         ExternalProcessor(pipeline), server
     )
-    address = listen or config.server.listen
     port = server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
         raise OSError(f"cannot listen on {address}")
