@@ -49,11 +49,10 @@ from datetime import UTC, date, datetime
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Literal, Protocol
 
-from redis.exceptions import NoScriptError, RedisError, ResponseError
-
 from ..store.embedded import EmbeddedBackend
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend, tenant_tag
+from ..store.resp import ReplyError
 from ..throttle import LogThrottle
 from .record import TOKEN_FIELDS, UsageRecord
 from .spool import Spool, chunks, record_json
@@ -295,7 +294,6 @@ class RedisUsageSink(UsageSink):
         self.replay_interval = replay_interval
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self._sha = self.client.register_script(RECORD_SCRIPT).sha
         # Streams this process has registered in `usage:streams`, and when. Forgotten when Redis
         # goes away or loses its scripts (restarted, maybe empty: the consumer would never find the
         # stream again) and re-registered at most every STREAM_REFRESH seconds in any case.
@@ -399,60 +397,38 @@ class RedisUsageSink(UsageSink):
 
     async def _run(self, calls: Sequence[_ScriptCall]) -> list[Any]:
         """Per call 1 (applied), 0 (seen before) or the exception Redis answered for it; raises
-        StoreUnavailable when Redis did not answer at all."""
+        StoreUnavailable when Redis did not answer at all. On the backend's pipelined connection:
+        the calls of a batch go out in one write (redis-py cost ~120 µs of CPU a record)."""
         now = time.monotonic()
         known = self._known_streams
         streams = {keys[1] for keys, _ in calls if now - known.get(keys[1], -STREAM_REFRESH) >= STREAM_REFRESH}
-        if len(calls) == 1 and not streams:
-            # Alone in its tick: a plain EVALSHA costs half of a one-command pipeline.
-            keys, args = calls[0]
-            res = await self._answer(self.client.evalsha(self._sha, len(keys), *keys, *args))
-            if isinstance(res, NoScriptError):
-                # Redis restarted (perhaps empty): register the streams again with this record.
-                self._known_streams.clear()
-                self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
-                return await self._run(calls)
-            return [res]
-        pipe = self.client.pipeline(transaction=False)
+        fast = self.backend
+        loads_before = fast.script_loads
+        waits: list[Awaitable[Any]] = []
         if streams:
-            pipe.sadd(self.streams_key, *streams)
-        for keys, args in calls:
-            pipe.evalsha(self._sha, len(keys), *keys, *args)
-        results = list(await self.backend.call(pipe.execute(raise_on_error=False)))
+            waits.append(fast.fast.call("SADD", self.streams_key, *streams))
+        waits += [fast.script(RECORD_SCRIPT, keys, args) for keys, args in calls]
+        results = list(await asyncio.gather(*waits, return_exceptions=True))
+        for r in results:
+            if isinstance(r, StoreUnavailable):
+                raise r
+            if isinstance(r, BaseException) and not isinstance(r, ReplyError):
+                raise r
         if streams:
             if isinstance(results[0], BaseException):
                 raise StoreUnavailable(f"redis: SADD {self.streams_key}: {results[0]}")
             for name in streams:
                 known[name] = now
             results = results[1:]
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            # A restarted or flushed Redis lost its script cache (and maybe the streams set): load
-            # once, register this batch's streams again and rerun those.
+        if fast.script_loads != loads_before and loads_before:
+            # A restarted or flushed Redis (the script was loaded again): it may have lost the
+            # streams set too; register this batch's streams again.
             self._known_streams.clear()
-            self._sha = await self.backend.call(self.client.script_load(RECORD_SCRIPT))
-            again = self.client.pipeline(transaction=False)
             names = {keys[1] for keys, _ in calls}
-            again.sadd(self.streams_key, *names)
-            for i in missing:
-                keys, args = calls[i]
-                again.evalsha(self._sha, len(keys), *keys, *args)
-            rerun = list(await self.backend.call(again.execute(raise_on_error=False)))
-            if not isinstance(rerun[0], BaseException):
-                for name in names:
-                    known[name] = now
-            for i, r in zip(missing, rerun[1:], strict=True):
-                results[i] = r
+            await fast.fast.call("SADD", self.streams_key, *names)
+            for name in names:
+                known[name] = now
         return results
-
-    async def _answer(self, coro: Awaitable[Any]) -> Any:
-        """Redis's reply, or the ResponseError it answered with (a reply, not an outage)."""
-        try:
-            return await asyncio.wait_for(coro, self.backend.timeout * 2)
-        except ResponseError as err:
-            return err
-        except (RedisError, OSError, TimeoutError) as err:
-            raise StoreUnavailable(f"redis: {type(err).__name__}") from None
 
     async def _spool(self, recs: Iterable[UsageRecord]) -> None:
         recs = list(recs)

@@ -46,6 +46,9 @@ class RedisBackend:
         # The request path's script calls go through one pipelined connection of its own (see resp.py).
         self.fast = RespConnection(url, timeout)
         self._shas: dict[str, str] = {}
+        # Bumped whenever a script had to be loaded: after the first load of each, a Redis that
+        # forgot its scripts (restarted, flushed) may have lost other state too.
+        self.script_loads = 0
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -76,6 +79,7 @@ class RedisBackend:
                 if not str(err).startswith("NOSCRIPT"):
                     raise
         sha = self._shas[source] = await self.fast.call("SCRIPT", "LOAD", source)
+        self.script_loads += 1
         return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def close(self) -> None:

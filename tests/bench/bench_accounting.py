@@ -842,8 +842,10 @@ def wrk_run(t: Target, meter: Meter, connections: int, duration: int, lua: Path)
 
 
 class Bench:
-    def __init__(self, work: Path, backend: str = "embedded") -> None:
+    def __init__(self, work: Path, backend: str = "embedded", transport: str = "native") -> None:
         self.work = work
+        # How the servers speak to Envoy (server.transport): native (the default) or grpcio.
+        self.transport = transport
         # embedded: SQLite ledger fed through the spool; redis: the production path (Redis stream +
         # aggregates by script, the consumer moving records into the SQLite ledger).
         self.backend = backend
@@ -885,7 +887,13 @@ class Bench:
             name = f"gw-{mode}"
             ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=up_port)
             stack, admin = make_stack(
-                self.work / name, redis_url, prefix=f"{name}:", ports=ports, with_mock=False, with_server=False
+                self.work / name,
+                redis_url,
+                prefix=f"{name}:",
+                overrides={"server": {"transport": self.transport}},
+                ports=ports,
+                with_mock=False,
+                with_server=False,
             )
             secret, _ = admin.key("bench", name)
             srv = self.spawn(
@@ -1060,6 +1068,9 @@ def main() -> None:
     parser.add_argument(
         "--backend", choices=("embedded", "redis"), default="embedded", help="store backend of the gateways"
     )
+    parser.add_argument(
+        "--transport", choices=("native", "grpcio"), default="native", help="how the servers speak to Envoy"
+    )
     parser.add_argument("--out", type=Path, help="JSON report path (default: in the bench's tmp dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--interval-ms-1", type=float, default=5.0, help="event spacing at 1 stream")
@@ -1092,7 +1103,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-accounting-"))
     out_path = args.out or work / "report.json"
-    bench = Bench(work, args.backend)
+    bench = Bench(work, args.backend, args.transport)
     started = time.monotonic()
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -1104,6 +1115,7 @@ def main() -> None:
             "window_s": args.window,
             "repeats": args.repeats,
             "backend": args.backend,
+            "transport": args.transport,
             "wrk": {"connections": args.wrk_connections, "duration_s": args.wrk_duration},
         },
         "workdir": str(work),
