@@ -11,7 +11,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .auth import StoreUnavailable, key_service
@@ -84,20 +84,32 @@ def _print_secret(secret: str, key: VirtualKey, as_json: bool, verb: str) -> Non
 
 
 def run(config: GatewayConfig, args: argparse.Namespace) -> int:
-    async def op() -> None:
+    return run_with_service(config, lambda svc: args.admin(svc, args), "key store")
+
+
+def run_with_service(
+    config: GatewayConfig,
+    op: Callable[[KeyService], Awaitable[None]],
+    store: str,
+    refusals: tuple[type[Exception], ...] = (AdminError,),
+) -> int:
+    """Run one command against the store; exit codes: 1 refused (`refusals`), 2 bad config, 3 the
+    store (named `store` in the message) unreachable."""
+
+    async def go() -> None:
         async with key_service(config) as svc:
-            await args.admin(svc, args)
+            await op(svc)
 
     try:
-        asyncio.run(op())
-    except AdminError as err:
+        asyncio.run(go())
+    except refusals as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     except StoreUnavailable as err:
-        print(f"error: key store unavailable: {err}", file=sys.stderr)
+        print(f"error: {store} unavailable: {err}", file=sys.stderr)
         return 3
     return 0
 

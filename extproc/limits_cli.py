@@ -11,15 +11,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .accounting.sink import cost_pusd
-from .auth import StoreUnavailable, key_service
+from .admin_cli import run_with_service
 from .auth.service import AdminError, KeyService
-from .config import ConfigError, GatewayConfig
+from .config import GatewayConfig
 from .ledger import Ledger, LedgerUnavailable, open_ledger
 from .limits.alerts import usd
 from .limits.engine import CheckStatus, plan
@@ -44,22 +43,7 @@ _CLEARABLE = ("rpm", "tpm", "concurrency", "budget-usd", "budget-tokens", "perio
 
 
 def run(config: GatewayConfig, args: argparse.Namespace) -> int:
-    async def op() -> None:
-        async with key_service(config) as svc:
-            await args.limits_op(svc, config, args)
-
-    try:
-        asyncio.run(op())
-    except (AdminError, LimitsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        return 2
-    except StoreUnavailable as err:
-        print(f"error: store unavailable: {err}", file=sys.stderr)
-        return 3
-    return 0
+    return run_with_service(config, lambda svc: args.limits_op(svc, config, args), "store", (AdminError, LimitsError))
 
 
 async def _current(svc: KeyService, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
