@@ -37,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import run
 
     try:
-        run(config, args.listen)
+        run(config, args.listen, args.metrics_listen)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
@@ -102,15 +102,23 @@ def cmd_dev(args: argparse.Namespace) -> int:
     from .devstack import Stack
 
     ports = envoyconf.LocalPorts(
-        listener=args.port, admin=args.admin_port, extproc=args.extproc_port, mock=args.mock_port
+        listener=args.port,
+        admin=args.admin_port,
+        extproc=args.extproc_port,
+        mock=args.mock_port,
+        metrics=args.metrics_port,
     )
     config = _load(args.config)
+    # Envoy's spans go where the server's go (the same OTEL_* variables, the same protocol).
+    otlp = envoyconf.OtlpTarget.from_env(os.environ)
+    ratio = config.tracing.sampling_ratio
     # A provider whose api_key_env is set in the environment goes to the real API; the others go
     # to the mock provider, which is given a made-up key per schema so that credential injection
     # works (and is checked) exactly as in production.
     real = frozenset(p for p, pc in config.providers.items() if pc.api_key_env and os.environ.get(pc.api_key_env))
     if args.print_envoy_config:
-        print(envoyconf.dump(envoyconf.derive_local(envoyconf.load(args.envoy), ports, real)), end="")
+        derived = envoyconf.derive_local(envoyconf.load(args.envoy), ports, real, otlp, ratio)
+        print(envoyconf.dump(derived), end="")
         return 0
     problems = envoyconf.check(config, envoyconf.load(args.envoy))
     if problems:
@@ -140,6 +148,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         with_mock=len(real) < len(config.providers),
         mock_env={"MOCK_OPENAI_KEY": mock_keys["openai"], "MOCK_ANTHROPIC_KEY": mock_keys["anthropic"]},
         env=env,
+        sampling_ratio=ratio,
     )
     stack.start()
     models = [m for m in config.models if not m.is_wildcard]
@@ -197,6 +206,65 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def status_url(config: GatewayConfig, override: str | None) -> str | None:
+    """The running server's ops endpoint: --url, else gateway.yaml server.metrics_listen."""
+    if override:
+        return override.rstrip("/")
+    listen = config.server.metrics_listen
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = args.url or status_url(_load(args.config), None)
+    if url is None:
+        print("error: server.metrics_listen is off in gateway.yaml; pass --url", file=sys.stderr)
+        return 2
+    url = url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/status", timeout=args.timeout) as resp:
+            status = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        print(f"error: no server status at {url}/status ({type(err).__name__}: {err})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    rows = [
+        ("version", status.get("version")),
+        ("uptime", _duration(float(status.get("uptime_seconds", 0)))),
+        ("ready", "yes" if status.get("ready") else "no: " + "; ".join(status.get("reasons") or [])),
+        ("store", f"{status.get('store')} ({'reachable' if status.get('store_reachable') else 'UNREACHABLE'})"),
+        ("transport", status.get("transport")),
+        ("in-flight requests", status.get("in_flight")),
+        ("open streams", status.get("open_streams")),
+        ("usage spool", f"{status.get('spool_bytes', 0)} bytes"),
+        ("records replayed", status.get("records_replayed")),
+        ("tracing", "on" if status.get("tracing") else "off"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0 if status.get("ready") else 3
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    days, rest = divmod(s, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     from . import admin_cli
 
@@ -228,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC ext_proc server")
     p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
     p.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
+    p.add_argument(
+        "--metrics-listen", help="override server.metrics_listen (host:port of /metrics, /healthz, ...; off: none)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mock-provider", help="run the mock OpenAI/Anthropic provider")
@@ -251,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     limits_cli.add_parsers(sub, _limits_common)
 
+    p = sub.add_parser("status", help="a running server's version, uptime, store, in-flight requests, spool")
+    p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")
+    p.add_argument("--url", help="the server's ops endpoint (default: http://<server.metrics_listen>)")
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("envoy-config", help="check (or --write) the configs derived from envoy.yaml")
     p.add_argument("--envoy", default=DEFAULT_ENVOY)
     p.add_argument("--write", action="store_true")
@@ -263,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--extproc-port", type=int, default=50051)
     p.add_argument("--mock-port", type=int, default=18080)
+    p.add_argument("--metrics-port", type=int, default=9464, help="the server's /metrics, /healthz, /readyz port")
     p.add_argument("--print-envoy-config", action="store_true", help="print the derived Envoy config and exit")
     p.set_defaults(func=cmd_dev)
     return parser

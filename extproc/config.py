@@ -88,6 +88,41 @@ class ServerConfig(_Strict):
     # How the server speaks gRPC to Envoy: its own HTTP/2 transport (native, ~3x less CPU per
     # request) or grpc.aio (grpcio).
     transport: Literal["native", "grpcio"] = "native"
+    # HTTP address of /metrics (Prometheus), /healthz, /readyz and /status (for `extproc status`);
+    # null turns it off. It names no tenant or key, but keep it off the public network.
+    metrics_listen: str | None = "127.0.0.1:9464"
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, sep, port = v.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(f"expected host:port, got {v!r}")
+        return v
+
+
+class MetricsConfig(_Strict):
+    # Label series by tenant (requests, tokens, cost). Off: the tenant label is empty everywhere,
+    # for deployments with many tenants.
+    tenant_labels: bool = True
+    # Distinct label sets one metric keeps; past it new ones are counted under label values
+    # "__overflow__" (a client choosing model names under a wildcard cannot grow memory without bound).
+    max_series: int = Field(default=2000, ge=10, le=1_000_000)
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry traces; exported only when an OTLP endpoint is set in the environment
+    (OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)."""
+
+    # Share of requests traced when no caller decided (Envoy's own decision, passed in the trace
+    # context, wins): also what `extproc dev` gives Envoy's tracer as random_sampling.
+    sampling_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+    # Put the prompt and the answer on spans (gen_ai.input.messages / gen_ai.output.messages),
+    # after PII redaction. Off by default: traces are often kept longer and wider than logs.
+    capture_content: bool = False
+    # service.name of the server's spans (OTEL_SERVICE_NAME overrides it).
+    service_name: str = Field(default="llm-gateway-extproc", min_length=1, max_length=128)
 
 
 class ProviderConfig(_Strict):
@@ -282,6 +317,8 @@ class GatewayConfig(_Strict):
     pricing: dict[str, PriceConfig] = Field(default_factory=dict)
     limits: LimitsConfig = LimitsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     # PII and secret redaction defaults (README, "PII redaction"); absent: nothing is scanned.
     pii: PiiSpec | None = None
     # Directory relative paths in this config are resolved against (the config file's).

@@ -65,6 +65,10 @@ class Stack:
     # The mock provider's required keys (MOCK_OPENAI_KEY, MOCK_ANTHROPIC_KEY): environment, not argv.
     mock_env: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    # Envoy's random_sampling for traces (gateway.yaml tracing.sampling_ratio), when it traces.
+    sampling_ratio: float | None = None
+    # The server's metrics port and the metrics behind it (off: as if never configured).
+    metrics: bool = True
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -99,7 +103,9 @@ class Stack:
     def start_server(self) -> None:
         py = [sys.executable, "-m", "extproc"]
         listen = f"{self.ports.host}:{self.ports.extproc}"
-        self._spawn("server", [*py, "serve", "--config", str(self.gateway_config), "--listen", listen])
+        metrics = f"{self.ports.host}:{self.ports.metrics or 0}" if self.metrics else "off"
+        args = [*py, "serve", "--config", str(self.gateway_config), "--listen", listen, "--metrics-listen", metrics]
+        self._spawn("server", args)
         wait_until("ext_proc server", lambda: tcp_open(self.ports.extproc), list(self.procs.values()), 30)
 
     def stop_server(self) -> None:
@@ -107,7 +113,13 @@ class Stack:
 
     def start(self, timeout: float = 60) -> Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        derived = envoyconf.derive_local(envoyconf.load(self.envoy_config), self.ports, self.real_providers)
+        derived = envoyconf.derive_local(
+            envoyconf.load(self.envoy_config),
+            self.ports,
+            self.real_providers,
+            otlp=envoyconf.OtlpTarget.from_env({**os.environ, **self.env}),
+            sampling_ratio=self.sampling_ratio,
+        )
         envoy_yaml = self.workdir / "envoy.yaml"
         envoy_yaml.write_text(envoyconf.dump(derived))
         py = [sys.executable, "-m", "extproc"]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import ipaddress
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -23,6 +25,7 @@ from .config import GatewayConfig
 from .stages.route import PROVIDER_HEADER
 
 EXTPROC_CLUSTER = "extproc"
+OTEL_CLUSTER = "otel_collector"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,8 @@ class LocalPorts:
     admin: int = 9901
     extproc: int = 50051
     mock: int = 18080
+    # The server's metrics/health port; None: any free one (stacks side by side never collide).
+    metrics: int | None = None
     host: str = "127.0.0.1"
     # Address the listener binds; containers need 0.0.0.0 to be reachable from outside the pod.
     listen_host: str | None = None
@@ -44,20 +49,61 @@ class Flavor:
     ports: LocalPorts
     mock: bool
     purpose: str
+    # Keep envoy.yaml's tracing (to the `otel-collector` host, as compose and k8s have it).
+    tracing: bool = False
 
 
 FLAVORS = (
-    Flavor("envoy/envoy-dev.yaml", LocalPorts(), True, "local dev: provider clusters on the mock provider"),
+    Flavor(
+        "envoy/envoy-dev.yaml",
+        LocalPorts(),
+        True,
+        "local dev: provider clusters on the mock provider, no tracing (`extproc dev` adds it from OTEL_* variables)",
+    ),
     Flavor(
         "envoy/envoy-compose.yaml",
         LocalPorts(listen_host="0.0.0.0"),
         True,
-        "docker-compose: listener on 0.0.0.0, provider clusters on the mock provider",
+        "docker-compose: listener on 0.0.0.0, provider clusters on the mock provider, traces to otel-collector",
+        tracing=True,
     ),
     Flavor(
-        "k8s/envoy.yaml", LocalPorts(listen_host="0.0.0.0"), False, "Kubernetes: listener on 0.0.0.0, real providers"
+        "k8s/envoy.yaml",
+        LocalPorts(listen_host="0.0.0.0"),
+        False,
+        "Kubernetes: listener on 0.0.0.0, real providers, traces to otel-collector",
+        tracing=True,
     ),
 )
+
+
+@dataclass(frozen=True)
+class OtlpTarget:
+    """Where OTLP traces go, as Envoy's tracer needs it (from the standard OTEL_* variables)."""
+
+    protocol: str  # grpc | http/protobuf
+    host: str
+    port: int
+    path: str = "/v1/traces"
+    tls: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> OtlpTarget | None:
+        """The server's exporter reads the same variables (extproc.observability.tracing)."""
+        if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or env.get("OTEL_TRACES_EXPORTER", "") == "none":
+            return None
+        traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        url = traces or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        if not url:
+            return None
+        proto = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "").lower()
+        protocol = "grpc" if proto.strip() == "grpc" else "http/protobuf"
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        tls = parts.scheme == "https"
+        default_port = 443 if tls else (4317 if protocol == "grpc" else 4318)
+        # A traces endpoint is used as written; the general one gets the signal's path appended.
+        path = (parts.path or "/") if traces else parts.path.rstrip("/") + "/v1/traces"
+        return cls(protocol, parts.hostname or "localhost", parts.port or default_port, path, tls)
 
 
 def envoy_binary() -> str:
@@ -200,12 +246,74 @@ def _static_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
     }
 
 
+def _tracing(out: dict[str, Any], keep: bool, otlp: OtlpTarget | None, sampling_ratio: float | None) -> None:
+    """Envoy's tracer: kept as written, pointed at `otlp`, or removed (no collector to send to)."""
+    by_name = clusters(out)
+    for hcm in _hcms(out):
+        tracing = hcm.get("tracing")
+        if tracing is None:
+            continue
+        if not keep and otlp is None:
+            del hcm["tracing"]
+            continue
+        if sampling_ratio is not None:
+            tracing["random_sampling"] = {"value": round(sampling_ratio * 100, 4)}
+        if otlp is not None and otlp.protocol != "grpc":
+            typed = tracing["provider"]["typed_config"]
+            typed.pop("grpc_service", None)
+            scheme = "https" if otlp.tls else "http"
+            typed["http_service"] = {
+                "http_uri": {
+                    "uri": f"{scheme}://{otlp.host}:{otlp.port}{otlp.path}",
+                    "cluster": OTEL_CLUSTER,
+                    "timeout": "1s",
+                }
+            }
+    collector = by_name.get(OTEL_CLUSTER)
+    if collector is None:
+        return
+    if not keep and otlp is None:
+        out["static_resources"]["clusters"].remove(collector)
+        return
+    if otlp is not None:
+        _endpoint(collector, otlp.host, otlp.port)
+        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        if otlp.protocol != "grpc":
+            collector.pop("typed_extension_protocol_options", None)
+            collector["typed_extension_protocol_options"] = {
+                key: {"@type": f"type.googleapis.com/{key}", "explicit_http_config": {"http_protocol_options": {}}}
+            }
+        if otlp.tls:
+            collector["transport_socket"] = {
+                "name": "envoy.transport_sockets.tls",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "sni": otlp.host,
+                },
+            }
+
+
+def _endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
+    _static_endpoint(cluster, host, port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        cluster["type"] = "STRICT_DNS"  # a name ("localhost", a Service): resolved by Envoy
+
+
 def derive_local(
-    cfg: dict[str, Any], ports: LocalPorts, real_providers: frozenset[str] | None = frozenset()
+    cfg: dict[str, Any],
+    ports: LocalPorts,
+    real_providers: frozenset[str] | None = frozenset(),
+    otlp: OtlpTarget | None = None,
+    sampling_ratio: float | None = None,
+    keep_tracing: bool = False,
 ) -> dict[str, Any]:
     """The same config on the given ports, with every provider cluster (except `real_providers`;
-    None means all are real) sent to the mock provider over plain HTTP/1.1."""
+    None means all are real) sent to the mock provider over plain HTTP/1.1. Tracing goes to `otlp`
+    (at `sampling_ratio`), stays as written with `keep_tracing`, else is removed."""
     out = copy.deepcopy(cfg)
+    _tracing(out, keep_tracing, otlp, sampling_ratio)
     out["admin"]["address"]["socket_address"].update(address=ports.host, port_value=ports.admin)
     for listener in out["static_resources"]["listeners"]:
         listener["address"]["socket_address"].update(address=ports.listen_host or ports.host, port_value=ports.listener)
@@ -246,5 +354,5 @@ def dump(cfg: dict[str, Any], purpose: str = "local run") -> str:
 
 
 def render_flavor(source: dict[str, Any], flavor: Flavor) -> str:
-    derived = derive_local(source, flavor.ports, frozenset() if flavor.mock else None)
+    derived = derive_local(source, flavor.ports, frozenset() if flavor.mock else None, keep_tracing=flavor.tracing)
     return dump(derived, flavor.purpose)

@@ -98,15 +98,18 @@ class RequestContext:
         "adapter",
         "body",
         "body_dirty",
+        "captured",
         "clear_route_cache",
         "endpoint",
         "error",
+        "finish_reasons",
         "header_bytes",
         "header_count",
         "headers",
         "identity",
         "metadata",
         "method",
+        "notes",
         "outcome",
         "path",
         "pii",
@@ -117,12 +120,16 @@ class RequestContext:
         "response_content_type",
         "response_ended_at",
         "response_headers",
+        "response_model",
         "response_status",
         "route",
         "set_headers",
+        "stage",
         "started_at",
         "state",
         "streaming",
+        "timings",
+        "traceparent",
         "ts",
         "usage",
     )
@@ -174,6 +181,20 @@ class RequestContext:
         self.usage: UsageRecord | None = None
         # Entities the PII stage redacted from the request, per type (for the usage record).
         self.pii: dict[str, int] | None = None
+        # The W3C trace context Envoy passed with this ext_proc stream (gRPC metadata), if any.
+        self.traceparent: str | None = None
+        # The stage whose hook runs now (set by the processor): a refusal is attributed to it.
+        self.stage = ""
+        # Seconds each stage spent on this exchange, all hooks together (by stage name).
+        self.timings: dict[str, float] = {}
+        # Short outcome labels stages leave for metrics and traces ({"limits": "refused:tokens"}):
+        # bounded values only, never request content.
+        self.notes: dict[str, str] = {}
+        # What the provider's response said of itself (set by accounting): model and finish reasons.
+        self.response_model: str | None = None
+        self.finish_reasons: list[str] = []
+        # Prompt and answer for the trace span (tracing.capture_content), already redacted.
+        self.captured: dict[str, str] = {}
 
     def need(self, what: Need) -> None:
         """Declare what this request's response must show the stages (during the request phases)."""

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -52,9 +53,10 @@ def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[
 class Processor:
     __slots__ = ("body", "body_size", "ctx", "done", "edit", "finished", "pipeline", "sse", "withheld")
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, traceparent: str | None = None) -> None:
         self.pipeline = pipeline
         self.ctx = RequestContext()
+        self.ctx.traceparent = traceparent
         self.done = False
         self.finished = False
         self.sse: SSEParser | None = None
@@ -110,13 +112,17 @@ class Processor:
         if ctx.outcome is None:
             ctx.outcome = Outcome.INCOMPLETE if ctx.response_status else Outcome.NO_RESPONSE
         cancelled: BaseException | None = None
+        timings = ctx.timings
         for stage in self.pipeline.on_finish:
+            name = stage.name
+            t0 = perf_counter()
             try:
-                await stage.finish(self.ctx)
+                await stage.finish(ctx)
             except asyncio.CancelledError as err:
                 cancelled = cancelled or err
             except Exception:
-                log.exception("stage %s failed in finish (request %s)", stage.name, self.ctx.request_id)
+                log.exception("stage %s failed in finish (request %s)", name, ctx.request_id)
+            timings[name] = timings.get(name, 0.0) + perf_counter() - t0
         if cancelled is not None:
             raise cancelled
 
@@ -135,10 +141,17 @@ class Processor:
         ctx.headers = headers
         # Envoy's access log line names the gateway's id for the exchange (the usage record's key).
         ctx.metadata["request_id"] = ctx.request_id
+        timings = ctx.timings
         for stage in self.pipeline.on_request_headers:
-            await stage.request_headers(ctx)
+            ctx.stage = name = stage.name
+            t0 = perf_counter()
+            try:
+                await stage.request_headers(ctx)
+            finally:  # a refusing stage's time counts too
+                timings[name] = timings.get(name, 0.0) + perf_counter() - t0
             if ctx.reply is not None:
                 return self._direct()
+        ctx.stage = ""
         if msg.end_of_stream and ctx.endpoint is not None:
             # A routed endpoint needs a body; Envoy will send no body message.
             ctx.body = b""
@@ -163,10 +176,17 @@ class Processor:
 
     async def _request_body_done(self, phase: str) -> ep.ProcessingResponse:
         ctx = self.ctx
+        timings = ctx.timings
         for stage in self.pipeline.on_request_body:
-            await stage.request_body(ctx)
+            ctx.stage = name = stage.name
+            t0 = perf_counter()
+            try:
+                await stage.request_body(ctx)
+            finally:  # a refusing stage's time counts too
+                timings[name] = timings.get(name, 0.0) + perf_counter() - t0
             if ctx.reply is not None:
                 return self._direct()
+        ctx.stage = ""
         new_body: bytes | None = None
         if ctx.body_dirty:
             if ctx.body is not None and has_lossy_integers(ctx.body):
@@ -207,8 +227,12 @@ class Processor:
         ctx.response_status = int(status) if len(status) == 3 and status.isascii() and status.isdigit() else 0
         ctx.response_content_type = headers.get("content-type", "")
         ctx.response_headers = headers
+        timings = ctx.timings
         for stage in self.pipeline.on_response_headers:
+            name = stage.name
+            t0 = perf_counter()
             await stage.response_headers(ctx)
+            timings[name] = timings.get(name, 0.0) + perf_counter() - t0
         resp = ep.ProcessingResponse()
         resp.response_headers.SetInParent()
         needs = ctx.needs
@@ -245,9 +269,13 @@ class Processor:
             out = self._sse_chunk(chunk)
         elif self.body is not None:
             out = self._json_chunk(chunk)
+        timings = ctx.timings
         try:
             for stage in self.pipeline.on_response_body:
+                name = stage.name
+                t0 = perf_counter()
                 await stage.response_body(ctx, chunk)
+                timings[name] = timings.get(name, 0.0) + perf_counter() - t0
         except GatewayError as err:
             # Headers already went to the client: the status cannot change any more.
             log.warning(
@@ -372,10 +400,12 @@ async def run_stream(
     pipeline: Pipeline,
     read: Callable[[], Awaitable[ep.ProcessingRequest | None]],
     write: Callable[[ep.ProcessingResponse], Awaitable[None]],
+    traceparent: str | None = None,
 ) -> None:
     """Drive one ext_proc stream over any transport: `read` returns the next message or None at the
-    end of Envoy's side; `write` sends a reply."""
-    proc = Processor(pipeline)
+    end of Envoy's side; `write` sends a reply. `traceparent`: the W3C trace context Envoy sent in
+    the stream's gRPC metadata (its ext_proc span), so the server's span joins Envoy's trace."""
+    proc = Processor(pipeline, traceparent)
     try:
         while not proc.done:
             req = await read()
@@ -407,4 +437,9 @@ async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any
         req = await context.read()
         return None if req is grpc.aio.EOF else req
 
-    await run_stream(pipeline, read, context.write)
+    traceparent = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            traceparent = value if isinstance(value, str) else value.decode("latin-1")
+            break
+    await run_stream(pipeline, read, context.write, traceparent)

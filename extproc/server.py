@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from . import allocator
+from . import __version__, allocator
 from .accounting import tokenizer
 from .accounting.consumer import LedgerConsumer
 from .accounting.pricing import PriceTable
@@ -27,10 +29,22 @@ from .limits.alerts import AlertSender
 from .limits.local import FallbackLimiter, LocalLimiter
 from .limits.redis import RedisLimiter
 from .limits.service import EmbeddedLimitsState, EmbeddedSpend, LimitsService, limits_state_path, snapshot_forever
+from .observability.health import Health
+from .observability.http import OpsServer, make_registry
+from .observability.metrics import GatewayMetrics
+from .observability.tracing import Tracing, start_tracing
 from .pipeline import Pipeline, Stage
 from .processor import serve_stream
-from .stages import AccountingStage, AdmissionStage, LimitsStage, PiiStage, default_stages
-from .stages.pii import hash_key_from_env, pii_wanted
+from .stages import (
+    AccountingStage,
+    AdmissionStage,
+    ContentCaptureStage,
+    LimitsStage,
+    ObservabilityStage,
+    PiiStage,
+    default_stages,
+)
+from .stages.pii import PiiCounters, hash_key_from_env, pii_wanted
 from .store import Backend, RedisBackend, open_backend
 from .transport.h2server import NativeServer
 from .wire import external_processor_pb2_grpc as ep_grpc
@@ -41,9 +55,43 @@ log = logging.getLogger("extproc.server")
 class ExternalProcessor(ep_grpc.ExternalProcessorServicer):
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.open = 0
 
     async def Process(self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await serve_stream(self.pipeline, context)
+        self.open += 1
+        try:
+            await serve_stream(self.pipeline, context)
+        finally:
+            self.open -= 1
+
+
+# Service names the health check answers for ("" is the server as a whole).
+HEALTH_SERVICES = frozenset({"", "envoy.service.ext_proc.v3.ExternalProcessor"})
+
+
+def health_status(health: Health | None) -> Callable[[str], int | None]:
+    """grpc.health.v1 status by service name (None: unknown service), from the readiness."""
+
+    def status(service: str) -> int | None:
+        if service not in HEALTH_SERVICES:
+            return None
+        ready = health is None or health.ready
+        return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+
+    return status
+
+
+class GrpcHealth(health_pb2_grpc.HealthServicer):
+    """The health service on the grpc.aio transport (the native one answers Check itself)."""
+
+    def __init__(self, status: Callable[[str], int | None]) -> None:
+        self.status = status
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        status = self.status(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
 
 
 @dataclass
@@ -57,6 +105,11 @@ class Runtime:
     ledger: Ledger
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     limits: LimitsService | None = None
+    metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
+    health: Health | None = None
+    admission: AdmissionStage | None = None
+    tracing: Tracing | None = None
+    started: float = 0.0
 
     async def close(self) -> None:
         for close in reversed(self._closers):
@@ -66,7 +119,7 @@ class Runtime:
                 log.exception("shutdown step failed")
 
 
-async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] = ()) -> Runtime:
+async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] = (), metrics: bool = True) -> Runtime:
     """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
     provider_auth = load_provider_auth(config)
@@ -107,8 +160,27 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     closers.extend(stop_limits)
     limits_stage = LimitsStage(limits, prices, config.limits.default_max_output_tokens)
     pii = PiiStage(config, pii_hash_key) if pii_wanted(config) else None
-    stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii)
+    gateway_metrics = GatewayMetrics(config.metrics.max_series)
+    tracing = start_tracing(config.tracing, __version__)
+    if tracing is not None:
+        closers.append(lambda: asyncio.to_thread(tracing.shutdown))
+    # Nothing would read what it records with neither a metrics port nor traces.
+    observability = (
+        ObservabilityStage(gateway_metrics, tracing, config.metrics.tenant_labels)
+        if metrics or tracing is not None
+        else None
+    )
+    capture = (
+        ContentCaptureStage(pii.scrub if pii is not None else None)
+        if tracing is not None and config.tracing.capture_content
+        else None
+    )
+    stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii, observability, capture)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
+    health = Health(config, backend.ping if isinstance(backend, RedisBackend) else None)
+    await health.start()
+    closers.append(health.close)
+    export_counters(gateway_metrics, sink, accounting, pii, backend, ledger, admission)
     trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
 
     async def stop_trimmer() -> None:
@@ -117,7 +189,79 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
             await trimmer
 
     closers.append(stop_trimmer)
-    return Runtime(Pipeline([*stages, *extra_stages]), backend, store, sink, ledger, closers, limits)
+    return Runtime(
+        Pipeline([*stages, *extra_stages]),
+        backend,
+        store,
+        sink,
+        ledger,
+        closers,
+        limits,
+        metrics=gateway_metrics,
+        health=health,
+        admission=admission,
+        tracing=tracing,
+        started=time.time(),
+    )
+
+
+def export_counters(
+    metrics: GatewayMetrics,
+    sink: UsageSink,
+    accounting: AccountingStage,
+    pii: PiiStage | None,
+    backend: Backend,
+    ledger: Ledger,
+    admission: AdmissionStage,
+) -> None:
+    """Figures other parts already keep, read when scraped (nothing added per request)."""
+    sc, ac, adm = sink.counters, accounting.counters, admission.counters
+    metrics.gauge(
+        "gateway_usage_spool_bytes",
+        "Usage records waiting in the local spool, in bytes.",
+        lambda: sink.spool.size_bytes,
+    )
+    metrics.counter_source("gateway_usage_records", "Usage records produced.", lambda: sc.recorded)
+    metrics.counter_source("gateway_usage_records_spooled", "Usage records written to the spool.", lambda: sc.spooled)
+    metrics.counter_source("gateway_usage_records_replayed", "Spooled usage records replayed.", lambda: sc.replayed)
+    metrics.counter_source(
+        "gateway_usage_records_failed", "Usage records neither stored nor spooled.", lambda: sc.failed
+    )
+    metrics.counter_source(
+        "gateway_usage_records_estimated", "Usage records with estimated tokens.", lambda: ac.estimated
+    )
+    metrics.counter_source("gateway_usage_unpriced", "Usage records of models without a price.", lambda: ac.unpriced)
+    metrics.counter_source(
+        "gateway_redis_errors", "Redis calls that failed.", lambda: float(getattr(backend, "errors", 0))
+    )
+    metrics.counter_source("gateway_db_errors", "Usage ledger calls that failed.", lambda: ledger.errors)
+    metrics.gauge("gateway_requests_in_flight", "Exchanges this process is handling.", lambda: adm.streams)
+    metrics.gauge("gateway_request_body_bytes_in_flight", "Request body bytes held.", lambda: adm.body_bytes)
+    metrics.counter_source(
+        "gateway_overload_refusals",
+        "Requests refused with 503 gateway_overloaded, by limit.",
+        lambda: {("streams",): adm.refused_streams, ("body_bytes",): adm.refused_bytes},
+        ("limit",),
+    )
+    metrics.gauge("gateway_build_info", "The server's version.", lambda: {(__version__,): 1.0}, ("version",))
+    # Declared whether or not PII redaction is configured (zero then): dashboards and alerts find them.
+    pc = pii.counters if pii is not None else PiiCounters()
+
+    def redactions() -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {(k, "request"): v for k, v in pc.redacted.items()}
+        out.update({(k, "response"): v for k, v in pc.masked_in_responses.items()})
+        return out
+
+    metrics.counter_source(
+        "gateway_pii_redactions", "Entities redacted, by type and direction.", redactions, ("entity_type", "direction")
+    )
+    metrics.counter_source("gateway_pii_blocked", "Requests refused for the data they held.", lambda: pc.blocked)
+    metrics.counter_source("gateway_pii_failures", "Scans that failed.", lambda: pc.failures)
+    metrics.counter_source(
+        "gateway_pii_forwarded_unscanned",
+        "Requests forwarded unscanned after a failure (on_error: allow).",
+        lambda: pc.forwarded_unscanned,
+    )
 
 
 async def start_limits(
@@ -168,14 +312,20 @@ class ExtProcServer(Protocol):
     async def wait_for_termination(self) -> Any: ...
 
 
-def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None = None) -> tuple[ExtProcServer, int]:
+def create_server(
+    config: GatewayConfig, pipeline: Pipeline, listen: str | None = None, health: Health | None = None
+) -> tuple[ExtProcServer, int]:
     """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
     address = listen or config.server.listen
     if config.server.transport == "native":
         # Streams beyond max_concurrent_streams still open (the admission stage answers them with a
         # counted 503); twice that is refused at the HTTP/2 level.
         native = NativeServer(
-            pipeline, address, config.server.max_message_bytes, 2 * config.server.max_concurrent_streams
+            pipeline,
+            address,
+            config.server.max_message_bytes,
+            2 * config.server.max_concurrent_streams,
+            health_status(health),
         )
         return native, native.port
     limit = config.server.max_message_bytes
@@ -195,25 +345,95 @@ def create_server(config: GatewayConfig, pipeline: Pipeline, listen: str | None 
             ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
-    ep_grpc.add_ExternalProcessorServicer_to_server(  # type: ignore[no-untyped-call]
-        ExternalProcessor(pipeline), server
-    )
+    processor = ExternalProcessor(pipeline)
+    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(GrpcHealth(health_status(health)), server)
+    server.open_streams = lambda: processor.open  # type: ignore[attr-defined]
     port = server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
         raise OSError(f"cannot listen on {address}")
     return server, port
 
 
-async def serve(config: GatewayConfig, listen: str | None = None, ready: asyncio.Event | None = None) -> None:
-    runtime = await build_runtime(config)
+async def serve(
+    config: GatewayConfig,
+    listen: str | None = None,
+    ready: asyncio.Event | None = None,
+    metrics_listen: str | None = None,
+) -> None:
+    # --metrics-listen off: no ops port (and no metrics recorded) whatever gateway.yaml says.
+    ops = (
+        config.server.metrics_listen
+        if metrics_listen is None
+        else (None if metrics_listen == "off" else metrics_listen)
+    )
+    runtime = await build_runtime(config, metrics=ops is not None)
     try:
-        await _serve(config, runtime.pipeline, listen, ready)
+        await _serve(config, runtime, listen, ready, ops)
     finally:
         await runtime.close()
 
 
-async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, ready: asyncio.Event | None) -> None:
-    server, _ = create_server(config, pipeline, listen)
+def status_of(runtime: Runtime, server: ExtProcServer, transport: str) -> Callable[[], dict[str, Any]]:
+    """What `extproc status` shows of this process."""
+
+    def status() -> dict[str, Any]:
+        health = runtime.health
+        adm = runtime.admission
+        return {
+            "version": __version__,
+            "uptime_seconds": round(time.time() - runtime.started, 1),
+            "transport": transport,
+            "store": runtime.backend.kind,
+            "store_reachable": health.store_ok if health is not None else True,
+            "ready": health.ready if health is not None else True,
+            "reasons": health.reasons() if health is not None else [],
+            "in_flight": adm.counters.streams if adm is not None else 0,
+            "open_streams": _open_streams(server),
+            "spool_bytes": runtime.sink.spool.size_bytes,
+            "records_replayed": runtime.sink.counters.replayed,
+            "tracing": runtime.tracing is not None,
+        }
+
+    return status
+
+
+def _open_streams(server: ExtProcServer) -> int:
+    count = getattr(server, "open_streams", None)
+    return int(count()) if callable(count) else 0
+
+
+async def _serve(
+    config: GatewayConfig,
+    runtime: Runtime,
+    listen: str | None,
+    ready: asyncio.Event | None,
+    metrics_listen: str | None,
+) -> None:
+    server, _ = create_server(config, runtime.pipeline, listen, runtime.health)
+    ops: OpsServer | None = None
+    if metrics_listen:
+        runtime.metrics.gauge(
+            "gateway_open_streams", "ext_proc streams open with Envoy.", lambda: _open_streams(server)
+        )
+        assert runtime.health is not None
+        ops = OpsServer(
+            metrics_listen,
+            make_registry(runtime.metrics),
+            runtime.health,
+            status_of(runtime, server, config.server.transport),
+        )
+        await ops.start()
+    try:
+        await _run_server(config, server, listen, ready, runtime.health)
+    finally:
+        if ops is not None:
+            await ops.close()
+
+
+async def _run_server(
+    config: GatewayConfig, server: ExtProcServer, listen: str | None, ready: asyncio.Event | None, health: Health | None
+) -> None:
     await server.start()
     log.info("ext_proc server listening on %s", listen or config.server.listen)
     if ready is not None:
@@ -227,6 +447,8 @@ async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, 
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
+        if health is not None:
+            health.stopping = True  # readiness and the gRPC health check say so while draining
         # Let in-flight streams (long SSE responses) finish; Kubernetes' grace period bounds this.
         log.info("shutting down; waiting up to 25s for open streams")
         await server.stop(grace=25)
@@ -234,7 +456,7 @@ async def _serve(config: GatewayConfig, pipeline: Pipeline, listen: str | None, 
     stopper.cancel()
 
 
-def run(config: GatewayConfig, listen: str | None = None) -> None:
+def run(config: GatewayConfig, listen: str | None = None, metrics_listen: str | None = None) -> None:
     # Before any thread exists (arena settings apply to threads created later).
     allocator.tune()
     # Only the import is guarded: an ImportError raised while serving must surface, not silently
@@ -242,6 +464,6 @@ def run(config: GatewayConfig, listen: str | None = None) -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config, listen))
+        asyncio.run(serve(config, listen, metrics_listen=metrics_listen))
         return
-    uvloop.run(serve(config, listen))
+    uvloop.run(serve(config, listen, metrics_listen=metrics_listen))

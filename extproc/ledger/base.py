@@ -143,6 +143,8 @@ class Ledger(abc.ABC):
     # Shown in messages: the SQLite path or host:port/dbname (never a password).
     target: str
     migrations: tuple[Migration, ...]
+    # Calls that failed because the database could not be used (a metric).
+    errors: int = 0
 
     @property
     def latest_version(self) -> int:

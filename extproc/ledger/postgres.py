@@ -169,6 +169,7 @@ class PostgresLedger(Ledger):
             try:
                 yield await self._connection()
             except (psycopg.OperationalError, psycopg.InterfaceError) as err:
+                self.errors += 1
                 await self._drop()
                 raise LedgerUnavailable(f"ledger {self.target}: {_first_line(err)}") from err
             except pg_errors.UndefinedTable as err:

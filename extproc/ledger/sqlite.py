@@ -180,6 +180,7 @@ class SqliteLedger(Ledger):
                 return fn(self._db())
             except (sqlite3.OperationalError, OSError) as err:
                 # Locked for longer than busy_timeout, unreadable, disk full: retry later.
+                self.errors += 1
                 self._drop()
                 raise LedgerUnavailable(f"ledger {self.target}: {err}") from err
 

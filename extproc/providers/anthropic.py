@@ -97,6 +97,10 @@ class AnthropicStreamReader(StreamReader):
                 if isinstance(msg.get("model"), str):
                     self.response_model = msg["model"]
         elif kind == "message_delta":
+            delta = obj.get("delta")
+            reason = delta.get("stop_reason") if isinstance(delta, dict) else None
+            if isinstance(reason, str):
+                self.finish_reasons = [reason[:64]]
             self._counts.merge(obj.get("usage"))
             self._counts.final = isinstance(obj.get("usage"), dict)
         elif kind == "message_stop":
@@ -124,6 +128,10 @@ class AnthropicAdapter(ProviderAdapter):
 
     def credential_headers(self, secret: str) -> tuple[tuple[str, str], ...]:
         return (("x-api-key", secret),)
+
+    def finish_reasons_from_json(self, body: dict[str, Any]) -> list[str]:
+        reason = body.get("stop_reason")
+        return [reason[:64]] if isinstance(reason, str) else []
 
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None:
         u = body.get("usage")

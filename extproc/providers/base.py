@@ -77,6 +77,8 @@ class StreamReader(ABC):
         self.text_chars = 0
         self.dropped_chars = 0
         self.response_model: str | None = None
+        # Why the output ended, per choice (OpenAI finish_reason, Anthropic stop_reason).
+        self.finish_reasons: list[str] = []
 
     @property
     @abstractmethod
@@ -116,6 +118,10 @@ class ProviderAdapter(ABC):
     schema: str
     endpoints: dict[str, Endpoint]
     forward_headers: tuple[str, ...] = COMMON_FORWARD_HEADERS
+
+    def finish_reasons_from_json(self, body: dict[str, Any]) -> list[str]:
+        """Why the output ended, per choice, in a non-streamed response."""
+        return []
 
     def model_of(self, body: dict[str, Any]) -> str:
         model = body.get("model")

@@ -70,7 +70,12 @@ class OpenAIStreamReader(StreamReader):
         output = False
         if isinstance(choices, list):
             for choice in choices:
-                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if not isinstance(choice, dict):
+                    continue
+                reason = choice.get("finish_reason")
+                if isinstance(reason, str) and len(self.finish_reasons) < 16:
+                    self.finish_reasons.append(reason[:64])
+                delta = choice.get("delta")
                 if not isinstance(delta, dict):
                     continue
                 for name in ("content", "refusal", "reasoning_content"):
@@ -125,6 +130,16 @@ class OpenAIAdapter(ProviderAdapter):
         if project:
             out += (("openai-project", project),)
         return out
+
+    def finish_reasons_from_json(self, body: dict[str, Any]) -> list[str]:
+        choices = body.get("choices")
+        if not isinstance(choices, list):
+            return []
+        return [
+            c["finish_reason"][:64]
+            for c in choices[:16]
+            if isinstance(c, dict) and isinstance(c.get("finish_reason"), str)
+        ]
 
     def usage_from_json(self, body: dict[str, Any]) -> Usage | None:
         return _usage(body.get("usage"))

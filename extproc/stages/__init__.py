@@ -10,11 +10,13 @@ from ..routing import Router
 from .accounting import AccountingStage
 from .admission import AdmissionStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
+from .capture import ContentCaptureStage
 from .endpoints import EndpointStage
 from .headers import StripInternalHeaders
 from .hygiene import RequestHygieneStage
 from .limits import LimitsStage
 from .models import ModelsStage
+from .observability import ObservabilityStage
 from .pii import PiiStage
 from .route import RoutingStage
 from .upstream_headers import UpstreamHeadersStage
@@ -27,10 +29,14 @@ def default_stages(
     accounting: AccountingStage | None = None,
     limits: LimitsStage | None = None,
     pii: PiiStage | None = None,
+    observability: ObservabilityStage | None = None,
+    capture: ContentCaptureStage | None = None,
 ) -> list[Stage]:
     router = Router(config)
     server = config.server
-    stages: list[Stage] = [
+    # First: its finish runs last and sees what every other stage concluded.
+    stages: list[Stage] = [observability] if observability is not None else []
+    stages += [
         # Shed load before doing any work for a request.
         AdmissionStage(server.max_concurrent_streams, server.max_body_bytes_in_flight),
         StripInternalHeaders(),
@@ -45,6 +51,9 @@ def default_stages(
         # Once the tenant and model are known; before anything estimates tokens from the text (the
         # provider is billed for the redacted text). Its response hooks run last: the client's view.
         stages.append(pii)
+    if capture is not None:
+        # Right after redaction: it sees the request as the provider will, the answer before restore.
+        stages.append(capture)
     stages.append(ProviderCredentialsStage(provider_auth))
     if limits is not None:
         # After routing and the model check (it needs the tenant, key and model), and before
@@ -63,10 +72,12 @@ __all__ = [
     "AccountingStage",
     "AdmissionStage",
     "AuthStage",
+    "ContentCaptureStage",
     "EndpointStage",
     "LimitsStage",
     "ModelAccessStage",
     "ModelsStage",
+    "ObservabilityStage",
     "PiiStage",
     "ProviderCredentialsStage",
     "RequestHygieneStage",

@@ -114,11 +114,16 @@ class AccountingStage(Stage):
                     chunk.events[:] = kept
                     chunk.events_changed = True
             ex.usage = reader.usage
+            ctx.response_model = reader.response_model
+            ctx.finish_reasons = reader.finish_reasons
             if reader.error is not None and ex.error_code is None:
                 code = reader.error.get("type") or reader.error.get("code")
                 ex.error_code = str(code)[:64] if code else "stream_error"
         elif chunk.end_of_stream and isinstance(chunk.json, dict):
             ex.usage = ex.adapter.usage_from_json(chunk.json)
+            model = chunk.json.get("model")
+            ctx.response_model = model[:256] if isinstance(model, str) else None
+            ctx.finish_reasons = ex.adapter.finish_reasons_from_json(chunk.json)
             if ctx.response_status >= 400:
                 ex.error_code = ex.adapter.error_code_from_json(chunk.json)
             elif ex.usage is None:

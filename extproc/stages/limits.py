@@ -111,6 +111,7 @@ class LimitsStage(Stage):
                     if len(self._rates) < 10_000:
                         self._rates[route.upstream_model] = rates
                 if rates is None:
+                    ctx.notes["limits"] = "refused:unpriced"
                     # A budget in USD cannot count what has no price: refuse rather than let the
                     # request bypass the budget.
                     raise GatewayError(
@@ -125,6 +126,7 @@ class LimitsStage(Stage):
         try:
             verdict = await self.service.acquire(demand)
         except LimitsUnavailable:
+            ctx.notes["limits"] = "refused:unavailable"
             raise GatewayError(
                 ErrorKind.UNAVAILABLE,
                 "The gateway cannot check rate limits right now; retry shortly.",
@@ -133,7 +135,10 @@ class LimitsStage(Stage):
             ) from None
         headers = rate_headers(verdict)
         if not verdict.allowed:
+            refused = verdict.refused_by
+            ctx.notes["limits"] = f"refused:{refused.what if refused is not None else 'unknown'}"
             raise _refusal(verdict, headers)
+        ctx.notes["limits"] = "allowed"
         ctx.state[self.name] = _Held(demand, headers)
 
     async def response_headers(self, ctx: RequestContext) -> None:

@@ -87,6 +87,7 @@ class PiiStage(Stage):
             redaction.check()
         except PiiBlocked as blocked:
             self.counters.blocked += 1
+            ctx.notes["pii"] = "blocked"
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
                 "The request contains data this API key may not send: "
@@ -98,6 +99,7 @@ class PiiStage(Stage):
             raise
         except Exception as err:
             self.counters.failures += 1
+            ctx.notes["pii"] = "failed"
             log.error("pii: scanning request %s failed: %s", ctx.request_id, type(err).__name__)
             if policy.on_error == "block":
                 raise GatewayError(
@@ -109,6 +111,7 @@ class PiiStage(Stage):
             self.counters.forwarded_unscanned += 1
             return
         self.counters.requests_scanned += 1
+        ctx.notes["pii"] = "redacted" if redaction.counts else "clean"
         if redaction.counts:
             ctx.pii = dict(redaction.counts)
             for kind, n in redaction.counts.items():
@@ -145,6 +148,23 @@ class PiiStage(Stage):
             return "".join(out)
 
         return mask
+
+    def scrub(self, tenant: str, text: str) -> str:
+        """`text` for a trace span: every entity the tenant's policy does not allow becomes [TYPE]
+        (never a value, never a reversible placeholder)."""
+        policy = self.policy_for(tenant)
+        if policy is None:
+            return text
+        out: list[str] = []
+        pos = 0
+        for f in policy.detector.find(text):
+            if policy.action(f.type) == "allow" or f.start < pos:
+                continue
+            out.append(text[pos : f.start])
+            out.append(f"[{f.type}]")
+            pos = f.end
+        out.append(text[pos:])
+        return "".join(out)
 
     # -- response -------------------------------------------------------------------------------
 

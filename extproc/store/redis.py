@@ -49,6 +49,8 @@ class RedisBackend:
         # Bumped whenever a script had to be loaded: after the first load of each, a Redis that
         # forgot its scripts (restarted, flushed) may have lost other state too.
         self.script_loads = 0
+        # Calls that failed because Redis did not answer or refused (a metric).
+        self.errors = 0
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -62,6 +64,7 @@ class RedisBackend:
         try:
             return await asyncio.wait_for(coro, self.timeout * 2)
         except (RedisError, OSError, TimeoutError) as err:
+            self.errors += 1
             raise StoreUnavailable(f"redis: {type(err).__name__}") from None
 
     async def ping(self) -> None:
@@ -71,16 +74,20 @@ class RedisBackend:
         """Run a Lua script by its SHA on the fast connection, loading it once when Redis does not
         know it (first use, or after a restart). Raises StoreUnavailable, or ReplyError when the
         script itself failed."""
-        sha = self._shas.get(source)
-        if sha is not None:
-            try:
-                return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
-            except ReplyError as err:
-                if not str(err).startswith("NOSCRIPT"):
-                    raise
-        sha = self._shas[source] = await self.fast.call("SCRIPT", "LOAD", source)
-        self.script_loads += 1
-        return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+        try:
+            sha = self._shas.get(source)
+            if sha is not None:
+                try:
+                    return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+                except ReplyError as err:
+                    if not str(err).startswith("NOSCRIPT"):
+                        raise
+            sha = self._shas[source] = await self.fast.call("SCRIPT", "LOAD", source)
+            self.script_loads += 1
+            return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
+        except StoreUnavailable:
+            self.errors += 1
+            raise
 
     async def close(self) -> None:
         await self.fast.close()

@@ -34,9 +34,10 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import hpack
+from grpc_health.v1 import health_pb2
 
 from ..pipeline import Pipeline
 from ..processor import run_stream
@@ -46,6 +47,8 @@ log = logging.getLogger("extproc.transport")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PATH = b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+# The gRPC health checking protocol's unary Check (Envoy's grpc_health_check of the extproc cluster).
+HEALTH_PATH = b"/grpc.health.v1.Health/Check"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIO = 0x1, 0x1, 0x4, 0x8, 0x20
 # Error codes (RFC 9113 section 7).
@@ -93,6 +96,7 @@ class _Stream:
         "headers_sent",
         "inbox",
         "need",
+        "raw",
         "recv_unacked",
         "reset",
         "send_window",
@@ -104,7 +108,9 @@ class _Stream:
 
     def __init__(self, sid: int, send_window: int) -> None:
         self.sid = sid
-        self.inbox: collections.deque[ep.ProcessingRequest] = collections.deque()
+        self.inbox: collections.deque[Any] = collections.deque()
+        # Messages kept as bytes (the health check's), not parsed as ext_proc requests.
+        self.raw = False
         # The run task waits on this for a message or the end; a blocked write for window.
         self.waiter: asyncio.Future[None] | None = None
         self.writable: asyncio.Future[None] | None = None
@@ -411,7 +417,7 @@ class H2Protocol(asyncio.Protocol):
             pos += st.need
             st.need = 0
             try:
-                st.inbox.append(_parse(body))
+                st.inbox.append(body if st.raw else _parse(body))
             except Exception:
                 self._end_stream(st, 3, "not an ext_proc ProcessingRequest")
                 return
@@ -466,12 +472,19 @@ class H2Protocol(asyncio.Protocol):
         if self.goaway_sent or len(self.streams) >= self.server.max_streams:
             self._write(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        path = None
+        path = traceparent = None
         for name, value in headers:
             if name == b":path":
                 path = value
-                break
+            elif name == b"traceparent":
+                traceparent = value.decode("latin-1")
         st = _Stream(sid, self.peer_initial_window)
+        if path == HEALTH_PATH and self.server.health is not None:
+            st.raw = True
+            self.streams[sid] = st
+            st.eof = end_stream
+            st.task = self.loop.create_task(self._health(st))
+            return
         if path != PATH:
             st.headers_sent = True
             self._write(
@@ -480,7 +493,7 @@ class H2Protocol(asyncio.Protocol):
             return
         self.streams[sid] = st
         st.eof = end_stream
-        st.task = self.loop.create_task(self._run(st))
+        st.task = self.loop.create_task(self._run(st, traceparent))
 
     def _stream_error(self, st: _Stream, code: int) -> None:
         self._write(frame(RST_STREAM, 0, st.sid, code.to_bytes(4, "big")))
@@ -489,22 +502,44 @@ class H2Protocol(asyncio.Protocol):
 
     # -- one stream ---------------------------------------------------------------------------------
 
-    async def _run(self, st: _Stream) -> None:
+    async def _read(self, st: _Stream) -> Any:
+        while not st.inbox:
+            if st.eof or st.reset:
+                return None
+            st.waiter = self.loop.create_future()
+            await st.waiter
+            st.waiter = None
+        return st.inbox.popleft()
+
+    async def _health(self, st: _Stream) -> None:
+        """grpc.health.v1.Health/Check: one request, one answer from the server's readiness."""
+        health = self.server.health
+        assert health is not None
+        try:
+            body = await self._read(st)
+            service = health_pb2.HealthCheckRequest.FromString(body or b"").service
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            self._end_stream(st, 3, "not a HealthCheckRequest")
+            return
+        status = health(service)
+        if status is None:
+            self._end_stream(st, 5, "unknown service")
+            return
+        await self._send(st, health_pb2.HealthCheckResponse(status=status).SerializeToString())
+        self._end_stream(st, 0)
+
+    async def _run(self, st: _Stream, traceparent: str | None = None) -> None:
         async def read() -> ep.ProcessingRequest | None:
-            while not st.inbox:
-                if st.eof or st.reset:
-                    return None
-                st.waiter = self.loop.create_future()
-                await st.waiter
-                st.waiter = None
-            return st.inbox.popleft()
+            return cast("ep.ProcessingRequest | None", await self._read(st))
 
         async def write(resp: ep.ProcessingResponse) -> None:
             if not st.closed:
                 await self._send(st, resp.SerializeToString())
 
         try:
-            await run_stream(self.server.pipeline, read, write)
+            await run_stream(self.server.pipeline, read, write, traceparent)
         except asyncio.CancelledError:
             return  # reset by Envoy or the connection is gone: nothing more to send
         except Exception:
@@ -581,8 +616,17 @@ class NativeServer:
     """The listening side: binds at creation (so the port is known before start, like grpc.aio's
     add_insecure_port), serves on the running loop after `start`."""
 
-    def __init__(self, pipeline: Pipeline, address: str, max_message: int, max_streams: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        address: str,
+        max_message: int,
+        max_streams: int,
+        health: Callable[[str], int | None] | None = None,
+    ) -> None:
         self.pipeline = pipeline
+        # service name -> grpc.health.v1 ServingStatus, or None for an unknown service.
+        self.health = health
         self.max_message = max_message
         self.max_streams = max_streams
         self.connections: set[H2Protocol] = set()

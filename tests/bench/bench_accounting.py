@@ -325,7 +325,8 @@ def server_main(argv: list[str]) -> None:
             stages.insert(len(stages) - 1, read_response_stage())  # where default_stages puts accounting
         pipeline = Pipeline(stages)
         try:
-            await server._serve(config, pipeline, args.listen, None)
+            grpc_server, _ = server.create_server(config, pipeline, args.listen)
+            await server._run_server(config, grpc_server, args.listen, None, None)
         finally:
             await runtime.close()
 

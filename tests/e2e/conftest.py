@@ -46,7 +46,9 @@ T = TypeVar("T")
 
 
 def free_ports() -> LocalPorts:
-    return LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=free_port())
+    return LocalPorts(
+        listener=free_port(), admin=free_port(), extproc=free_port(), mock=free_port(), metrics=free_port()
+    )
 
 
 def write_config(

@@ -60,6 +60,9 @@ def test_k8s_gateway_config_is_the_repo_one_with_redis() -> None:
     repo = yaml.safe_load((ROOT / "gateway.yaml").read_text())
     k8s = yaml.safe_load((K8S / "gateway.yaml").read_text())
     own = ("store", "ledger", "usage", "limits")
+    # The probes and Prometheus reach the metrics port on the pod IP; locally it stays on loopback.
+    assert k8s["server"].pop("metrics_listen") == "0.0.0.0:9464"
+    assert repo["server"].pop("metrics_listen") == "127.0.0.1:9464"
     assert {k: v for k, v in k8s.items() if k not in own} == {k: v for k, v in repo.items() if k not in own}
     config = load_config(K8S / "gateway.yaml")
     assert config.store.backend == "redis", "replicas need the shared store"
@@ -156,7 +159,7 @@ def test_compose_wiring() -> None:
     for cluster in envoyconf.provider_clusters(envoy_cfg).values():
         addr = envoyconf.clusters(envoy_cfg)[cluster]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
         assert addr["endpoint"]["address"]["socket_address"]["port_value"] == mock_port
-    assert services["envoy"]["ports"] == ["10000:10000"]
+    assert services["envoy"]["ports"] == ["10000:10000", "9090:9090"], "the gateway, and Prometheus in its namespace"
 
 
 def test_dockerfile_copies_what_exists() -> None:

@@ -39,8 +39,10 @@ def test_derived_configs_are_up_to_date(flavor: envoyconf.Flavor) -> None:
 
 def test_derivation_only_touches_endpoints() -> None:
     prod = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
-    local = envoyconf.derive_local(prod, envoyconf.LocalPorts(listener=1, admin=2, extproc=3, mock=4))
-    # Routes, filters and access logs are exactly what ops ship.
+    local = envoyconf.derive_local(
+        prod, envoyconf.LocalPorts(listener=1, admin=2, extproc=3, mock=4), keep_tracing=True
+    )
+    # Routes, filters, access logs and tracing are exactly what ops ship.
     assert (
         local["static_resources"]["listeners"][0]["filter_chains"]
         == prod["static_resources"]["listeners"][0]["filter_chains"]

@@ -374,6 +374,9 @@ class FakeStream:
         self.written: list[ep.ProcessingResponse] = []
         self.blocked = asyncio.Event()
 
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),)
+
     async def read(self) -> object:
         n, self.reads = self.reads, self.reads + 1
         if n == self.at and self.ending == "eof":

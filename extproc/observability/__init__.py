@@ -1,0 +1,1 @@
+"""Metrics, traces and health of the server process (README, "Observability")."""

@@ -1,0 +1,130 @@
+"""OpenTelemetry traces of the server's side of each exchange.
+
+The server's span is a child of Envoy's ext_proc span (Envoy sends its W3C trace context in the
+ext_proc stream's gRPC metadata), so one trace shows Envoy's request, the ext_proc call with the
+gateway's decisions, and Envoy's call to the provider. The span is built whole in the exchange's
+finish with its real start time: nothing is done on the request path, and an exchange Envoy did not
+sample (trace flags 00) costs one string check.
+
+Export is the SDK's: a BatchSpanProcessor hands finished spans to a background thread that sends
+them with the OTLP exporter the standard variables choose (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT,
+OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL = grpc | http/protobuf, headers, timeouts). No endpoint: off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from ..config import TracingConfig
+
+log = logging.getLogger("extproc.tracing")
+
+Attributes = Mapping[str, str | bool | int | float | Sequence[str]]
+
+
+def otlp_endpoint() -> str | None:
+    """Where traces go per the standard variables, or None when tracing is off."""
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return None
+    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+
+
+def otlp_protocol() -> str:
+    """grpc or http/protobuf. The OTLP specification's default is http/protobuf."""
+    value = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    return "grpc" if value.strip().lower() == "grpc" else "http/protobuf"
+
+
+def parse_traceparent(value: str | None) -> SpanContext | None:
+    """A W3C traceparent (version 00) as a remote parent, or None when absent or malformed."""
+    if not value or len(value) < 55:
+        return None
+    parts = value.strip().split("-")
+    if len(parts) < 4 or len(parts[0]) != 2 or parts[0] == "ff":
+        return None
+    try:
+        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
+    except ValueError:
+        return None
+    if len(parts[1]) != 32 or len(parts[2]) != 16 or not trace_id or not span_id:
+        return None
+    return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 0xFF))
+
+
+@dataclass(slots=True)
+class SpanData:
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict[str, Any]
+    error: str | None = None
+
+
+class Tracing:
+    """The process's tracer; `export` takes a finished exchange's span data."""
+
+    def __init__(self, config: TracingConfig, version: str, exporter: Any = None) -> None:
+        resource_attrs: dict[str, str] = {"service.version": version}
+        if not os.environ.get("OTEL_SERVICE_NAME"):
+            resource_attrs["service.name"] = config.service_name
+        self.provider = TracerProvider(
+            resource=Resource.create(resource_attrs),
+            sampler=ParentBased(root=TraceIdRatioBased(config.sampling_ratio)),
+        )
+        self.provider.add_span_processor(BatchSpanProcessor(exporter if exporter is not None else _exporter()))
+        self.tracer = self.provider.get_tracer("extproc", version)
+        self.capture_content = config.capture_content
+
+    def export(self, traceparent: str | None, data: SpanData) -> None:
+        parent = parse_traceparent(traceparent)
+        if parent is not None and not parent.trace_flags.sampled:
+            return  # Envoy decided not to trace this one
+        context: Context | None = trace.set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None
+        span = self.tracer.start_span(
+            data.name, context=context, kind=SpanKind.SERVER, attributes=data.attributes, start_time=data.start_ns
+        )
+        if data.error is not None:
+            span.set_status(Status(StatusCode.ERROR, data.error))
+        span.end(end_time=data.end_ns)
+
+    def shutdown(self) -> None:
+        """Flushes what is queued (bounded by the exporter's timeout)."""
+        self.provider.shutdown()
+
+
+def _exporter() -> Any:
+    if otlp_protocol() == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+    return HttpExporter()
+
+
+def start_tracing(config: TracingConfig, version: str) -> Tracing | None:
+    endpoint = otlp_endpoint()
+    if endpoint is None:
+        return None
+    tracing = Tracing(config, version)
+    # The endpoint may carry credentials in its userinfo: log only the protocol.
+    log.info(
+        "tracing on: OTLP over %s, sampling ratio %s for requests Envoy did not decide",
+        otlp_protocol(),
+        config.sampling_ratio,
+    )
+    return tracing

@@ -1,0 +1,153 @@
+"""What metrics and traces cost: the same gateway with observability off, metrics only, and metrics
+plus traces sampled at 1.0 and 0.1, the same run, the same machine.
+
+  O    metrics off (--metrics-listen off: no observability stage), no tracing
+  M    metrics on (the /metrics port; nothing scrapes during the run), no tracing
+  T1   metrics + traces at sampling 1.0: Envoy's tracer and the server's exporter (OTLP/HTTP)
+  T01  metrics + traces at sampling 0.1 (Envoy's random_sampling 10%; the server follows it)
+
+Each variant is its own stack (Envoy + server + mock provider) on the Redis backend (a redis-server
+of this script's own). Traces go to a minimal OTLP/HTTP sink in its own process that reads and
+acknowledges each export without decoding it (a collector runs elsewhere in production; its CPU
+here is reported). wrk, non-streamed chat JSON: p50 / p99 at 1 connection and req/s at 16
+connections, variants in rotating order for --repeats rounds, medians reported; server CPU per
+request from /proc/<pid>/stat. Run by hand (not part of the test suite); needs wrk:
+
+    .venv/bin/python tests/bench/bench_observability.py [--duration 6] [--repeats 3]
+
+Floor (issue: observability): T01 >= 0.95 x O req/s at 16 connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from extproc.devstack import Stack, free_port, tcp_open, wait_until  # noqa: E402
+from tests.bench.bench_gateway import CHAT, wrk  # noqa: E402
+from tests.bench.bench_limits import cpu_seconds  # noqa: E402
+from tests.e2e.conftest import make_stack  # noqa: E402
+
+SINK = textwrap.dedent(
+    """
+    import sys
+    from aiohttp import web
+
+    async def export(request):
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", export)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+    """
+)
+VARIANTS = ("O", "M", "T1", "T01")
+LABELS = {
+    "O": "O metrics off, no tracing",
+    "M": "M metrics on",
+    "T1": "T1 metrics + traces, sampling 1.0",
+    "T01": "T01 metrics + traces, sampling 0.1",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    work = Path(tempfile.mkdtemp(prefix="bench-obs-"))
+    redis_port, sink_port = free_port(), free_port()
+    procs = [
+        subprocess.Popen(
+            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)]),
+    ]
+    wait_until("redis", lambda: tcp_open(redis_port), procs, 10)
+    wait_until("otlp sink", lambda: tcp_open(sink_port), procs, 10)
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
+    stacks: dict[str, tuple[Stack, str]] = {}
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    sink_cpu = 0.0
+    try:
+        for name in VARIANTS:
+            ratio = {"T1": 1.0, "T01": 0.1}.get(name)
+            stack, admin = make_stack(
+                work / name,
+                f"redis://127.0.0.1:{redis_port}/0",
+                prefix=f"{name}:",
+                overrides={"tracing": {"sampling_ratio": ratio if ratio is not None else 1.0}},
+                extra_env=otel if ratio is not None else {},
+                sampling_ratio=ratio,
+                metrics=name != "O",
+            )
+            key, _ = admin.key(f"bench-{name.lower()}", "wrk")
+            stack.start()
+            stacks[name] = (stack, key)
+        for conns in (1, 16):
+            for stack, key in stacks.values():  # warm-up
+                wrk(stack.base_url + "/v1/chat/completions", CHAT, conns, 2, {"Authorization": f"Bearer {key}"})
+            for rnd in range(args.repeats):
+                order = VARIANTS[rnd % len(VARIANTS) :] + VARIANTS[: rnd % len(VARIANTS)]
+                for name in order:
+                    stack, key = stacks[name]
+                    pid = stack.procs["server"].pid
+                    sink_before = cpu_seconds(procs[1].pid)
+                    before = cpu_seconds(pid)
+                    r = wrk(
+                        stack.base_url + "/v1/chat/completions",
+                        CHAT,
+                        conns,
+                        args.duration,
+                        {"Authorization": f"Bearer {key}"},
+                    )
+                    r["cpu_us"] = (cpu_seconds(pid) - before) / (r["rps"] * args.duration) * 1e6
+                    if name == "T1" and conns == 16:
+                        sink_cpu += cpu_seconds(procs[1].pid) - sink_before
+                    results.setdefault((name, conns), []).append(r)
+                    time.sleep(0.5)
+    finally:
+        for stack, _ in stacks.values():
+            stack.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+
+    def med(name: str, conns: int, field: str) -> float:
+        return statistics.median(r[field] for r in results[(name, conns)])
+
+    print(f"medians of {args.repeats} rounds, {args.duration} s each (2-core machine, everything on it)\n")
+    print("| | p50 / p99 ms (1 conn) | req/s (16 conns) | vs O | server CPU µs/req (16) |")
+    print("|---|---|---|---|---|")
+    for name in VARIANTS:
+        print(
+            f"| {LABELS[name]} | {med(name, 1, 'p50'):.2f} / {med(name, 1, 'p99'):.2f} | "
+            f"{med(name, 16, 'rps'):.0f} | {med(name, 16, 'rps') / med('O', 16, 'rps'):.3f} | "
+            f"{med(name, 16, 'cpu_us'):.0f} |"
+        )
+    loss = 1 - med("T01", 16, "rps") / med("O", 16, "rps")
+    print(f"\nOTLP sink CPU during the T1 runs at 16 connections: {sink_cpu:.1f} s (on the same 2 cores)")
+    verdict = "met" if loss <= 0.05 else "NOT met"
+    print(f"throughput loss with metrics + traces at 0.1: {loss * 100:.1f}% (floor <= 5%: {verdict})")
+
+
+if __name__ == "__main__":
+    main()
