@@ -182,6 +182,31 @@ def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
     if not has_filter:
         problems.append("envoy.yaml has no envoy.filters.http.ext_proc filter")
     problems.extend(_limit_problems(gateway, cfg))
+    problems.extend(_tracing_problems(gateway, cfg))
+    return problems
+
+
+def _tracing_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
+    """Envoy decides which requests are traced; the server uses its own ratio only for requests
+    without Envoy's decision. Two different ratios would make traces that never join."""
+    problems: list[str] = []
+    for hcm in _hcms(cfg):
+        tracing = hcm.get("tracing")
+        if not isinstance(tracing, dict):
+            continue
+        percent = float((tracing.get("random_sampling") or {}).get("value", 100))
+        if abs(percent - gateway.tracing.sampling_ratio * 100) > 1e-6:
+            problems.append(
+                f"envoy.yaml tracing random_sampling ({percent:g}%) differs from gateway.yaml "
+                f"tracing.sampling_ratio ({gateway.tracing.sampling_ratio:g})"
+            )
+        typed = (tracing.get("provider") or {}).get("typed_config") or {}
+        service = typed.get("grpc_service") or {}
+        cluster = (service.get("envoy_grpc") or {}).get("cluster_name") or (
+            ((typed.get("http_service") or {}).get("http_uri") or {}).get("cluster")
+        )
+        if cluster and cluster not in clusters(cfg):
+            problems.append(f"envoy.yaml tracing sends spans to cluster {cluster!r}, which is not defined")
     return problems
 
 

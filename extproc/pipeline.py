@@ -176,8 +176,9 @@ class RequestContext:
         # Set by the processor: how the exchange ended, and the refusal if the gateway refused.
         self.outcome: Outcome | None = None
         self.error: GatewayError | None = None
-        # The exchange's usage record, set by the accounting stage in its finish (which runs before
-        # the finish of every stage ahead of it in the pipeline, e.g. limits settling on it).
+        # The exchange's usage record, set by the accounting stage with the last chunk when the
+        # provider's final figures are known, else in its finish (which runs before the finish of
+        # every stage ahead of it in the pipeline, e.g. limits settling on it).
         self.usage: UsageRecord | None = None
         # Entities the PII stage redacted from the request, per type (for the usage record).
         self.pii: dict[str, int] | None = None

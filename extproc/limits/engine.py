@@ -174,6 +174,13 @@ class Limiter(abc.ABC):
         """Replace the estimates with what the request used, release what it held; return the
         budget thresholds its usage crossed (for the first time in the period, across replicas)."""
 
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+        """The response is complete (the client is about to get its last bytes): free the
+        concurrency slots and turn the budget reservations into what the request used. `settle`
+        follows once the usage record is stored, and removes them. Until then the request counts
+        at its real cost, never at nothing (the record may not be in the aggregates yet)."""
+        return None
+
     @abc.abstractmethod
     async def refresh(self, demands: list[Demand]) -> None:
         """Extend the leases of requests still in flight."""

@@ -161,6 +161,18 @@ class LocalLimiter(Limiter):
 
     # -- settle -------------------------------------------------------------------------------------
 
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+        for c in demand.checks:
+            if c.kind == "concurrency":
+                held = self.slots.get((demand.tenant, c.rule.state_scope))
+                if held is not None:
+                    held.pop(demand.request_id, None)
+            elif c.kind == "budget":
+                res = self.reserved.get(self._rkey(demand.tenant, c))
+                entry = res.get(demand.request_id) if res is not None else None
+                if res is not None and entry is not None:
+                    res[demand.request_id] = (pusd if c.what == "budget_usd" else tokens, entry[1])
+
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         now = self.clock()
         released: list[Check] = []

@@ -206,6 +206,30 @@ end
 return out
 """
 
+# The response is complete (Limiter.ended). KEYS, per check: concurrency: slot set; budget:
+# reservations. ARGV: request id, then per check 'c', or 'b' and the amount used (an integer string).
+# A reservation already gone (settled, or its lease ran out) stays gone.
+ENDED = """
+local rid = ARGV[1]
+local a, k = 2, 1
+while a <= #ARGV do
+  if ARGV[a] == 'c' then
+    redis.call('ZREM', KEYS[k], rid)
+    k, a = k + 1, a + 1
+  else
+    local amt = redis.call('HGET', KEYS[k], rid)
+    local new = ARGV[a + 1]
+    if amt and amt ~= new then
+      redis.call('HSET', KEYS[k], rid, new)
+      if amt ~= '0' then redis.call('HINCRBY', KEYS[k], '__total', '-' .. amt) end
+      if new ~= '0' then redis.call('HINCRBY', KEYS[k], '__total', new) end
+    end
+    k, a = k + 1, a + 2
+  end
+end
+return 1
+"""
+
 # An alert marker outlives its period by this much (clock skew between replicas at the boundary).
 _ALERT_SLACK_DAYS = 2
 
@@ -294,6 +318,19 @@ class RedisLimiter(Limiter):
         elif c.kind == "concurrency":
             verdict.retry_after = 1.0
         return verdict
+
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+        keys: list[str] = []
+        args: list[Any] = [demand.request_id]
+        for c in demand.checks:
+            if c.kind == "concurrency":
+                keys.append(self._state_key(demand.tenant, c))
+                args.append("c")
+            elif c.kind == "budget":
+                keys.append(self._res_keys(demand.tenant, c)[0])
+                args += ["b", str(pusd if c.what == "budget_usd" else tokens)]
+        if keys:
+            await self._run(ENDED, keys, args)
 
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         keys: list[str] = []

@@ -117,6 +117,19 @@ class LimitsService:
             self.counters.refused += 1
         return verdict
 
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+        """The response is complete (Limiter.ended). Never raises: when it fails, `settle` (always
+        called after) releases everything anyway."""
+        holder = demand.holder
+        if holder is None:
+            return
+        try:
+            await holder.ended(demand, tokens, pusd)
+        except StoreUnavailable:
+            return
+        except Exception:
+            log.exception("releasing limits at the end of the response failed (request %s)", demand.request_id)
+
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> None:
         """Never raises (runs in finish)."""
         self.in_flight.pop(demand.request_id, None)

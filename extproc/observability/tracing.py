@@ -89,6 +89,14 @@ class Tracing:
         self.tracer = self.provider.get_tracer("extproc", version)
         self.capture_content = config.capture_content
 
+    @staticmethod
+    def wanted(traceparent: str | None) -> bool:
+        """False when Envoy decided not to trace this exchange (flags without the sampled bit):
+        checked before any span data is built, as most exchanges are not sampled."""
+        if traceparent is None or len(traceparent) != 55:
+            return True
+        return traceparent[54] in "13579bdf"
+
     def export(self, traceparent: str | None, data: SpanData) -> None:
         parent = parse_traceparent(traceparent)
         if parent is not None and not parent.trace_flags.sampled:

@@ -134,6 +134,9 @@ class AccountingStage(Stage):
             if not rec.estimated:
                 ex.record = rec
                 ctx.metadata.update(_log_fields(rec))
+                # Final figures before the client has the last chunk: limits frees what the
+                # exchange held on them (finish completes and stores this same record).
+                ctx.usage = rec
 
     # -- end ------------------------------------------------------------------------------------
 

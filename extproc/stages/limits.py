@@ -29,7 +29,7 @@ from ..limits.alerts import usd
 from ..limits.engine import Demand, RateState, Verdict, plan
 from ..limits.periods import period_end, period_id
 from ..limits.service import LimitsService, LimitsUnavailable
-from ..pipeline import Need, RequestContext, Stage
+from ..pipeline import Need, RequestContext, ResponseChunk, Stage
 from ..providers import ADAPTERS
 
 log = logging.getLogger("extproc.limits")
@@ -150,20 +150,32 @@ class LimitsStage(Stage):
         if held is not None:
             ctx.set_headers.update(held.headers)
 
+    async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
+        """With the last chunk, before the client has it: free the concurrency slot and count the
+        budgets at the real cost (accounting has the final figures by then). A client that sends its
+        next request the moment this one ended must not find this one still holding its estimate."""
+        if not chunk.end_of_stream or ctx.usage is None:
+            return
+        held: _Held | None = ctx.state.get(self.name)
+        if held is not None:
+            # Shielded: the client leaving now must not cut the Redis call short.
+            await asyncio.shield(self.service.ended(held.demand, *_figures(held.demand, ctx)))
+
     async def finish(self, ctx: RequestContext) -> None:
         held: _Held | None = ctx.state.pop(self.name, None)
         if held is None:
             return
-        demand = held.demand
-        usage = ctx.usage
-        if usage is None:
-            # No record (accounting off or it failed): the estimate stays charged (fail safe).
-            tokens, pusd = demand.tokens, demand.pusd
-        else:
-            tokens = usage.input_tokens + usage.output_tokens
-            spent = cost_pusd(usage.cost_usd)
-            pusd = demand.pusd if spent is None else spent
-        await self.service.settle(demand, tokens, pusd)
+        await self.service.settle(held.demand, *_figures(held.demand, ctx))
+
+
+def _figures(demand: Demand, ctx: RequestContext) -> tuple[int, int]:
+    """Tokens and pico-USD the request used, from its usage record."""
+    usage = ctx.usage
+    if usage is None:
+        # No record (accounting off or it failed): the estimate stays charged (fail safe).
+        return demand.tokens, demand.pusd
+    spent = cost_pusd(usage.cost_usd)
+    return usage.input_tokens + usage.output_tokens, demand.pusd if spent is None else spent
 
 
 def _refusal(verdict: Verdict, headers: dict[str, str]) -> GatewayError:

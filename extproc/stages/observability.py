@@ -92,7 +92,7 @@ class ObservabilityStage(Stage):
                     m.tokens.inc((tenant, model, kind), n)
             if usage.cost_usd is not None and usage.cost_usd != "0":
                 m.cost.inc((tenant, model), float(usage.cost_usd))
-        if self.tracing is not None:
+        if self.tracing is not None and self.tracing.wanted(ctx.traceparent):
             self._span(ctx, operation, status, code, ended)
 
     def _span(self, ctx: RequestContext, operation: str, status: int, code: str, ended: float) -> None:

@@ -240,12 +240,8 @@ def test_concurrency_holds_and_frees_slots_when_streams_end_or_clients_leave(pai
                 assert third.headers["retry-after"] == "1"
                 for _ in lines2:  # the second stream runs to its end
                     pass
-            # The slot is freed in the exchange's finish, which runs once the last chunk has been
-            # answered: the client can see the end a few milliseconds before the release lands.
-            deadline = time.monotonic() + 2
-            while (status := c3.post(url, json=body(), headers={"authorization": f"Bearer {key}"}).status_code) != 200:
-                assert status == 429 and time.monotonic() < deadline, "a finished stream's slot was not freed"
-                time.sleep(0.02)
+            # The slot is freed with the last chunk, before the client has it: no retry needed.
+            assert c3.post(url, json=body(), headers={"authorization": f"Bearer {key}"}).status_code == 200
         # The first client left mid-stream: its slot is freed when Envoy ends the exchange.
         deadline = time.monotonic() + 5
         while True:
@@ -293,6 +289,7 @@ def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> 
     client = openai_client(pair.a, key)
     other = openai_client(pair.b, key)
     served = 0
+    refusals_in_a_row = 0
     for i in range(40):
         c = client if i % 2 else other
         try:
@@ -306,10 +303,17 @@ def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> 
                     model="gpt-5.4-mini", messages=MSGS, extra_headers={"x-mock-output-tokens": "150"}
                 )
             served += 1
+            refusals_in_a_row = 0
         except openai.RateLimitError as err:
             assert err.code == "insufficient_quota"
             assert "0.006 USD" in err.message
-            break
+            # A request that just ended counts at its real cost until its usage record is stored
+            # and its reservation settled (one Redis round trip later): for that instant it can
+            # count twice (fail safe). A used-up budget refuses for good; check it twice.
+            refusals_in_a_row += 1
+            if refusals_in_a_row == 2:
+                break
+            time.sleep(0.2)
     else:
         pytest.fail("the budget never stopped the tenant")
     assert 8 <= served <= 10  # ~0.000676 USD each: the 9th crosses 0.006

@@ -41,3 +41,34 @@ def test_json_streams_and_refusals(stack_key: tuple[Stack, str]) -> None:
     # A 3 MB prompt through an alias: the rewritten body goes back as a body mutation.
     big: list[Any] = [{"role": "user", "content": "word " * 600_000}]
     assert oai.chat.completions.create(model="fast", messages=big).model == "gpt-5.4-mini"
+
+
+def test_envoy_health_checks_and_metrics_on_both_transports(stack_key: tuple[Stack, str]) -> None:
+    """Envoy's gRPC health check of the extproc cluster succeeds, and the open-streams gauge and
+    request counters are served, whichever transport runs."""
+    import time
+
+    import httpx
+
+    stack, secret = stack_key
+    openai_client(stack, secret).chat.completions.create(
+        model="gpt-5.4-mini", messages=[{"role": "user", "content": "x"}]
+    )
+    admin = f"http://127.0.0.1:{stack.ports.admin}/stats"
+
+    def successes() -> int:
+        text = httpx.get(admin, params={"filter": r"^cluster\.extproc\.health_check\.success$"}).text
+        return int(text.split(":")[1]) if ":" in text else 0
+
+    deadline = time.monotonic() + 10
+    while successes() < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert successes() >= 1
+    metrics = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics").text
+    assert "\ngateway_open_streams " in metrics
+    counted = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("gateway_requests_total{") and 'tenant="transport"' in line and 'status="200"' in line
+    ]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1

@@ -305,6 +305,36 @@ async def test_budget_counts_spend_and_reservations(h: Harness) -> None:
     assert (await h.limiter.acquire(h.demand((rule,), pusd=1))).allowed  # 65 + 30 + 0 < 100
 
 
+async def test_ended_frees_the_slot_and_counts_the_real_cost_until_settled(h: Harness) -> None:
+    """At the end of the response (before the client has it) the concurrency slot is free and the
+    budget counts the request at what it used, not at its estimate and not at nothing: the usage
+    record may not be in the aggregates yet. settle then removes the reservation."""
+    slot = h.rule(concurrency=1)
+    budget = h.rule(budget_pusd=100)
+    await h.set_spent(budget, "cost_pusd", 10)
+    first = h.demand((slot, budget), pusd=95)
+    assert (await h.limiter.acquire(first)).allowed
+    refused = await h.limiter.acquire(h.demand((slot, budget), pusd=1))
+    assert not refused.allowed and refused.refused_by is not None and refused.refused_by.what == "concurrency"
+    over = await h.limiter.acquire(h.demand((budget,), pusd=1))
+    assert not over.allowed and over.used == 105  # 10 spent + 95 reserved
+    await h.limiter.ended(first, 0, 5)
+    second = h.demand((slot, budget), pusd=1)
+    v = await h.limiter.acquire(second)
+    assert v.allowed, "the finished request still held its slot or its estimate"
+    assert v.budgets[0][1] == 15  # 10 spent + 5: its real cost, still reserved
+    await h.limiter.settle(second, 0, 0)
+    # The record lands in the aggregates, then settle removes the reservation: counted once.
+    await h.set_spent(budget, "cost_pusd", 15)
+    await h.limiter.settle(first, 0, 5)
+    third = h.demand((budget,), pusd=1)
+    v = await h.limiter.acquire(third)
+    assert v.allowed and v.budgets[0][1] == 15
+    await h.limiter.ended(first, 0, 5)  # after settle: nothing comes back
+    fourth = await h.limiter.acquire(h.demand((budget,), pusd=1))
+    assert fourth.allowed and fourth.budgets[0][1] == 16  # 15 + the third's 1 in flight
+
+
 async def test_budget_alerts_once_per_threshold(h: Harness) -> None:
     rule = h.rule(budget_pusd=100, alert_at=(0.5, 0.8, 1.0))
     sent = []

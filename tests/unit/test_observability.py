@@ -404,3 +404,71 @@ def test_native_transport_answers_the_health_check() -> None:
 def test_status_url_from_config(listen: str | None, url: str | None) -> None:
     config = parse_config({**BASE, "server": {"metrics_listen": listen}})
     assert status_url(config, None) == url
+
+
+def test_check_wants_envoys_sampling_to_match_the_servers() -> None:
+    prod = envoyconf.load(ROOT / "envoy" / "envoy.yaml")
+    assert envoyconf.check(parse_config(BASE), prod) == []
+    problems = envoyconf.check(parse_config({**BASE, "tracing": {"sampling_ratio": 0.1}}), prod)
+    assert problems == [
+        "envoy.yaml tracing random_sampling (100%) differs from gateway.yaml tracing.sampling_ratio (0.1)"
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_dev_print_envoy_config_points_envoy_at_the_servers_collector(protocol: str, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "tracing": {"sampling_ratio": 0.25}}))
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4999",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+    }
+    env.pop("OPENAI_API_KEY", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "dev", "--config", str(config), "--print-envoy-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=60,
+    ).stdout
+    derived = yaml.safe_load(out)
+    tracer = _tracer(derived)
+    assert tracer is not None and tracer["random_sampling"] == {"value": 25.0}
+    endpoint = envoyconf.clusters(derived)["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 4999}
+    typed = tracer["provider"]["typed_config"]
+    assert ("grpc_service" in typed) == (protocol == "grpc")
+    assert ("http_service" in typed) == (protocol != "grpc")
+
+
+def test_server_and_envoy_send_traces_to_the_same_collector_in_k8s_and_compose() -> None:
+    """The deployments set the server's OTEL variables; the derived Envoy configs name the
+    collector: both must point at the same host, port and protocol."""
+    import yaml
+
+    def envoy_target(path: str) -> tuple[str, int]:
+        cfg = envoyconf.load(ROOT / path)
+        tracer = _tracer(cfg)
+        assert tracer is not None and "grpc_service" in tracer["provider"]["typed_config"]
+        lb = envoyconf.clusters(cfg)["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+        addr = lb["endpoint"]["address"]["socket_address"]
+        return addr["address"], addr["port_value"]
+
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / "deployment.yaml").read_text()))
+    deployment = next(d for d in docs if d and d.get("kind") == "Deployment")
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    server_env = {e["name"]: e.get("value") for c in containers for e in c.get("env", []) if "value" in e}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose_env = compose["services"]["extproc"]["environment"]
+    for env, envoy_path in ((server_env, "k8s/envoy.yaml"), (compose_env, "envoy/envoy-compose.yaml")):
+        target = envoyconf.OtlpTarget.from_env(env)
+        assert target is not None and target.protocol == "grpc"
+        assert (target.host, target.port) == envoy_target(envoy_path)
