@@ -72,6 +72,10 @@ def rate_headers(verdict: Verdict) -> dict[str, str]:
     return out
 
 
+# `Limiter.ended` calls in flight (kept so they are not collected before they ran).
+_ENDING: set[asyncio.Future[None]] = set()
+
+
 class LimitsStage(Stage):
     name = "limits"
 
@@ -158,8 +162,13 @@ class LimitsStage(Stage):
             return
         held: _Held | None = ctx.state.get(self.name)
         if held is not None:
-            # Shielded: the client leaving now must not cut the Redis call short.
-            await asyncio.shield(self.service.ended(held.demand, *_figures(held.demand, ctx)))
+            # Not awaited: the last chunk does not wait a Redis round trip. The call is written to
+            # the limiter's one pipelined connection now, so Redis runs it before the ACQUIRE of any
+            # request the client sends after seeing this end. A task: the client leaving cannot cut
+            # it short; settle in finish makes it a no-op if it ever ran late.
+            task = asyncio.ensure_future(self.service.ended(held.demand, *_figures(held.demand, ctx)))
+            _ENDING.add(task)
+            task.add_done_callback(_ENDING.discard)
 
     async def finish(self, ctx: RequestContext) -> None:
         held: _Held | None = ctx.state.pop(self.name, None)

@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from extproc import envoyconf  # noqa: E402
 from extproc.devstack import Stack, free_port, tcp_open, wait_until  # noqa: E402
 from tests.bench.bench_gateway import CHAT, wrk  # noqa: E402
 from tests.bench.bench_limits import cpu_seconds  # noqa: E402
@@ -66,6 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-upstream-span", action="store_true", help="Envoy without spawn_upstream_span (one span less per request)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="a subset, comma-separated (O is always run)")
     args = parser.parse_args()
     variants = tuple(v for v in VARIANTS if v == "O" or v in args.variants.split(","))
@@ -103,6 +107,13 @@ def main() -> None:
                 metrics=name != "O",
             )
             key, _ = admin.key(f"bench-{name.lower()}", "wrk")
+            if args.no_upstream_span:
+                cfg = envoyconf.load(stack.envoy_config)
+                for hcm in envoyconf._hcms(cfg):
+                    if "tracing" in hcm:
+                        hcm["tracing"]["spawn_upstream_span"] = False
+                stack.envoy_config = work / f"envoy-{name}.yaml"
+                stack.envoy_config.write_text(envoyconf.dump(cfg))
             stack.start()
             if name == "E01":
                 # Envoy's config is derived with tracing; the server restarts without an endpoint.
