@@ -423,7 +423,11 @@ async def _serve(
             runtime.health,
             status_of(runtime, server, config.server.transport),
         )
-        await ops.start()
+        try:
+            await ops.start()
+        except (OSError, ValueError) as err:
+            # A port in use or a bad host: say which setting, like any other config mistake.
+            raise ConfigError(f"server.metrics_listen {metrics_listen}: cannot listen ({err})") from None
     try:
         await _run_server(config, server, listen, ready, runtime.health)
     finally:

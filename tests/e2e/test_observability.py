@@ -266,6 +266,14 @@ def test_readyz_and_health_check_follow_redis_in_fail_closed_mode(tmp_path_facto
         reasons = httpx.get(f"{base}/readyz").json()["reasons"]
         assert any("store unreachable" in why for why in reasons), reasons
         assert httpx.get(f"{base}/healthz").status_code == 200  # alive: no restart for a Redis outage
+        out = subprocess.run(
+            [sys.executable, "-m", "extproc", "status", "--url", base],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 3 and "redis (UNREACHABLE)" in out.stdout, out.stdout
         poll("Envoy marks the server unhealthy", lambda: "failed_active_hc" in extproc_host_flags(), timeout=15)
         redis.start()
         poll("readyz 200", lambda: httpx.get(f"{base}/readyz").status_code == 200, timeout=15)

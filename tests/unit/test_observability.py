@@ -472,3 +472,46 @@ def test_server_and_envoy_send_traces_to_the_same_collector_in_k8s_and_compose()
         target = envoyconf.OtlpTarget.from_env(env)
         assert target is not None and target.protocol == "grpc"
         assert (target.host, target.port) == envoy_target(envoy_path)
+
+
+def test_serve_says_which_setting_when_the_metrics_port_is_taken(tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    config = tmp_path / "gateway.yaml"
+    state = str(tmp_path / "state.db")
+    config.write_text(yaml.safe_dump({**BASE, "store": {"path": state}, "usage": {"spool_path": str(tmp_path / "s")}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    try:
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "extproc",
+                "serve",
+                "--config",
+                str(config),
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                f"127.0.0.1:{port}",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        taken.close()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert f"server.metrics_listen 127.0.0.1:{port}: cannot listen" in out.stderr
+    assert "Traceback" not in out.stderr
