@@ -531,8 +531,15 @@ class H2Protocol(asyncio.Protocol):
         self._end_stream(st, 0)
 
     async def _run(self, st: _Stream, traceparent: str | None = None) -> None:
+        # The same loop as _read, inline: one coroutine call less per message on the hot path.
         async def read() -> ep.ProcessingRequest | None:
-            return cast("ep.ProcessingRequest | None", await self._read(st))
+            while not st.inbox:
+                if st.eof or st.reset:
+                    return None
+                st.waiter = self.loop.create_future()
+                await st.waiter
+                st.waiter = None
+            return cast("ep.ProcessingRequest", st.inbox.popleft())
 
         async def write(resp: ep.ProcessingResponse) -> None:
             if not st.closed:
