@@ -132,6 +132,7 @@ class RequestContext:
         "traceparent",
         "ts",
         "usage",
+        "usage_release",
     )
 
     def __init__(self) -> None:
@@ -194,6 +195,9 @@ class RequestContext:
         # What the provider's response said of itself (set by accounting): model and finish reasons.
         self.response_model: str | None = None
         self.finish_reasons: list[str] = []
+        # Budget reservations the usage record releases as it is stored (set by the limits stage;
+        # opaque to accounting): the spend arrives and the reservation goes in one step.
+        self.usage_release: tuple[str, ...] = ()
         # Prompt and answer for the trace span (tracing.capture_content), already redacted.
         self.captured: dict[str, str] = {}
 

@@ -216,8 +216,10 @@ class UsageSink(ABC):
         await self.spool.start()
 
     @abstractmethod
-    async def record(self, rec: UsageRecord) -> None:
-        """Called from a request's finish hook under asyncio.shield. Never raises."""
+    async def record(self, rec: UsageRecord, release: Sequence[str] = ()) -> None:
+        """Called from a request's finish hook under asyncio.shield. Never raises. `release`: the
+        request's budget reservations (Redis keys from the limiter) to drop in the same step as the
+        record's spend is counted; a backend without them ignores it."""
 
     @abstractmethod
     async def aggregates(self, tenant: str, day: str | date, scope: Scope, id: str = "") -> dict[str, int | str]:
@@ -240,9 +242,12 @@ class UsageSink(ABC):
 # Seconds between re-registrations of a stream in `usage:streams` by one process.
 STREAM_REFRESH = 30.0
 
-# One record, atomically. KEYS: seen, stream, then the aggregate hashes. ARGV: seen TTL,
-# aggregate TTL, stream MAXLEN (0 = never trim), record JSON, then field/increment pairs.
-# SET NX answers nil (Lua false) when the key exists: the record was applied before.
+# One record, atomically. KEYS: seen, stream, the aggregate hashes, then `release` (pairs of a
+# budget's reservations hash and lease set, see extproc.limits.redis). ARGV: seen TTL, aggregate
+# TTL, stream MAXLEN (0 = never trim), record JSON, request id, the number of release keys, then
+# field/increment pairs. SET NX answers nil (Lua false) when the key exists: the record was applied
+# before. The request's budget reservations go in the same step as its spend arrives in the
+# aggregates budgets read: it is never counted twice, nor not at all.
 RECORD_SCRIPT = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
@@ -252,11 +257,21 @@ if ARGV[3] == '0' then
 else
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[4])
 end
-for k = 3, #KEYS do
-  for i = 5, #ARGV, 2 do
+local rel = tonumber(ARGV[6])
+for k = 3, #KEYS - rel do
+  for i = 7, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
   end
   redis.call('EXPIRE', KEYS[k], ARGV[2])
+end
+local rid = ARGV[5]
+for r = #KEYS - rel + 1, #KEYS, 2 do
+  local amt = redis.call('HGET', KEYS[r], rid)
+  if amt then
+    redis.call('HDEL', KEYS[r], rid)
+    if amt ~= '0' then redis.call('HINCRBY', KEYS[r], '__total', '-' .. amt) end
+    redis.call('ZREM', KEYS[r + 1], rid)
+  end
 end
 return 1
 """
@@ -319,11 +334,18 @@ class RedisUsageSink(UsageSink):
     def stream_name(self, tenant: str) -> str:
         return f"{self.prefix}{tenant_tag(tenant)}:usage"
 
-    def _call_for(self, rec: UsageRecord) -> _ScriptCall:
-        args: list[str | int | bytes] = [SEEN_TTL_SECONDS, AGG_TTL_SECONDS, self.stream_maxlen, record_json(rec)]
+    def _call_for(self, rec: UsageRecord, release: Sequence[str] = ()) -> _ScriptCall:
+        args: list[str | int | bytes] = [
+            SEEN_TTL_SECONDS,
+            AGG_TTL_SECONDS,
+            self.stream_maxlen,
+            record_json(rec),
+            rec.request_id,
+            len(release),
+        ]
         for name, v in increments(rec).items():
             args += (name, v)
-        return self.keys(rec), args
+        return [*self.keys(rec), *release], args
 
     async def start(self) -> None:
         await super().start()
@@ -331,10 +353,10 @@ class RedisUsageSink(UsageSink):
         self._replay_wanted.set()  # segments left by an earlier run or a dead worker
         self._replayer = asyncio.create_task(self._replay_loop())
 
-    async def record(self, rec: UsageRecord) -> None:
+    async def record(self, rec: UsageRecord, release: Sequence[str] = ()) -> None:
         self.counters.recorded += 1
         try:
-            call = self._call_for(rec)
+            call = self._call_for(rec, release)
         except Exception:
             log.exception("usage record %s: cannot build its Redis call; spooling it", rec.request_id)
             await self._spool([rec])
@@ -585,7 +607,7 @@ class EmbeddedUsageSink(UsageSink):
             log.warning("usage sink: the ledger cannot take the spooled records yet (%s); will retry", err)
         self._flusher = asyncio.create_task(self._flush_loop())
 
-    async def record(self, rec: UsageRecord) -> None:
+    async def record(self, rec: UsageRecord, release: Sequence[str] = ()) -> None:
         self.counters.recorded += 1
         try:
             if rec.request_id not in self._seen:

@@ -174,6 +174,12 @@ class Limiter(abc.ABC):
         """Replace the estimates with what the request used, release what it held; return the
         budget thresholds its usage crossed (for the first time in the period, across replicas)."""
 
+    def release_keys(self, demand: Demand) -> tuple[str, ...]:
+        """What the usage sink drops from the store with the request's record (its budget
+        reservations), so that its cost is counted exactly once throughout; () when the limiter
+        keeps them elsewhere (in process)."""
+        return ()
+
     async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
         """The response is complete (the client is about to get its last bytes): free the
         concurrency slots and turn the budget reservations into what the request used. `settle`

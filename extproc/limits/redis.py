@@ -186,17 +186,19 @@ while a <= #ARGV do
       redis.call('HDEL', res, rid)
       if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
       redis.call('ZREM', resx, rid)
-      local used = 0
-      for d = 1, days do
-        used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
-      end
-      for j = 1, n do
-        if used >= tonumber(ARGV[a + 5 + j]) * budget then
-          if redis.call('SET', KEYS[k + 1 + days + j], '1', 'NX', 'PX', ttl) then
-            out[#out + 1] = i
-            out[#out + 1] = j
-            out[#out + 1] = used
-          end
+    end
+    -- Also when the usage record took the reservation with it (it usually has): the spend it
+    -- recorded may have crossed a threshold. Each alert is sent once per period (SET NX).
+    local used = 0
+    for d = 1, days do
+      used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
+    end
+    for j = 1, n do
+      if used >= tonumber(ARGV[a + 5 + j]) * budget then
+        if redis.call('SET', KEYS[k + 1 + days + j], '1', 'NX', 'PX', ttl) then
+          out[#out + 1] = i
+          out[#out + 1] = j
+          out[#out + 1] = used
         end
       end
     end
@@ -318,6 +320,13 @@ class RedisLimiter(Limiter):
         elif c.kind == "concurrency":
             verdict.retry_after = 1.0
         return verdict
+
+    def release_keys(self, demand: Demand) -> tuple[str, ...]:
+        out: list[str] = []
+        for c in demand.checks:
+            if c.kind == "budget":
+                out += self._res_keys(demand.tenant, c)
+        return tuple(out)
 
     async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
         keys: list[str] = []

@@ -117,6 +117,10 @@ class LimitsService:
             self.counters.refused += 1
         return verdict
 
+    def release_keys(self, demand: Demand) -> tuple[str, ...]:
+        holder = demand.holder
+        return holder.release_keys(demand) if holder is not None else ()
+
     async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
         """The response is complete (Limiter.ended). Never raises: when it fails, `settle` (always
         called after) releases everything anyway."""

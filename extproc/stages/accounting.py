@@ -159,7 +159,7 @@ class AccountingStage(Stage):
         self.counters.records += 1
         self.counters.estimated += rec.estimated
         ctx.usage = rec
-        await self.sink.record(rec)
+        await self.sink.record(rec, ctx.usage_release)
         usage_log.info("%s", orjson.dumps(rec.to_dict()).decode())
 
     # -- building the record --------------------------------------------------------------------

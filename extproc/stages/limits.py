@@ -143,6 +143,7 @@ class LimitsStage(Stage):
             ctx.notes["limits"] = f"refused:{refused.what if refused is not None else 'unknown'}"
             raise _refusal(verdict, headers)
         ctx.notes["limits"] = "allowed"
+        ctx.usage_release = self.service.release_keys(demand)
         ctx.state[self.name] = _Held(demand, headers)
 
     async def response_headers(self, ctx: RequestContext) -> None:

@@ -608,3 +608,47 @@ async def test_alert_webhook_is_retried_until_it_answers() -> None:
     ]
     await sender.close()
     await runner.cleanup()
+
+
+async def test_the_usage_record_takes_the_reservation_with_it(redis_url: str, tmp_path: Any) -> None:
+    """On Redis a request's spend arrives in the aggregates budgets read and its reservation goes
+    in one script: there is no moment at which it is counted twice (a refusal too early) or not
+    at all (an overspend); settle afterwards still sends the alert the recorded spend crossed."""
+    from extproc.accounting.record import UsageRecord
+    from extproc.accounting.sink import RedisUsageSink
+    from extproc.accounting.spool import Spool
+
+    backend = RedisBackend(redis_url, prefix=f"lim{uuid.uuid4().hex[:6]}:")
+    sink = RedisUsageSink(backend, Spool(tmp_path / "spool", max_bytes=1 << 20), batch_window=0)
+    await sink.start()
+    try:
+        h = Harness(RedisLimiter(backend, lease_seconds=30), "redis", backend)
+        limiter = h.limiter
+        assert isinstance(limiter, RedisLimiter)
+        rule = h.rule(budget_pusd=10**12, alert_at=(0.5,))  # 1 USD
+        first = h.demand((rule,), pusd=6 * 10**11)  # an estimate of 0.60 USD
+        assert (await limiter.acquire(first)).allowed
+        await limiter.ended(first, 100, 55 * 10**10)  # it used 0.55 USD
+        probe = h.demand((rule,), pusd=1)
+        v = await limiter.acquire(probe)
+        assert v.allowed and v.budgets[0][1] == 55 * 10**10  # counted at its real cost
+        await limiter.settle(probe, 0, 0)  # (the probe's own reservation)
+        rec = UsageRecord(
+            request_id=first.request_id,
+            ts=datetime.now(UTC),
+            tenant=h.tenant,
+            model="m",
+            input_tokens=50,
+            output_tokens=50,
+            total_tokens=100,
+            cost_usd="0.55",
+            status=200,
+        )
+        await sink.record(rec, limiter.release_keys(first))
+        after = await limiter.acquire(h.demand((rule,), pusd=1))
+        assert after.allowed and after.budgets[0][1] == 55 * 10**10  # once: the spend, no reservation
+        alerts = await limiter.settle(first, 100, 55 * 10**10)
+        assert [(a.threshold, a.used) for a in alerts] == [(0.5, 55 * 10**10)]
+    finally:
+        await sink.close()
+        await backend.close()
