@@ -181,6 +181,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     await health.start()
     closers.append(health.close)
     export_counters(gateway_metrics, sink, accounting, pii, backend, ledger, admission)
+    export_limits(gateway_metrics, limits)
     trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
 
     async def stop_trimmer() -> None:
@@ -202,6 +203,35 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
         admission=admission,
         tracing=tracing,
         started=time.time(),
+    )
+
+
+def export_limits(metrics: GatewayMetrics, limits: LimitsService) -> None:
+    """The limiter's own figures: outages, decisions taken without Redis, settlements retried or
+    lost, budget alerts (read when scraped)."""
+    lc, alerts = limits.counters, limits.alerts.counters
+    metrics.counter_source(
+        "gateway_limits_fallback_decisions",
+        "Requests decided by the per-process fallback limiter while Redis was unreachable (failure mode open).",
+        lambda: lc.fallback_decisions,
+    )
+    metrics.counter_source("gateway_limits_outages", "Times the limits store became unreachable.", lambda: lc.outages)
+    metrics.counter_source(
+        "gateway_limits_settle_problems",
+        "Settlements retried later (store unreachable) or lost (their leases expire instead).",
+        lambda: {("retried",): lc.settle_retries, ("failed",): lc.settle_failures},
+        ("result",),
+    )
+    metrics.counter_source(
+        "gateway_budget_alerts",
+        "Budget alerts, by what became of them.",
+        lambda: {
+            ("sent",): alerts.sent,
+            ("delivered",): alerts.webhook_delivered,
+            ("failed",): alerts.webhook_failed,
+            ("dropped",): alerts.webhook_dropped,
+        },
+        ("result",),
     )
 
 
