@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .config import GatewayConfig
+from .observability.otlp_env import otlp_endpoint, otlp_protocol
 from .stages.route import PROVIDER_HEADER
 
 EXTPROC_CLUSTER = "extproc"
@@ -89,15 +90,12 @@ class OtlpTarget:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> OtlpTarget | None:
-        """The server's exporter reads the same variables (extproc.observability.tracing)."""
-        if env.get("OTEL_SDK_DISABLED", "").lower() == "true" or env.get("OTEL_TRACES_EXPORTER", "") == "none":
+        """The same endpoint and protocol as the server's exporter (extproc.observability.tracing)."""
+        url = otlp_endpoint(env)
+        if url is None:
             return None
         traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        url = traces or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        if not url:
-            return None
-        proto = (env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "").lower()
-        protocol = "grpc" if proto.strip() == "grpc" else "http/protobuf"
+        protocol = otlp_protocol(env)
         parts = urlsplit(url if "://" in url else f"http://{url}")
         tls = parts.scheme == "https"
         default_port = 443 if tls else (4317 if protocol == "grpc" else 4318)

@@ -28,25 +28,11 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from ..config import TracingConfig
+from .otlp_env import otlp_endpoint, otlp_protocol
 
 log = logging.getLogger("extproc.tracing")
 
 Attributes = Mapping[str, str | bool | int | float | Sequence[str]]
-
-
-def otlp_endpoint() -> str | None:
-    """Where traces go per the standard variables, or None when tracing is off."""
-    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
-        return None
-    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
-        return None
-    return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
-
-
-def otlp_protocol() -> str:
-    """grpc or http/protobuf. The OTLP specification's default is http/protobuf."""
-    value = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
-    return "grpc" if value.strip().lower() == "grpc" else "http/protobuf"
 
 
 def parse_traceparent(value: str | None) -> SpanContext | None:
@@ -88,14 +74,6 @@ class Tracing:
         self.provider.add_span_processor(BatchSpanProcessor(exporter if exporter is not None else _exporter()))
         self.tracer = self.provider.get_tracer("extproc", version)
         self.capture_content = config.capture_content
-
-    @staticmethod
-    def wanted(traceparent: str | None) -> bool:
-        """False when Envoy decided not to trace this exchange (flags without the sampled bit):
-        checked before any span data is built, as most exchanges are not sampled."""
-        if traceparent is None or len(traceparent) != 55:
-            return True
-        return traceparent[54] in "13579bdf"
 
     def export(self, traceparent: str | None, data: SpanData) -> None:
         parent = parse_traceparent(traceparent)

@@ -14,21 +14,12 @@ from dataclasses import dataclass
 
 import orjson
 
+from ..observability.otlp_env import caller_sampled
 from ..pipeline import Need, RequestContext, ResponseChunk, Stage
 from ..providers import ADAPTERS, StreamReader
 
 # A span attribute holds at most this many characters of each.
 MAX_CHARS = 16 * 1024
-
-
-def may_be_sampled(traceparent: str | None) -> bool:
-    """False only when the caller decided not to trace (W3C flags without the sampled bit)."""
-    if not traceparent or len(traceparent) < 55:
-        return True
-    try:
-        return bool(int(traceparent[53:55], 16) & 1)
-    except ValueError:
-        return True
 
 
 @dataclass
@@ -47,7 +38,7 @@ class ContentCaptureStage(Stage):
 
     async def request_body(self, ctx: RequestContext) -> None:
         route = ctx.route
-        if route is None or not may_be_sampled(ctx.traceparent):
+        if route is None or not caller_sampled(ctx.traceparent):
             return
         body = ctx.json
         prompt = {k: body[k] for k in ("system", "messages") if k in body}

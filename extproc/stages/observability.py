@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from ..observability.metrics import GatewayMetrics
+from ..observability.otlp_env import caller_sampled
 from ..observability.tracing import SpanData, Tracing
 from ..pipeline import Outcome, RequestContext, Stage
 
@@ -92,7 +93,7 @@ class ObservabilityStage(Stage):
                     m.tokens.inc((tenant, model, kind), n)
             if usage.cost_usd is not None and usage.cost_usd != "0":
                 m.cost.inc((tenant, model), float(usage.cost_usd))
-        if self.tracing is not None and self.tracing.wanted(ctx.traceparent):
+        if self.tracing is not None and caller_sampled(ctx.traceparent):
             self._span(ctx, operation, status, code, ended)
 
     def _span(self, ctx: RequestContext, operation: str, status: int, code: str, ended: float) -> None:

@@ -25,6 +25,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.auth import key_service
 from extproc.auth.keys import VirtualKey
@@ -197,6 +198,57 @@ def admin(stack_and_admin: tuple[Stack, Admin]) -> Admin:
 @pytest.fixture(scope="session")
 def api_key(admin: Admin) -> str:
     return admin.key("e2e", "session")[0]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(stack: Stack, families: set[str] | None = None) -> Samples:
+    """Every sample of the server's /metrics by (name, labels); adds the names of the families
+    (also those without samples yet, e.g. no refusal so far) to `families`."""
+    r = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics", timeout=5)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out: Samples = {}
+    for family in text_string_to_metric_families(r.text):
+        if families is not None:
+            families.add(family.name)
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def health_check_successes(stack: Stack, at_least: int, timeout: float = 10) -> int:
+    """Envoy's count of passed active health checks of the extproc cluster, once it reaches
+    `at_least` or `timeout` seconds have passed."""
+
+    def count() -> int:
+        text = httpx.get(
+            f"http://127.0.0.1:{stack.ports.admin}/stats",
+            params={"filter": r"^cluster\.extproc\.health_check\.success$"},
+        ).text
+        return int(text.split(":")[1]) if ":" in text else 0
+
+    deadline = time.monotonic() + timeout
+    while (n := count()) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return n
+
+
+def extproc_status(base: str) -> subprocess.CompletedProcess[str]:
+    """`extproc status --url base`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "extproc", "status", "--url", base],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def access_log_lines(stack: Stack, match: Callable[[dict[str, Any]], bool], wait: float = 5.0) -> list[dict[str, Any]]:

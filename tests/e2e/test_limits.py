@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from extproc.devstack import Stack, free_port
-from tests.e2e.conftest import Admin, make_stack, openai_client
+from tests.e2e.conftest import Admin, make_stack, openai_client, scrape, total
 
 pytestmark = pytest.mark.e2e
 
@@ -443,16 +443,13 @@ def test_redis_outage_uses_the_configured_failure_mode_then_recovers(
             return r.status_code == 429 and r.headers.get("x-ratelimit-limit-requests") == "10"
 
         poll("shared limits back", shared_again, timeout=15, interval=0.3)
-        metrics = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics").text
-        samples = {
-            line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line[:1] not in ("#", "")
-        }
-        assert samples["gateway_limits_outages_total"] >= 1
+        metrics = scrape(stack)
+        assert total(metrics, "gateway_limits_outages_total") >= 1
         # The 12 of the outage, and any of the polls above made before the limiter saw Redis back.
         if mode == "open":
-            assert samples["gateway_limits_fallback_decisions_total"] >= 12
+            assert total(metrics, "gateway_limits_fallback_decisions_total") >= 12
         else:
-            assert samples['gateway_limit_refusals_total{kind="unavailable"}'] >= 12
+            assert total(metrics, "gateway_limit_refusals_total", kind="unavailable") >= 12
         log = stack.log_path("server").read_text()
         assert "limits store unreachable" in log and "shared limits are back" in log
     finally:

@@ -10,9 +10,6 @@ mode. The Grafana dashboard only queries metrics a real scrape has.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,11 +18,19 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.devstack import Stack
 from tests.dashboard_metrics import dashboard_metric_names
-from tests.e2e.conftest import Admin, access_log_lines, make_stack, openai_client
+from tests.e2e.conftest import (
+    Admin,
+    access_log_lines,
+    extproc_status,
+    health_check_successes,
+    make_stack,
+    openai_client,
+    scrape,
+    total,
+)
 from tests.e2e.otlp_receiver import OtlpReceiver, Span
 
 pytestmark = pytest.mark.e2e
@@ -36,30 +41,10 @@ SERVER = "llm-gateway-extproc"
 ENVOY = "llm-gateway-envoy"
 
 
-def scrape(stack: Stack, families: set[str] | None = None) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of the server's /metrics by (name, labels); adds the names of the families
-    (also those without samples yet, e.g. no refusal so far) to `families`."""
-    r = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics", timeout=5)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(r.text):
-        if families is not None:
-            families.add(family.name)
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
 def gateway_log_line(stack: Stack, gateway_request_id: str) -> dict[str, str]:
     found = access_log_lines(stack, lambda line: line.get("gateway_request_id") == gateway_request_id)
     assert found, f"no access log line for {gateway_request_id}"
     return found[0]
-
-
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 @pytest.fixture(scope="module")
@@ -199,26 +184,11 @@ def test_health_endpoints_status_and_envoy_health_check(traced: tuple[Stack, Adm
     assert ready.status_code == 200 and ready.json()["ready"] is True
     status = httpx.get(f"{base}/status").json()
     assert status["store"] == "redis" and status["store_reachable"] is True and status["tracing"] is True
-    out = subprocess.run(
-        [sys.executable, "-m", "extproc", "status", "--url", base],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = extproc_status(base)
     assert out.returncode == 0, out.stderr
     assert "version" in out.stdout and "redis (reachable)" in out.stdout
     # Envoy's active health check of the extproc cluster reaches the gRPC health service.
-    admin = f"http://127.0.0.1:{stack.ports.admin}"
-
-    def successes() -> int:
-        stats = httpx.get(f"{admin}/stats", params={"filter": r"^cluster\.extproc\.health_check\.success$"}).text
-        return int(stats.split(":")[1]) if ":" in stats else 0
-
-    deadline = time.monotonic() + 10
-    while successes() < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert successes() >= 2
+    assert health_check_successes(stack, at_least=2) >= 2
 
 
 def test_grpc_otlp_joins_envoy_and_server_spans(tmp_path: Path, redis_url: str) -> None:
@@ -266,13 +236,7 @@ def test_readyz_and_health_check_follow_redis_in_fail_closed_mode(tmp_path_facto
         reasons = httpx.get(f"{base}/readyz").json()["reasons"]
         assert any("store unreachable" in why for why in reasons), reasons
         assert httpx.get(f"{base}/healthz").status_code == 200  # alive: no restart for a Redis outage
-        out = subprocess.run(
-            [sys.executable, "-m", "extproc", "status", "--url", base],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        out = extproc_status(base)
         assert out.returncode == 3 and "redis (UNREACHABLE)" in out.stdout, out.stdout
         poll("Envoy marks the server unhealthy", lambda: "failed_active_hc" in extproc_host_flags(), timeout=15)
         redis.start()

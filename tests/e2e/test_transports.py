@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from extproc.devstack import Stack
-from tests.e2e.conftest import anthropic_client, make_stack, openai_client
+from tests.e2e.conftest import anthropic_client, health_check_successes, make_stack, openai_client, scrape, total
 
 pytestmark = pytest.mark.e2e
 
@@ -46,29 +46,11 @@ def test_json_streams_and_refusals(stack_key: tuple[Stack, str]) -> None:
 def test_envoy_health_checks_and_metrics_on_both_transports(stack_key: tuple[Stack, str]) -> None:
     """Envoy's gRPC health check of the extproc cluster succeeds, and the open-streams gauge and
     request counters are served, whichever transport runs."""
-    import time
-
-    import httpx
-
     stack, secret = stack_key
     openai_client(stack, secret).chat.completions.create(
         model="gpt-5.4-mini", messages=[{"role": "user", "content": "x"}]
     )
-    admin = f"http://127.0.0.1:{stack.ports.admin}/stats"
-
-    def successes() -> int:
-        text = httpx.get(admin, params={"filter": r"^cluster\.extproc\.health_check\.success$"}).text
-        return int(text.split(":")[1]) if ":" in text else 0
-
-    deadline = time.monotonic() + 10
-    while successes() < 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert successes() >= 1
-    metrics = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics").text
-    assert "\ngateway_open_streams " in metrics
-    counted = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("gateway_requests_total{") and 'tenant="transport"' in line and 'status="200"' in line
-    ]
-    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 1
+    assert health_check_successes(stack, at_least=1) >= 1
+    metrics = scrape(stack)
+    assert ("gateway_open_streams", frozenset()) in metrics
+    assert total(metrics, "gateway_requests_total", tenant="transport", status="200") >= 1

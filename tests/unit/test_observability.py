@@ -515,3 +515,22 @@ def test_serve_says_which_setting_when_the_metrics_port_is_taken(tmp_path: Path)
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"server.metrics_listen 127.0.0.1:{port}: cannot listen" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "sampled"),
+    [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", True),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", False),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03", True),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0A", False),
+        ("01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00-extra", False),  # a later version
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0z", True),  # unreadable: sampler decides
+        ("garbage", True),
+        (None, True),
+    ],
+)
+def test_caller_sampled_reads_the_flags_envoy_passed(traceparent: str | None, sampled: bool) -> None:
+    from extproc.observability.otlp_env import caller_sampled
+
+    assert caller_sampled(traceparent) is sampled
