@@ -4,7 +4,11 @@ Every server process runs one, all in the same consumer group, so the work sprea
 and survives any of them. The order that makes it exactly-once: insert into the ledger (idempotent
 by request_id, one transaction), and only then XACK + XDEL. A crash in between leaves the entries
 pending; XAUTOCLAIM hands entries idle for `claim_idle_ms` (a dead or stuck consumer's) to a live
-one, which inserts them again, and the ledger ignores the rows it already has. While the ledger is
+one, which inserts them again, and the ledger ignores the rows it already has. A read whose reply
+was lost (Redis killed after delivering it: the delivery is in its append-only file, the reply
+never arrived) leaves entries pending on this very consumer; so after starting and after any
+failed round the consumer first reads its own pending list (XREADGROUP from id 0) instead of
+leaving them to a claim `claim_idle_ms` later. While the ledger is
 down the entries simply wait in the stream (pending, or not yet read), never in memory only.
 
 An entry that does not parse, or whose record the ledger refuses as invalid (InvalidRecord, a
@@ -116,6 +120,8 @@ class LedgerConsumer:
         self._groups: set[str] = set()
         self._next_refresh = 0.0
         self._next_claim = 0.0
+        # Read this consumer's own pending entries before new ones (see the module docstring).
+        self._own_pending = True
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warnings = LogThrottle(5.0)
@@ -155,6 +161,7 @@ class LedgerConsumer:
             except _Stopping:
                 return
             except Exception as err:
+                self._own_pending = True
                 if isinstance(err, ResponseError) and "NOGROUP" in str(err):
                     self._groups.clear()  # a stream was deleted: create the groups again
                     self._next_refresh = 0.0
@@ -173,6 +180,12 @@ class LedgerConsumer:
             await self._sleep(min(self.refresh_interval, self.block_ms / 1000))
             return 0
         handled = 0
+        if self._own_pending:
+            own = await self._read_own()
+            if own:
+                await self._move(own)
+                return len(own)
+            self._own_pending = False
         if now >= self._next_claim:
             claimed = await self._autoclaim()
             self._next_claim = now + self.claim_idle_ms / 2000
@@ -211,6 +224,14 @@ class LedgerConsumer:
                 self.group, self.consumer, dict.fromkeys(self._streams, ">"), count=self.count, block=self.block_ms
             ),
             self.block_ms / 1000 + self.backend.timeout * 4,
+        )
+        return list(_entries(reply))
+
+    async def _read_own(self) -> list[_Entry]:
+        """Up to `count` entries delivered to this consumer and not acknowledged (no blocking)."""
+        reply = await _call(
+            self._client.xreadgroup(self.group, self.consumer, dict.fromkeys(self._streams, "0"), count=self.count),
+            self.backend.timeout * 2,
         )
         return list(_entries(reply))
 

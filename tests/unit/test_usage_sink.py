@@ -583,6 +583,51 @@ async def test_a_dead_consumers_entries_are_claimed_and_inserted_once(
     await sink.close()
 
 
+@pytest.mark.parametrize("when", ["restart", "running"])
+async def test_entries_whose_read_reply_was_lost_reach_the_ledger_without_waiting_for_a_claim(
+    backend: RedisBackend, ledger: FakeLedger, tmp_path: Path, when: str
+) -> None:
+    """Redis killed after delivering an XREADGROUP (the delivery is in its append-only file) but
+    before the reply left: the entries sit pending on this consumer. It must read them itself,
+    not after claim_idle_ms (30 s by default: CI once lost two records to the e2e test's wait)."""
+    sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
+    await sink.start()
+    records = [make_record(i) for i in range(6)]
+    consumer = fast_consumer(backend, ledger, consumer="a", claim_idle_ms=3_600_000)
+    if when == "restart":
+        await asyncio.gather(*(sink.record(r) for r in records))
+        stream = f"{backend.prefix}{tenant_tag('acme')}:usage"
+        await backend.client.xgroup_create(stream, "ledger", id="0", mkstream=True)
+        # The delivery happens; its reply goes nowhere (the process that asked died with it).
+        await backend.client.xreadgroup("ledger", "a", {stream: ">"})
+        assert await _pending(backend) == 6
+        await consumer.start()
+    else:
+        await consumer.start()
+        assert consumer._blocking is not None
+        real = consumer._blocking.xreadgroup
+        lost = 0
+
+        async def delivered_then_lost(*args: Any, **kw: Any) -> Any:
+            nonlocal lost
+            reply = await real(*args, **kw)
+            if reply and not lost:
+                lost += 1
+                raise RedisConnectionError("connection reset after the delivery")
+            return reply
+
+        consumer._blocking.xreadgroup = delivered_then_lost  # type: ignore[method-assign]
+        await asyncio.gather(*(sink.record(r) for r in records))
+        await eventually(lambda: _true(lost == 1), what="a reply lost")
+    await eventually(lambda: _true(len(ledger.ids()) == 6), limit=5, what="every record in the ledger")
+    assert ledger.ids() == sorted(r.request_id for r in records)
+    await eventually(lambda: _stream_empty(backend, "acme"), what="stream drained")
+    assert await _pending(backend) == 0
+    assert consumer.counters.claimed == 0
+    await consumer.close()
+    await sink.close()
+
+
 async def test_unparsable_entries_go_to_the_dead_letter_stream(
     backend: RedisBackend, ledger: FakeLedger, tmp_path: Path
 ) -> None:
