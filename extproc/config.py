@@ -258,6 +258,15 @@ class AlertsConfig(_Strict):
     webhook_timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
 
+class TranslationConfig(_Strict):
+    """OpenAI <-> Anthropic schema translation (README, "Schema translation")."""
+
+    # Off: a model served through the other schema's API gets 400 schema_mismatch, as before.
+    enabled: bool = True
+    # Anthropic requires max_tokens: sent when an OpenAI client asks for none.
+    default_max_tokens: int = Field(default=4096, ge=1, le=10_000_000)
+
+
 class AuthConfig(_Strict):
     # When the key store is unreachable: "closed" refuses with 503 (default); "open" lets
     # requests through unauthenticated (availability over control; logged and marked in metadata).
@@ -321,6 +330,7 @@ class GatewayConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
     # PII and secret redaction defaults (README, "PII redaction"); absent: nothing is scanned.
     pii: PiiSpec | None = None
+    translation: TranslationConfig = TranslationConfig()
     # Directory relative paths in this config are resolved against (the config file's).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

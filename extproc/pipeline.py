@@ -201,6 +201,14 @@ class RequestContext:
         # Prompt and answer for the trace span (tracing.capture_content), already redacted.
         self.captured: dict[str, str] = {}
 
+    @property
+    def client_schema(self) -> str:
+        """The schema the client speaks (its request and the response it reads); the route's
+        schema is the provider's, which differs when the request is translated."""
+        if self.adapter is not None:
+            return self.adapter.schema
+        return self.route.schema if self.route is not None else "openai"
+
     def need(self, what: Need) -> None:
         """Declare what this request's response must show the stages (during the request phases)."""
         self._needs |= what
@@ -223,6 +231,12 @@ class RequestContext:
     def release_body(self) -> None:
         self.body = None
         self._json = None
+
+    def replace_json(self, body: dict[str, Any]) -> None:
+        """A stage that rewrites the whole request (schema translation) swaps the parsed body; the
+        processor serializes it once like any edit."""
+        self._json = body
+        self.body_dirty = True
 
     def mark_body_changed(self) -> None:
         """Stages edit `ctx.json` in place and call this; the processor serializes once."""

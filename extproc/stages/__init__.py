@@ -7,6 +7,7 @@ from ..auth.service import KeyService
 from ..config import GatewayConfig
 from ..pipeline import Stage
 from ..routing import Router
+from ..translate import translators
 from .accounting import AccountingStage
 from .admission import AdmissionStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
@@ -19,6 +20,7 @@ from .models import ModelsStage
 from .observability import ObservabilityStage
 from .pii import PiiStage
 from .route import RoutingStage
+from .translate import TranslationStage
 from .upstream_headers import UpstreamHeadersStage
 
 
@@ -44,7 +46,7 @@ def default_stages(
         AuthStage(keys, fail_open=config.auth.failure_mode == "open"),
         ModelsStage(router),
         EndpointStage(),
-        RoutingStage(router),
+        RoutingStage(router, translate=config.translation.enabled),
         ModelAccessStage(),
     ]
     if pii is not None:
@@ -54,6 +56,11 @@ def default_stages(
     if capture is not None:
         # Right after redaction: it sees the request as the provider will, the answer before restore.
         stages.append(capture)
+    if config.translation.enabled:
+        # After redaction and capture (they read the client's schema), before credentials, limits
+        # and accounting (they read the provider's). Its response hooks turn the provider's answer
+        # into the client's schema after accounting has read it.
+        stages.append(TranslationStage(translators(config.translation.default_max_tokens)))
     stages.append(ProviderCredentialsStage(provider_auth))
     if limits is not None:
         # After routing and the model check (it needs the tenant, key and model), and before
@@ -83,6 +90,7 @@ __all__ = [
     "RequestHygieneStage",
     "RoutingStage",
     "StripInternalHeaders",
+    "TranslationStage",
     "UpstreamHeadersStage",
     "default_stages",
 ]

@@ -41,8 +41,10 @@ class _Exchange:
     """What this stage keeps for one request between its phases."""
 
     adapter: ProviderAdapter
-    # The request as forwarded, kept only to estimate input tokens if no usage arrives.
+    # The request as the client sent it (in the client's schema, which differs from the
+    # provider's when translated), kept only to estimate input tokens if no usage arrives.
     request_body: bytes | None = None
+    request_schema: str = "openai"
     injected_usage: bool = False
     reader: StreamReader | None = None
     first_token_at: float | None = None
@@ -79,7 +81,7 @@ class AccountingStage(Stage):
         if route is None:
             return
         adapter = ADAPTERS[route.schema]
-        ex = _Exchange(adapter, request_body=ctx.body)
+        ex = _Exchange(adapter, request_body=ctx.body, request_schema=ctx.client_schema)
         ctx.state[self.name] = ex
         ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
         if ctx.streaming and adapter.request_usage_in_stream(ctx.json):
@@ -237,7 +239,7 @@ class AccountingStage(Stage):
             except orjson.JSONDecodeError:
                 body = None
             if isinstance(body, dict):
-                rec.input_tokens = estimate_input_tokens(ex.adapter.schema, body, model)
+                rec.input_tokens = estimate_input_tokens(ex.request_schema, body, model)
         reader = ex.reader
         text = "".join(reader.text) if reader is not None else ex.json_text
         output = count_tokens(text, model) if text else 0

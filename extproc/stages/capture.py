@@ -43,7 +43,7 @@ class ContentCaptureStage(Stage):
         body = ctx.json
         prompt = {k: body[k] for k in ("system", "messages") if k in body}
         ctx.captured["input"] = orjson.dumps(prompt).decode()[: self.max_chars]
-        ctx.state[self.name] = _Capture(route.schema)
+        ctx.state[self.name] = _Capture(ctx.client_schema)
         ctx.need(Need.JSON | Need.EVENTS)
 
     async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:

@@ -78,7 +78,7 @@ class PiiStage(Stage):
             return
         redaction = Redaction(policy, tenant, self.hash_key)
         try:
-            slots = request_slots(route.schema, ctx.json)
+            slots = request_slots(ctx.client_schema, ctx.json)
             size = sum(len(owner[key]) for owner, key, _ in slots)
             if size > _THREAD_SCAN_CHARS:
                 new = await asyncio.wait_for(asyncio.to_thread(_scan, redaction, slots), policy.timeout_seconds)
@@ -172,7 +172,7 @@ class PiiStage(Stage):
         ex: _Exchange | None = ctx.state.get(self.name)
         if ex is None or ctx.route is None:
             return
-        schema = ctx.route.schema
+        schema = ctx.client_schema
         if chunk.events is not None:
             if ex.stream is None:
                 ex.stream = StreamRewriter(schema, ex.rewriter)

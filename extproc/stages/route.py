@@ -19,8 +19,10 @@ MODEL_HEADER = "x-gateway-model"
 class RoutingStage(Stage):
     name = "routing"
 
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, translate: bool = False) -> None:
         self._router = router
+        # With translation on, the translation stage takes a route of the other schema.
+        self._translate = translate
 
     async def request_body(self, ctx: RequestContext) -> None:
         adapter = ctx.adapter
@@ -36,7 +38,7 @@ class RoutingStage(Stage):
                 "model_not_found",
                 "model",
             )
-        if route.schema != adapter.schema:
+        if route.schema != adapter.schema and not self._translate:
             raise GatewayError(
                 ErrorKind.INVALID_REQUEST,
                 f"The model {quote(model)} is served through the {route.schema} API; "

@@ -153,6 +153,41 @@ def test_openai_json_with_cached_and_reasoning_tokens(env: Env) -> None:
     assert Decimal(line["cost_usd"]) == Decimal(rec.cost_usd or "x") and line["estimated"] in (False, "false")
 
 
+@pytest.mark.parametrize("client_schema", ["openai", "anthropic"])
+def test_translated_streams_are_recorded_with_the_provider_that_answered(env: Env, client_schema: str) -> None:
+    """An OpenAI client on a Claude model and an Anthropic client on an OpenAI model: the record
+    holds the usage the provider itself reported, in the provider's meaning, and names it."""
+    tag = uuid.uuid4().hex
+    hdrs = {"x-mock-output-tokens": "5", "x-mock-cached-tokens": "2", "x-mock-cache-read-tokens": "2"}
+    if client_schema == "openai":
+        oai = openai_client(env.stack, env.key, tag)
+        with oai.chat.completions.with_streaming_response.create(
+            model="sonnet", messages=MSGS, stream=True, extra_headers=hdrs
+        ) as resp:
+            rid = resp.headers["x-gateway-request-id"]
+            text = "".join(line for line in resp.iter_lines())
+        assert "[DONE]" in text and "content_block" not in text
+        provider, upstream = "anthropic", "claude-sonnet-5-5"
+    else:
+        claude = anthropic_client(env.stack, env.key, tag)
+        with claude.messages.with_streaming_response.create(
+            model="gpt-5.5", max_tokens=50, messages=MSGS, stream=True, extra_headers=hdrs
+        ) as resp:
+            rid = resp.headers["x-gateway-request-id"]
+            text = "".join(line for line in resp.iter_lines())
+        assert "message_stop" in text and "[DONE]" not in text
+        provider, upstream = "openai", "gpt-5.5"
+    reported = env.mock.one(tag)["usage"]
+    rec = env.record(rid)
+    assert (rec.provider, rec.upstream_model, rec.stream, rec.estimated) == (provider, upstream, True, False)
+    if provider == "anthropic":
+        assert rec.input_tokens == reported["input_tokens"] + 2 and rec.cached_input_tokens == 2
+    else:
+        assert rec.input_tokens == reported["prompt_tokens"] and rec.cached_input_tokens == 2
+    assert rec.output_tokens == 5
+    assert same_cost(rec.cost_usd, price(upstream, rec.input_tokens, 2, 0, 5))
+
+
 def test_openai_stream_without_include_usage_is_recorded_and_hidden(env: Env) -> None:
     tag = uuid.uuid4().hex
     client = openai_client(env.stack, env.key, tag)

@@ -141,6 +141,45 @@ def test_restore_anthropic_json_and_stream_helper(env: Env, tag: str) -> None:
     assert EMAIL not in sent and PHONE not in sent
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_restore_across_translation(env: Env, tag: str, stream: bool) -> None:
+    """OpenAI SDK on a Claude model and Anthropic SDK on an OpenAI model: the provider sees only
+    placeholders (redaction reads the client's schema, before translation) and the client reads
+    the values back (restore runs on the translated answer), in text and in tool arguments."""
+    msgs: list[Any] = [{"role": "user", "content": PROMPT}]
+    headers = {**ECHO, "x-mock-content": "text,tool"}
+    oai = env.oai("pii-restore", tag)
+    kwargs: dict[str, Any] = {"model": "sonnet", "messages": msgs, "tools": TOOLS, "extra_headers": headers}
+    if stream:
+        with oai.chat.completions.stream(**kwargs) as s:
+            final = s.get_final_completion()
+    else:
+        final = oai.chat.completions.create(**kwargs)
+    message = final.choices[0].message
+    assert message.content == PROMPT
+    assert message.tool_calls is not None
+    assert json.loads(message.tool_calls[0].function.arguments) == {"echo": PROMPT}
+    claude = env.claude("pii-restore", tag)
+    akw: dict[str, Any] = {
+        "model": "gpt-5.4-mini",
+        "max_tokens": 400,
+        "messages": msgs,
+        "tools": ANTHROPIC_TOOLS,
+        "extra_headers": headers,
+    }
+    if stream:
+        with claude.messages.stream(**akw) as a:
+            out = a.get_final_message()
+    else:
+        out = claude.messages.create(**akw)
+    assert [b.type for b in out.content] == ["text", "tool_use"]
+    assert out.content[0].text == PROMPT  # type: ignore[union-attr]
+    assert out.content[1].input == {"echo": PROMPT}  # type: ignore[union-attr]
+    sent = env.received(tag)
+    assert len(env.mock.requests(tag)) == 2
+    assert EMAIL not in sent and PHONE not in sent and "[EMAIL_2]" in sent
+
+
 def test_block_refuses_and_forwards_nothing(env: Env, tag: str) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         env.oai("pii-restore", tag).chat.completions.create(

@@ -8,7 +8,7 @@ import pytest
 from extproc.auth.credentials import load_provider_auth
 from extproc.auth.keys import hash_key
 from extproc.auth.service import KeyService
-from extproc.config import parse_config
+from extproc.config import TranslationConfig, parse_config
 from extproc.pipeline import Need, Pipeline, RequestContext, ResponseChunk, Stage
 from extproc.processor import Processor
 from extproc.stages import default_stages
@@ -117,7 +117,14 @@ async def test_no_rewrite_keeps_body_untouched() -> None:
         ("/v1/chat/completions", b"[1,2]", 400, "invalid_json"),
         ("/v1/chat/completions", b'{"messages":[]}', 400, "missing_model"),
         ("/v1/chat/completions", b'{"model":42}', 400, "invalid_model"),
-        ("/v1/chat/completions", b'{"model":"claude","messages":[]}', 400, "schema_mismatch"),
+        # Translated to Anthropic, which needs at least one message: refused before leaving.
+        ("/v1/chat/completions", b'{"model":"claude","messages":[]}', 400, "invalid_request"),
+        (
+            "/v1/chat/completions",
+            b'{"model":"claude","messages":[{"role":"user","content":"x"}],"n":3}',
+            400,
+            "unsupported_parameter",
+        ),
         ("/v1/messages", b'{"model":"nope"}', 404, "model_not_found"),
     ],
 )
@@ -137,6 +144,53 @@ async def test_bad_bodies(path: str, body: bytes, status: int, code: str) -> Non
     # The gateway's own id, never the client's x-request-id (records are keyed by it).
     assert len(hdrs["x-gateway-request-id"]) == 36 and hdrs["x-gateway-request-id"] != b"rid-1"
     assert proc.done
+
+
+async def test_translated_request_goes_to_the_providers_path_in_its_schema() -> None:
+    proc = Processor(pipeline())
+    body = b'{"model":"claude","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]}'
+    _, r2 = await run(proc, headers_msg("/v1/chat/completions"), body_msg(body))
+    common = r2.request_body.response
+    hdrs = set_headers(common.header_mutation)
+    assert hdrs[":path"] == b"/v1/messages"
+    assert hdrs["x-gateway-provider"] == b"anthropic"
+    sent = orjson.loads(common.body_mutation.body)
+    assert sent == {
+        "model": "claude",
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 4096,
+    }
+    assert hdrs["content-length"] == str(len(common.body_mutation.body)).encode()
+    assert not proc.done, "the response comes back through the translator"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("/v1/chat/completions", b'{"model":"claude","messages":[{"role":"user","content":"x"}]}', "schema_mismatch"),
+        (
+            "/v1/messages",
+            b'{"model":"gpt-5.5","max_tokens":5,"messages":[{"role":"user","content":"x"}]}',
+            "schema_mismatch",
+        ),
+    ],
+)
+async def test_translation_off_refuses_the_other_schema(path: str, body: bytes, code: str) -> None:
+    config = CONFIG.model_copy(update={"translation": TranslationConfig(enabled=False)})
+    keys = KeyService(CountingStore(), config)
+    proc = Processor(Pipeline(default_stages(config, keys, load_provider_auth(config))))
+    _, r2 = await run(proc, headers_msg(path), body_msg(body))
+    assert r2.immediate_response.status.code == 400
+    assert orjson.loads(r2.immediate_response.body)["error"]["code"] == code
+
+
+async def test_count_tokens_is_not_translated() -> None:
+    proc = Processor(pipeline())
+    body = b'{"model":"gpt-5.5","messages":[{"role":"user","content":"x"}]}'
+    _, r2 = await run(proc, headers_msg("/v1/messages/count_tokens"), body_msg(body))
+    assert r2.immediate_response.status.code == 400
+    assert orjson.loads(r2.immediate_response.body)["error"]["code"] == "unsupported_endpoint"
 
 
 async def test_headers_phase_refusals() -> None:
