@@ -75,6 +75,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"{_config_path(args.config)}: ok ({len(config.providers)} providers, {len(config.models)} model entries)")
     for provider in config.providers:
         print(f"  {provider} -> cluster {routes[provider]}")
+    targets = envoyconf.target_routes(envoy_cfg)
+    for m in config.models:
+        if m.targets:
+            order = ", ".join(
+                f"{t.provider}/{t.upstream} (priority {t.priority}, weight {t.weight})" for t in m.targets
+            )
+            print(f"  model {m.name} -> cluster {targets[m.name]['route']['cluster']}: {order}")
     return 0
 
 
@@ -154,7 +161,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     models = [m for m in config.models if not m.is_wildcard]
 
     def example(schema: str) -> str:
-        return next((m.name for m in models if config.providers[m.provider].schema_ == schema), "MODEL")
+        return next((m.name for m in models if m.provider and config.providers[m.provider].schema_ == schema), "MODEL")
 
     openai_model, anthropic_model = example("openai"), example("anthropic")
     mocked = sorted(set(config.providers) - real)

@@ -276,13 +276,51 @@ class AuthConfig(_Strict):
     static_keys: tuple[StaticKeyConfig, ...] = ()
 
 
+def _seconds(v: Any) -> Any:
+    """A duration as seconds: a number, or a string like "5s" or "500ms"."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s)\s*", v)
+        if m is None:
+            raise ValueError(f"bad duration {v!r}: use seconds (5, 2.5) or a string like '5s' or '500ms'")
+        return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    return v
+
+
+class TargetConfig(_Strict):
+    """One place a model can be served from (README, "Fallback and weighted targets")."""
+
+    provider: str
+    # The model name sent to this provider.
+    upstream: str
+    # Share of traffic among targets of the same priority.
+    weight: int = Field(default=1, ge=1, le=1000)
+    # 1 is tried first; a higher number only when every target of the lower numbers failed.
+    priority: int = Field(default=1, ge=1, le=10)
+    # An attempt without response headers within this time fails over to the next target.
+    first_byte_timeout: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("first_byte_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return _seconds(v)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_shape(cls, v: str) -> str:
+        if not _MODEL_NAME.match(v):
+            raise ValueError(f"bad upstream model {v!r}: no spaces, control characters or '*'")
+        return v
+
+
 class ModelConfig(_Strict):
     # Public name clients send in "model". "prefix/*" routes every "prefix/<x>" to upstream "<x>".
     name: str
-    provider: str
+    # One provider, or `targets` (an ordered, weighted list of providers tried in turn by Envoy).
+    provider: str | None = None
     # Name sent to the provider; defaults to `name`. Not allowed on wildcards.
     upstream: str | None = None
     aliases: tuple[str, ...] = ()
+    targets: tuple[TargetConfig, ...] | None = None
 
     @field_validator("name")
     @classmethod
@@ -306,10 +344,31 @@ class ModelConfig(_Strict):
     def is_wildcard(self) -> bool:
         return self.name.endswith("/*")
 
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """Every provider this model may be served by (its targets' in order, or its one)."""
+        if self.targets:
+            return tuple(dict.fromkeys(t.provider for t in self.targets))
+        return (self.provider,) if self.provider else ()
+
     @model_validator(mode="after")
     def _wildcard_rules(self) -> ModelConfig:
         if self.is_wildcard and (self.upstream is not None or self.aliases):
             raise ValueError(f"{self.name}: a wildcard takes neither 'upstream' nor 'aliases'")
+        if self.targets is not None:
+            if self.provider is not None or self.upstream is not None:
+                raise ValueError(f"{self.name}: give either 'provider' (and 'upstream') or 'targets', not both")
+            if self.is_wildcard:
+                raise ValueError(f"{self.name}: a wildcard cannot have targets")
+            if not self.targets:
+                raise ValueError(f"{self.name}: 'targets' needs at least one target")
+            seen = set()
+            for t in self.targets:
+                if (t.provider, t.upstream) in seen:
+                    raise ValueError(f"{self.name}: target {t.provider}/{t.upstream} is listed twice")
+                seen.add((t.provider, t.upstream))
+        elif self.provider is None:
+            raise ValueError(f"{self.name}: 'provider' (or 'targets') is required")
         return self
 
 
@@ -378,9 +437,10 @@ class GatewayConfig(_Strict):
     def _cross_checks(self) -> GatewayConfig:
         seen: dict[str, str] = {}
         for m in self.models:
-            if m.provider not in self.providers:
-                known = ", ".join(sorted(self.providers))
-                raise ValueError(f"model {m.name!r}: unknown provider {m.provider!r} (known: {known})")
+            for provider in m.providers:
+                if provider not in self.providers:
+                    known = ", ".join(sorted(self.providers))
+                    raise ValueError(f"model {m.name!r}: unknown provider {provider!r} (known: {known})")
             for public in (m.name, *m.aliases):
                 if public in seen:
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")

@@ -23,7 +23,7 @@ import yaml
 
 from .config import GatewayConfig
 from .observability.otlp_env import otlp_endpoint, otlp_protocol
-from .stages.route import PROVIDER_HEADER
+from .stages.route import PROVIDER_HEADER, TARGETS_HEADER
 
 EXTPROC_CLUSTER = "extproc"
 OTEL_CLUSTER = "otel_collector"
@@ -155,6 +155,98 @@ def provider_clusters(cfg: dict[str, Any]) -> dict[str, str]:
     return found
 
 
+def target_routes(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """model name -> its route (the one matching the targets header exactly)."""
+    found: dict[str, dict[str, Any]] = {}
+    for route in _routes(cfg):
+        for hm in route.get("match", {}).get("headers", []) or []:
+            exact = (hm.get("string_match") or {}).get("exact")
+            if hm.get("name") == TARGETS_HEADER and exact and (route.get("route") or {}).get("cluster"):
+                found.setdefault(exact, route)
+    return found
+
+
+def target_endpoints(cluster: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """A target cluster's endpoints: target key -> (priority, weight)."""
+    out: dict[str, tuple[int, int]] = {}
+    for group in (cluster.get("load_assignment") or {}).get("endpoints", []):
+        for lb in group.get("lb_endpoints", []):
+            key = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("gateway", {}).get("target")
+            if key:
+                out[key] = (int(group.get("priority", 0)), int(lb.get("load_balancing_weight", 1)))
+    return out
+
+
+def _duration(value: Any) -> float | None:
+    if isinstance(value, str) and value.endswith("s"):
+        try:
+            return float(value[:-1])
+        except ValueError:
+            return None
+    return None
+
+
+def _target_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
+    """Each model with targets needs a route on its name and a cluster whose endpoints are exactly
+    its targets, with their priorities and weights, and the per-attempt ext_proc filter."""
+    problems: list[str] = []
+    routes = target_routes(cfg)
+    known = clusters(cfg)
+    for m in gateway.models:
+        if not m.targets:
+            continue
+        route = routes.get(m.name)
+        if route is None:
+            problems.append(f"model {m.name!r}: no route in envoy.yaml matches header {TARGETS_HEADER}: {m.name}")
+            continue
+        name = route["route"]["cluster"]
+        cluster = known.get(name)
+        if cluster is None:
+            problems.append(f"model {m.name!r}: route points at cluster {name!r}, which is not defined")
+            continue
+        want = {f"{t.provider}/{t.upstream}": (t.priority - 1, t.weight) for t in m.targets}
+        have = target_endpoints(cluster)
+        if have != want:
+            problems.append(
+                f"model {m.name!r}: cluster {name!r} endpoints (target: (priority - 1, weight)) are {have}, "
+                f"gateway.yaml says {want}"
+            )
+        timeouts = {t.first_byte_timeout for t in m.targets}
+        per_try = _duration((route["route"].get("retry_policy") or {}).get("per_try_timeout"))
+        if len(timeouts) > 1:
+            problems.append(
+                f"model {m.name!r}: Envoy applies one per-try timeout per route; "
+                "give its targets one first_byte_timeout"
+            )
+        elif per_try is None or abs(per_try - next(iter(timeouts))) > 1e-6:
+            problems.append(
+                f"model {m.name!r}: route {route.get('name')!r} per_try_timeout is "
+                f"{(route['route'].get('retry_policy') or {}).get('per_try_timeout')!r}; "
+                f"the targets' first_byte_timeout is {next(iter(timeouts))}s"
+            )
+        if not _has_attempt_filter(cluster):
+            problems.append(
+                f"model {m.name!r}: cluster {name!r} lacks the per-attempt ext_proc filter "
+                f"(http_filters with initial_metadata x-gateway-phase: upstream)"
+            )
+    return problems
+
+
+def _has_attempt_filter(cluster: dict[str, Any]) -> bool:
+    options = (cluster.get("typed_extension_protocol_options") or {}).get(_HTTP_OPTIONS) or {}
+    for f in options.get("http_filters") or []:
+        grpc = ((f.get("typed_config") or {}).get("grpc_service")) or {}
+        if any(
+            md.get("key") == "x-gateway-phase" and md.get("value") == "upstream"
+            for md in grpc.get("initial_metadata") or []
+        ):
+            return True
+    return False
+
+
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
 def clusters(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in cfg.get("static_resources", {}).get("clusters", [])}
 
@@ -181,6 +273,7 @@ def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
         problems.append("envoy.yaml has no envoy.filters.http.ext_proc filter")
     problems.extend(_limit_problems(gateway, cfg))
     problems.extend(_tracing_problems(gateway, cfg))
+    problems.extend(_target_problems(gateway, cfg))
     return problems
 
 
@@ -360,7 +453,41 @@ def derive_local(
                     "explicit_http_config": {"http_protocol_options": {}},
                 }
             }
+    for route in target_routes(out).values():
+        _targets_on_mock(by_name[route["route"]["cluster"]], ports, real_providers)
     return out
+
+
+def _targets_on_mock(cluster: dict[str, Any], ports: LocalPorts, real: frozenset[str] | None) -> None:
+    """A target cluster's endpoints of mocked providers go to the mock provider over plain
+    HTTP/1.1; an endpoint written as an IP address stays where it is (tests use one on a closed
+    port for connection failures). The per-attempt filters stay."""
+    if real is None:
+        return
+    mocked = False
+    for group in cluster["load_assignment"]["endpoints"]:
+        for lb in group["lb_endpoints"]:
+            key = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("gateway", {}).get("target", "")
+            addr = lb["endpoint"]["address"]["socket_address"]
+            if key.split("/", 1)[0] in real:
+                continue
+            try:
+                ipaddress.ip_address(addr["address"])
+                continue
+            except ValueError:
+                pass
+            addr.update(address=ports.host, port_value=ports.mock)
+            lb["endpoint"].pop("hostname", None)
+            lb.get("metadata", {}).get("filter_metadata", {}).pop("envoy.transport_socket_match", None)
+            mocked = True
+    if mocked and not real:
+        cluster.pop("transport_socket_matches", None)
+        cluster["type"] = "STATIC"
+        cluster.pop("dns_lookup_family", None)
+        options = cluster["typed_extension_protocol_options"][_HTTP_OPTIONS]
+        options.pop("explicit_http_config", None)
+        options.pop("auto_config", None)
+        options["explicit_http_config"] = {"http_protocol_options": {}}
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -96,8 +96,10 @@ class RequestContext:
         "_json",
         "_needs",
         "adapter",
+        "attempts",
         "body",
         "body_dirty",
+        "body_schema",
         "captured",
         "clear_route_cache",
         "endpoint",
@@ -157,7 +159,11 @@ class RequestContext:
         self.body: bytes | None = None
         self._json: dict[str, Any] | None = None
         self.body_dirty = False
+        # The schema `json` is in now: the client's, or the provider's once translated.
+        self.body_schema = ""
         self.route: Route | None = None
+        # Attempts Envoy made for a model with targets (from the answer; 0: not known).
+        self.attempts = 0
         # Who is calling (set by the auth stage); None only when auth failed open.
         self.identity: Identity | None = None
         self.streaming = False
@@ -380,8 +386,10 @@ class Pipeline:
     Response hooks and finish run in reverse order (an onion): the stage that changed the request
     first sees the response last, so e.g. a translator's view of the response wraps a redactor's."""
 
-    def __init__(self, stages: list[Stage]) -> None:
+    def __init__(self, stages: list[Stage], attempt: Stage | None = None) -> None:
         self.stages = tuple(stages)
+        # What runs once per attempt of a model with targets (Envoy's upstream ext_proc filter).
+        self.attempt = attempt
         by_hook = {h: tuple(s for s in stages if getattr(type(s), h) is not getattr(Stage, h)) for h in _HOOKS}
         self.on_request_headers = by_hook["request_headers"]
         self.on_request_body = by_hook["request_body"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -17,12 +18,15 @@ from typing import Any
 
 import grpc
 import orjson
+from google.protobuf import text_format
 
 from . import replies
 from .errors import ErrorKind, GatewayError
-from .pipeline import Need, Outcome, Pipeline, RequestContext, ResponseChunk, has_lossy_integers
+from .pipeline import Need, Outcome, Pipeline, RequestContext, ResponseChunk, Stage, has_lossy_integers
 from .providers import ADAPTERS, ENDPOINTS, client_adapter
 from .sse import SSEError, SSEParser
+from .stages.targets import REFUSED_HEADER
+from .wire import core_pb2
 from .wire import external_processor_pb2 as ep
 
 log = logging.getLogger("extproc.processor")
@@ -396,15 +400,119 @@ class Processor:
         return resp
 
 
+# gRPC metadata naming the ext_proc filter a stream comes from: "upstream" is the filter on a
+# model's target cluster, called once per attempt (envoy.yaml `initial_metadata`).
+PHASE_METADATA = "x-gateway-phase"
+# The request attribute that carries the picked endpoint's metadata (Envoy text format).
+_HOST_METADATA = "xds.upstream_host_metadata"
+_TARGET_KEY = re.compile(r'key:\s*"target"\s*value\s*\{\s*string_value:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def target_of(req: ep.ProcessingRequest) -> str:
+    """The picked endpoint's `gateway.target` metadata from the request attributes, or ""."""
+    for attrs in req.attributes.values():
+        value = attrs.fields.get(_HOST_METADATA)
+        if value is None:
+            continue
+        text = value.string_value
+        try:
+            meta = text_format.Parse(text, core_pb2.Metadata())
+            target = meta.filter_metadata["gateway"].fields["target"].string_value
+        except (text_format.ParseError, KeyError):
+            m = _TARGET_KEY.search(text)  # typed metadata of unknown types in the same text
+            target = m.group(1) if m else ""
+        return target
+    return ""
+
+
+class AttemptProcessor:
+    """One attempt of a model with targets (Envoy's upstream ext_proc filter): request headers,
+    then the buffered body, rewritten for the target by the attempt stage; nothing of the
+    response. The body's new length reaches Envoy as dynamic metadata (`content_length`), which
+    the cluster's header_mutation filter puts back: the header cannot change after the headers
+    phase on the upstream side, so that phase drops it."""
+
+    __slots__ = ("ctx", "done", "stage")
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.ctx = RequestContext()
+        self.done = False
+
+    async def handle(self, req: ep.ProcessingRequest) -> ep.ProcessingResponse | None:
+        kind = req.WhichOneof("request")
+        ctx = self.ctx
+        try:
+            if kind == "request_headers":
+                headers = _headers_of(req.request_headers)
+                ctx.method = headers.pop(":method", "")
+                ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
+                found = ENDPOINTS.get(ctx.path)
+                if found is not None:
+                    ctx.adapter, ctx.endpoint = found
+                else:
+                    ctx.adapter = client_adapter(headers)
+                ctx.headers = headers
+                ctx.notes["target"] = target_of(req)
+                resp = ep.ProcessingResponse()
+                resp.request_headers.SetInParent()
+                replies.common(resp.request_headers.response, {}, ["content-length"])
+                return resp
+            if kind == "request_body":
+                msg = req.request_body
+                ctx.body = msg.body if ctx.body is None else ctx.body + msg.body
+                resp = ep.ProcessingResponse()
+                resp.request_body.SetInParent()
+                if not msg.end_of_stream:
+                    return resp
+                await self.stage.request_body(ctx)
+                body = orjson.dumps(ctx.json) if ctx.body_dirty else ctx.body
+                ctx.release_body()
+                replies.common(resp.request_body.response, ctx.set_headers, ctx.remove_headers, body=body)
+                replies.add_metadata(resp, {"content_length": str(len(body or b""))})
+                self.done = True
+                return resp
+        except GatewayError as err:
+            return self._error(err)
+        except Exception as exc:
+            log.error("attempt stage failed on %s: %s", kind, type(exc).__name__)
+            log.debug("attempt stage failure", exc_info=True)
+            return self._error(
+                GatewayError(ErrorKind.INTERNAL, "The gateway failed to process this request.", "gateway_error")
+            )
+        return None
+
+    def _error(self, err: GatewayError) -> ep.ProcessingResponse:
+        """In the client's schema, marked so the downstream pipeline knows no provider wrote it
+        (it would otherwise translate it as the target's answer)."""
+        self.done = True
+        adapter = self.ctx.adapter or _OPENAI
+        headers = {"content-type": "application/json", **err.headers, REFUSED_HEADER: err.code or "error"}
+        return replies.immediate(err.status, adapter.error_body(err), headers, f"extproc_{err.code or 'error'}")
+
+
 async def run_stream(
     pipeline: Pipeline,
     read: Callable[[], Awaitable[ep.ProcessingRequest | None]],
     write: Callable[[ep.ProcessingResponse], Awaitable[None]],
     traceparent: str | None = None,
+    phase: str | None = None,
 ) -> None:
     """Drive one ext_proc stream over any transport: `read` returns the next message or None at the
     end of Envoy's side; `write` sends a reply. `traceparent`: the W3C trace context Envoy sent in
-    the stream's gRPC metadata (its ext_proc span), so the server's span joins Envoy's trace."""
+    the stream's gRPC metadata (its ext_proc span), so the server's span joins Envoy's trace.
+    `phase` "upstream": one attempt of a model with targets (AttemptProcessor)."""
+    if phase == "upstream" and pipeline.attempt is not None:
+        attempt = AttemptProcessor(pipeline.attempt)
+        while not attempt.done:
+            req = await read()
+            if req is None:
+                break
+            resp = await attempt.handle(req)
+            del req
+            if resp is not None:
+                await write(resp)
+        return
     proc = Processor(pipeline, traceparent)
     try:
         while not proc.done:
@@ -437,9 +545,10 @@ async def serve_stream(pipeline: Pipeline, context: grpc.aio.ServicerContext[Any
         req = await context.read()
         return None if req is grpc.aio.EOF else req
 
-    traceparent = None
+    traceparent = phase = None
     for key, value in context.invocation_metadata() or ():
         if key == "traceparent":
             traceparent = value if isinstance(value, str) else value.decode("latin-1")
-            break
-    await run_stream(pipeline, read, context.write, traceparent)
+        elif key == PHASE_METADATA:
+            phase = value if isinstance(value, str) else value.decode("latin-1")
+    await run_stream(pipeline, read, context.write, traceparent, phase)

@@ -42,6 +42,7 @@ from .stages import (
     LimitsStage,
     ObservabilityStage,
     PiiStage,
+    attempt_stage,
     default_stages,
 )
 from .stages.pii import PiiCounters, hash_key_from_env, pii_wanted
@@ -191,7 +192,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
 
     closers.append(stop_trimmer)
     return Runtime(
-        Pipeline([*stages, *extra_stages]),
+        Pipeline([*stages, *extra_stages], attempt_stage(config, provider_auth)),
         backend,
         store,
         sink,

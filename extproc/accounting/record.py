@@ -47,6 +47,8 @@ class UsageRecord:
     error_code: str | None = None
     # Entities the PII stage redacted from the request, per type ({"EMAIL": 2}); None: none.
     pii: dict[str, int] | None = None
+    # Attempts Envoy made across a model's targets (fallback); 0 for a model with one provider.
+    attempts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """Built by hand: dataclasses.asdict deep-copies every field (~190 µs a record, most of

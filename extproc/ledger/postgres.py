@@ -73,6 +73,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     # Counts per entity type the PII stage redacted, as a JSON object ({"EMAIL": 2}); NULL: none.
     Migration(2, "usage_records.pii", (f"ALTER TABLE {TABLE} ADD COLUMN pii TEXT",)),
+    # Attempts Envoy made across a model's targets before one answered (0: one provider).
+    Migration(3, "usage_records.attempts", (f"ALTER TABLE {TABLE} ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",)),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -37,6 +37,9 @@ Content and token accounting (all counts deterministic; see wire.build_answer):
   x-mock-cache-ttl: 5m|1h    which cache_creation.ephemeral_*_input_tokens holds the written tokens (5m)
   x-mock-delta-usage: full|output  Anthropic message_delta usage: input, cache and output counts as the
                              API sends today (full, default), or output_tokens alone (the older form)
+  x-mock-only-model: M       the failure headers (x-mock-status, x-mock-latency-ms, x-mock-stream-error,
+                             x-mock-fail-after) apply only to requests whose body names model M: one
+                             target of a fallback list fails, the next answers
 
 Every request is recorded (path, headers, raw body, status, when each SSE event went out, and `usage`:
 the usage object exactly as the provider reported it, in its own field names, or null when it reported
@@ -69,6 +72,8 @@ WORDS = list(wire.WORDS)
 _ids = itertools.count(1)
 # The request's log entry, for the middleware that records the response status.
 RECORD = web.RequestKey("mock_record", dict)
+# False when x-mock-only-model names another model: this request is spared the failure headers.
+FAILS = web.RequestKey("mock_fails", bool)
 
 
 @dataclass
@@ -149,7 +154,7 @@ class Steering:
             cache_ttl="1h" if ttl == "1h" else "5m",
             delta_usage="output" if delta_usage == "output" else "full",
             crlf=h.get("x-mock-crlf", "").lower() in ("1", "true", "yes"),
-            stream_error=h.get("x-mock-stream-error") or None,
+            stream_error=(h.get("x-mock-stream-error") or None) if request.get(FAILS, True) else None,
             stream_error_after=_opt_int_header(request, "x-mock-stream-error-after"),
             echo=h.get("x-mock-echo", "").lower() in ("1", "true", "yes"),
         )
@@ -275,7 +280,14 @@ class MockProvider:
         }
         self.requests.append(record)
         request[RECORD] = record
-        latency = _int_header(request, "x-mock-latency-ms", 0)
+        only = request.headers.get("x-mock-only-model")
+        if only is not None:
+            try:
+                model = orjson.loads(raw).get("model")
+            except (orjson.JSONDecodeError, AttributeError):
+                model = None
+            request[FAILS] = model == only
+        latency = _int_header(request, "x-mock-latency-ms", 0) if request.get(FAILS, True) else 0
         if latency:
             await asyncio.sleep(latency / 1000)
         return record, raw
@@ -299,7 +311,11 @@ class MockProvider:
         await resp.prepare(request)
         delay = _int_header(request, "x-mock-chunk-delay-ms", 0) / 1000
         split = _int_header(request, "x-mock-split", 0)
-        fail_after = _int_header(request, "x-mock-fail-after", -1) if "x-mock-fail-after" in request.headers else -1
+        fail_after = (
+            _int_header(request, "x-mock-fail-after", -1)
+            if "x-mock-fail-after" in request.headers and request.get(FAILS, True)
+            else -1
+        )
         for i, event in enumerate(events):
             if delay and i:
                 await asyncio.sleep(delay)
@@ -339,7 +355,7 @@ class MockProvider:
         key = self.options.openai_key
         if key is not None and request.headers.get("authorization") != f"Bearer {key}":
             return self._openai_error(401)
-        forced = _int_header(request, "x-mock-status", 0)
+        forced = _int_header(request, "x-mock-status", 0) if request.get(FAILS, True) else 0
         if forced:
             headers = {"retry-after": request.headers.get("x-mock-retry-after", "1")} if forced == 429 else {}
             return self._openai_error(forced, headers=headers)
@@ -405,7 +421,7 @@ class MockProvider:
         key = self.options.anthropic_key
         if key is not None and request.headers.get("x-api-key") != key:
             return record, None, self._anthropic_error(401)
-        forced = _int_header(request, "x-mock-status", 0)
+        forced = _int_header(request, "x-mock-status", 0) if request.get(FAILS, True) else 0
         if forced:
             resp = self._anthropic_error(forced)
             if forced == 429 and "x-mock-retry-after" in request.headers:

@@ -10,6 +10,7 @@ from ..routing import Router
 from ..translate import translators
 from .accounting import AccountingStage
 from .admission import AdmissionStage
+from .attempt import AttemptStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
 from .capture import ContentCaptureStage
 from .endpoints import EndpointStage
@@ -20,6 +21,7 @@ from .models import ModelsStage
 from .observability import ObservabilityStage
 from .pii import PiiStage
 from .route import RoutingStage
+from .targets import TargetsStage
 from .translate import TranslationStage
 from .upstream_headers import UpstreamHeadersStage
 
@@ -70,14 +72,31 @@ def default_stages(
         # After routing (it records the upstream model) and late in the request, so its response
         # hooks see the provider's response first (the onion order).
         stages.append(accounting)
+    if any(m.targets for m in config.models):
+        # After accounting: its response hook runs before accounting's and names the target that
+        # answered a model with targets.
+        stages.append(TargetsStage())
     # Last: it must see every header the stages above set, so it never removes one of them.
     stages.append(UpstreamHeadersStage(config))
     return stages
 
 
+def attempt_stage(config: GatewayConfig, provider_auth: dict[str, ProviderAuth]) -> AttemptStage | None:
+    """What runs per attempt of a model with targets (None when no model has targets)."""
+    if not any(m.targets for m in config.models):
+        return None
+    return AttemptStage(
+        Router(config),
+        translators(config.translation.default_max_tokens),
+        ProviderCredentialsStage(provider_auth),
+        UpstreamHeadersStage(config),
+    )
+
+
 __all__ = [
     "AccountingStage",
     "AdmissionStage",
+    "AttemptStage",
     "AuthStage",
     "ContentCaptureStage",
     "EndpointStage",
@@ -90,7 +109,9 @@ __all__ = [
     "RequestHygieneStage",
     "RoutingStage",
     "StripInternalHeaders",
+    "TargetsStage",
     "TranslationStage",
     "UpstreamHeadersStage",
+    "attempt_stage",
     "default_stages",
 ]

@@ -53,6 +53,8 @@ class _Exchange:
     json_text: str = ""
     error_code: str | None = None
     record: UsageRecord | None = None
+    # The client asked for usage in its stream (OpenAI stream_options.include_usage).
+    client_usage: bool = False
 
 
 class Counters:
@@ -84,6 +86,14 @@ class AccountingStage(Stage):
         ex = _Exchange(adapter, request_body=ctx.body, request_schema=ctx.client_schema)
         ctx.state[self.name] = ex
         ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
+        if route.targets:
+            # Which schema answers is known from the response (response_headers); each attempt
+            # asks an OpenAI target for usage itself (stages/attempt.py).
+            opts = ctx.json.get("stream_options")
+            ex.client_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+            if ctx.streaming:
+                ctx.need(Need.EDIT)
+            return
         if ctx.streaming and adapter.request_usage_in_stream(ctx.json):
             ex.injected_usage = True
             ctx.mark_body_changed()
@@ -93,7 +103,15 @@ class AccountingStage(Stage):
     # -- response -------------------------------------------------------------------------------
 
     async def response_headers(self, ctx: RequestContext) -> None:
-        if self.name in ctx.state:
+        ex: _Exchange | None = ctx.state.get(self.name)
+        route = ctx.route
+        if ex is not None and route is not None and route.targets:
+            # The target that answered (set by the targets stage, which sees the headers first).
+            ex.adapter = ADAPTERS[route.schema]
+            ex.injected_usage = (
+                ctx.streaming and route.schema == "openai" and ctx.client_schema == "openai" and not ex.client_usage
+            )
+        if ex is not None:
             # Until the last reply carries the final figures: an exchange that breaks off is logged
             # by Envoy as estimated (its record is), not as a line without figures.
             ctx.metadata["estimated"] = True
@@ -176,12 +194,14 @@ class AccountingStage(Stage):
             tenant=identity.tenant if identity else "",
             key_id=identity.key_id if identity else "",
             model=route.public_model if route else "",
-            upstream_model=route.upstream_model if route else "",
-            provider=route.provider if route else "",
+            # A model with targets that got no answer names no target.
+            upstream_model=route.upstream_model if route and (ctx.attempts or not route.targets) else "",
+            provider=route.provider if route and (ctx.attempts or not route.targets) else "",
             endpoint=ctx.path[:128],
             status=ctx.response_status,
             stream=ctx.streaming,
             latency_ms=round((ended - ctx.started_at) * 1000, 3),
+            attempts=ctx.attempts,
         )
 
     def _build(self, ctx: RequestContext, ex: _Exchange | None) -> UsageRecord:

@@ -125,8 +125,12 @@ class ProviderCredentialsStage(Stage):
         self.provider_auth = provider_auth
 
     async def request_body(self, ctx: RequestContext) -> None:
-        if ctx.route is None:
+        # A model with targets gets its credential per attempt, for the target Envoy picked.
+        if ctx.route is None or ctx.route.targets:
             return
-        auth = self.provider_auth[ctx.route.provider]
+        self.apply(ctx, ctx.route.provider)
+
+    def apply(self, ctx: RequestContext, provider: str) -> None:
+        auth = self.provider_auth[provider]
         for key, value in auth.headers:
             ctx.set_headers[key] = value

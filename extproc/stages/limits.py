@@ -99,13 +99,16 @@ class LimitsStage(Stage):
             return
         tokens = pusd = 0
         if any(r.needs_tokens or r.needs_cost for r in rules):
-            adapter = ADAPTERS[route.schema]
+            # The body as it is now: translated to the provider's schema, or still the client's
+            # (a model with targets is translated per attempt; its first target's prices reserve).
+            schema = ctx.body_schema or route.schema
+            adapter = ADAPTERS[schema]
             body = ctx.json
             output = adapter.max_output_tokens(body) or self.default_max_output_tokens
             if ctx.body is not None and len(ctx.body) > _THREAD_TOKENIZE_BYTES:
-                prompt = await asyncio.to_thread(estimate_input_tokens, route.schema, body, route.upstream_model)
+                prompt = await asyncio.to_thread(estimate_input_tokens, schema, body, route.upstream_model)
             else:
-                prompt = estimate_input_tokens(route.schema, body, route.upstream_model)
+                prompt = estimate_input_tokens(schema, body, route.upstream_model)
             tokens = prompt + output
             if any(r.needs_cost for r in rules):
                 rates = self._rates.get(route.upstream_model)

@@ -14,6 +14,9 @@ from ..routing import Router
 
 PROVIDER_HEADER = "x-gateway-provider"
 MODEL_HEADER = "x-gateway-model"
+# A model with targets: Envoy's route for it (matched on this header, value the public model
+# name) sends each attempt to one target of its cluster, where the attempt stage rewrites it.
+TARGETS_HEADER = "x-gateway-targets"
 
 
 class RoutingStage(Stage):
@@ -48,12 +51,19 @@ class RoutingStage(Stage):
             )
         ctx.route = route
         ctx.streaming = adapter.is_streaming(body)
+        ctx.body_schema = adapter.schema
+        ctx.clear_route_cache = True
+        if route.targets:
+            # Model name, path, schema and credentials are per attempt (stages/attempt.py).
+            ctx.set_headers[TARGETS_HEADER] = route.public_model
+            ctx.metadata["model"] = route.public_model
+            ctx.metadata["stream"] = ctx.streaming
+            return
         if route.rewrites_model:
             body["model"] = route.upstream_model
             ctx.mark_body_changed()
         ctx.set_headers[PROVIDER_HEADER] = route.provider
         ctx.set_headers[MODEL_HEADER] = route.upstream_model
-        ctx.clear_route_cache = True
         ctx.metadata["provider"] = route.provider
         ctx.metadata["model"] = route.public_model
         ctx.metadata["upstream_model"] = route.upstream_model

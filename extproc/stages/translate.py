@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from ..errors import ErrorKind, GatewayError, quote
 from ..pipeline import Need, RequestContext, ResponseChunk, Stage
 from ..sse import SSEEvent
-from ..translate import Exchange, StreamTranslator, Translator
+from ..translate import Exchange, StreamTranslator, Translator, exchange_of
 
 
 @dataclass(slots=True)
 class _Translating:
-    translator: Translator
+    # None for a model with targets until the answer names the target (response_headers).
+    translator: Translator | None
     ex: Exchange
     stream: StreamTranslator | None = None
 
@@ -33,7 +34,16 @@ class TranslationStage(Stage):
 
     async def request_body(self, ctx: RequestContext) -> None:
         route, adapter = ctx.route, ctx.adapter
-        if route is None or adapter is None or route.schema == adapter.schema:
+        if route is None or adapter is None:
+            return
+        if route.targets:
+            # Each attempt is translated for its target (stages/attempt.py); the answer is
+            # translated here once the response names the target that gave it.
+            if any(t.schema != adapter.schema for t in route.targets):
+                ctx.state[self.name] = _Translating(None, exchange_of(ctx.json))
+                ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS | Need.EDIT)
+            return
+        if route.schema == adapter.schema:
             return
         translator = self.translators.get((adapter.schema, route.schema))
         if translator is None:
@@ -55,19 +65,34 @@ class TranslationStage(Stage):
             )
         body, ex = translator.request(ctx.json)
         ctx.replace_json(body)
+        ctx.body_schema = route.schema
         ctx.set_headers[":path"] = path
         ctx.state[self.name] = _Translating(translator, ex)
         ctx.notes[self.name] = f"{adapter.schema}->{route.schema}"
         ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS | Need.EDIT)
 
     async def response_headers(self, ctx: RequestContext) -> None:
-        if self.name in ctx.state and ctx.response_status >= 400:
+        t: _Translating | None = ctx.state.get(self.name)
+        if t is None:
+            return
+        if ctx.notes.get("targets") == "refused":
+            # The per-attempt filter refused in the client's schema already.
+            del ctx.state[self.name]
+            return
+        if t.translator is None:
+            route = ctx.route
+            pair = (ctx.client_schema, route.schema) if route is not None else None
+            t.translator = self.translators.get(pair) if pair is not None else None
+            if t.translator is None:  # answered in the client's own schema: nothing to do
+                del ctx.state[self.name]
+                return
+        if ctx.response_status >= 400:
             # The error body becomes the client's schema's JSON, whatever the provider sent.
             ctx.set_headers["content-type"] = "application/json"
 
     async def response_body(self, ctx: RequestContext, chunk: ResponseChunk) -> None:
         t: _Translating | None = ctx.state.get(self.name)
-        if t is None:
+        if t is None or t.translator is None:
             return
         if chunk.events is not None:
             if t.stream is None:

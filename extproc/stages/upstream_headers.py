@@ -66,14 +66,18 @@ class UpstreamHeadersStage(Stage):
         self._versions = {name: p.anthropic_version for name, p in config.providers.items() if p.schema_ == "anthropic"}
 
     async def request_body(self, ctx: RequestContext) -> None:
-        if ctx.route is None:
+        # A model with targets: per attempt, for the target Envoy picked (stages/attempt.py).
+        if ctx.route is None or ctx.route.targets:
             return
-        allowed = self._lists[ctx.route.provider]
+        self.apply(ctx, ctx.route.provider)
+
+    def apply(self, ctx: RequestContext, provider: str) -> None:
+        allowed = self._lists[provider]
         removed = ctx.remove_headers
         for name in ctx.headers:
             if not allowed.forwards(name) and name not in ctx.set_headers:
                 removed.append(name)
-        version = self._versions.get(ctx.route.provider)
+        version = self._versions.get(provider)
         if version and ("anthropic-version" not in ctx.headers or "anthropic-version" in removed):
             ctx.set_headers["anthropic-version"] = version
             if "anthropic-version" in removed:

@@ -4,7 +4,7 @@ pair. Same-schema pairs have none (pass-through)."""
 from __future__ import annotations
 
 from .anthropic_openai import AnthropicToOpenAI
-from .base import Exchange, StreamTranslator, Translator
+from .base import Exchange, StreamTranslator, Translator, exchange_of
 from .openai_anthropic import OpenAIToAnthropic
 
 
@@ -14,4 +14,4 @@ def translators(default_max_tokens: int = 4096) -> dict[tuple[str, str], Transla
     return {(t.client, t.provider): t for t in pairs}
 
 
-__all__ = ["Exchange", "StreamTranslator", "Translator", "translators"]
+__all__ = ["Exchange", "StreamTranslator", "Translator", "exchange_of", "translators"]

@@ -31,6 +31,17 @@ class Exchange:
     include_usage: bool = False
 
 
+def exchange_of(body: dict[str, Any]) -> Exchange:
+    """The facts of a client request (either schema: both name `model` and `stream`)."""
+    stream = body.get("stream") is True
+    opts = body.get("stream_options")
+    return Exchange(
+        client_model=str(body.get("model")),
+        stream=stream,
+        include_usage=stream and isinstance(opts, dict) and opts.get("include_usage") is True,
+    )
+
+
 def unsupported(param: str, why: str) -> GatewayError:
     """A request field the target schema cannot express: 400 naming it."""
     return GatewayError(ErrorKind.INVALID_REQUEST, f"{param}: {why}", "unsupported_parameter", param)

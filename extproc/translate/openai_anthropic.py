@@ -28,7 +28,7 @@ import orjson
 
 from ..sse import SSEEvent
 from . import openai_wire as ow
-from .base import Exchange, StreamTranslator, Translator, invalid, unsupported
+from .base import Exchange, StreamTranslator, Translator, exchange_of, invalid, unsupported
 
 # Anthropic stop_reason -> OpenAI finish_reason.
 FINISH = {
@@ -310,12 +310,7 @@ class OpenAIToAnthropic(Translator):
             if not any(value is a or (type(value) is type(a) and value == a) for a in allowed):
                 raise unsupported(key, f"{_WHY} (only its default value can be)")
         stream = body.get("stream") is True
-        opts = body.get("stream_options")
-        ex = Exchange(
-            client_model=str(body.get("model")),
-            stream=stream,
-            include_usage=stream and isinstance(opts, dict) and opts.get("include_usage") is True,
-        )
+        ex = exchange_of(body)
         system, messages = _messages(body.get("messages"))
         out: dict[str, Any] = {"model": body["model"]}
         if system:

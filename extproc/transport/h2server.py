@@ -41,8 +41,10 @@ import hpack
 from grpc_health.v1 import health_pb2
 
 from ..pipeline import Pipeline
-from ..processor import run_stream
+from ..processor import PHASE_METADATA, run_stream
 from ..wire import external_processor_pb2 as ep
+
+_PHASE = PHASE_METADATA.encode()
 
 log = logging.getLogger("extproc.transport")
 
@@ -473,12 +475,14 @@ class H2Protocol(asyncio.Protocol):
         if self.goaway_sent or len(self.streams) >= self.server.max_streams:
             self._write(frame(RST_STREAM, 0, sid, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        path = traceparent = None
+        path = traceparent = phase = None
         for name, value in headers:
             if name == b":path":
                 path = value
             elif name == b"traceparent":
                 traceparent = value.decode("latin-1")
+            elif name == _PHASE:
+                phase = value.decode("latin-1")
         st = _Stream(sid, self.peer_initial_window)
         if path == HEALTH_PATH and self.server.health is not None:
             st.raw = True
@@ -494,7 +498,7 @@ class H2Protocol(asyncio.Protocol):
             return
         self.streams[sid] = st
         st.eof = end_stream
-        st.task = self.loop.create_task(self._run(st, traceparent))
+        st.task = self.loop.create_task(self._run(st, traceparent, phase))
 
     def _stream_error(self, st: _Stream, code: int) -> None:
         self._write(frame(RST_STREAM, 0, st.sid, code.to_bytes(4, "big")))
@@ -531,7 +535,7 @@ class H2Protocol(asyncio.Protocol):
         await self._send(st, health_pb2.HealthCheckResponse(status=status).SerializeToString())
         self._end_stream(st, 0)
 
-    async def _run(self, st: _Stream, traceparent: str | None = None) -> None:
+    async def _run(self, st: _Stream, traceparent: str | None = None, phase: str | None = None) -> None:
         # _read itself, not a coroutine wrapping it: one coroutine per message on the hot path.
         read = functools.partial(self._read, st)
 
@@ -540,7 +544,7 @@ class H2Protocol(asyncio.Protocol):
                 await self._send(st, resp.SerializeToString())
 
         try:
-            await run_stream(self.server.pipeline, read, write, traceparent)
+            await run_stream(self.server.pipeline, read, write, traceparent, phase)
         except asyncio.CancelledError:
             return  # reset by Envoy or the connection is gone: nothing more to send
         except Exception:

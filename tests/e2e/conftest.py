@@ -167,7 +167,7 @@ def make_stack(
     env = {**PROVIDER_KEYS, **({"REDIS_URL": redis_url} if redis_url else {}), **kw.pop("extra_env", {})}
     stack = Stack(
         gateway_config=config,
-        envoy_config=ROOT / "envoy" / "envoy.yaml",
+        envoy_config=kw.pop("envoy_config", ROOT / "envoy" / "envoy.yaml"),
         workdir=workdir,
         ports=kw.pop("ports", None) or free_ports(),
         env=env,
@@ -251,18 +251,22 @@ def extproc_status(base: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def access_log_lines(stack: Stack, match: Callable[[dict[str, Any]], bool], wait: float = 5.0) -> list[dict[str, Any]]:
-    """Envoy's JSON access log lines that satisfy `match`, waiting for Envoy to flush them."""
+def access_log_lines(
+    stack: Stack, match: Callable[[dict[str, Any]], bool], wait: float = 5.0, attempts: bool = False
+) -> list[dict[str, Any]]:
+    """Envoy's JSON access log lines that satisfy `match`, waiting for Envoy to flush them: the
+    request lines, or with `attempts` the router's per-attempt lines (`kind: attempt`)."""
     deadline = time.monotonic() + wait
     while True:
         lines = [json.loads(x) for x in stack.log_path("access").read_text().splitlines()]
-        found = [line for line in lines if match(line)]
+        found = [line for line in lines if (line.get("kind") == "attempt") == attempts and match(line)]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
 
 
 def access_log(stack: Stack, request_id: str) -> dict[str, Any]:
+    """The request's access log line (not the per-attempt lines, which have `kind: attempt`)."""
     found = access_log_lines(stack, lambda line: line["request_id"] == request_id)
     assert found, f"no access log line for {request_id}"
     return found[0]

@@ -210,6 +210,13 @@ def test_bad_virtual_key_is_an_openai_authentication_error(stack: Stack) -> None
         client.chat.completions.create(model="sonnet", messages=MSGS)
 
 
+def test_bad_virtual_key_on_gpt_is_an_anthropic_authentication_error(stack: Stack) -> None:
+    client = anthropic.Anthropic(base_url=stack.base_url, api_key="sk-gw-" + "x" * 32, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as info:
+        client.messages.create(model="gpt-5.5", max_tokens=10, messages=A_MSGS)
+    assert isinstance(info.value.body, dict) and info.value.body["error"]["type"] == "authentication_error"
+
+
 def test_mid_stream_error_from_claude_raises_in_the_openai_sdk(oai: openai.OpenAI) -> None:
     hdrs = {"x-mock-stream-error": "overloaded_error", "x-mock-stream-error-after": "3", "x-mock-output-tokens": "9"}
     stream = oai.chat.completions.create(model="sonnet", messages=MSGS, stream=True, extra_headers=hdrs)

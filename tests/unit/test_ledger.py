@@ -144,7 +144,7 @@ async def filled(ledger: Ledger) -> Ledger:
 async def test_migrate_is_repeatable(ledger: Ledger) -> None:
     assert await ledger.migrate() == []
     assert await ledger.migrate() == []
-    assert await ledger.schema_version() == ledger.latest_version == 2
+    assert await ledger.schema_version() == ledger.latest_version == 3
     await ledger.check_schema()
 
 
@@ -165,7 +165,8 @@ async def table_columns(ledger: Ledger) -> list[str]:
 async def test_an_existing_v1_ledger_upgrades_in_place(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """A ledger created before the pii column keeps its rows and gains the column (migration 2)."""
+    """A ledger created before the pii column keeps its rows and gains the columns added since
+    (pii: migration 2, attempts: migration 3)."""
     url = request.getfixturevalue("pg_schema_url") if backend == "postgres" else None
 
     def make() -> Ledger:
@@ -177,11 +178,13 @@ async def test_an_existing_v1_ledger_upgrades_in_place(
     await old.close()
     led = make()
     try:
-        assert await led.migrate() == [2]
-        rec = UsageRecord("upgraded", datetime(2026, 12, 6, tzinfo=UTC), tenant="t", pii={"EMAIL": 2, "PHONE": 1})
+        assert await led.migrate() == [2, 3]
+        rec = UsageRecord(
+            "upgraded", datetime(2026, 12, 6, tzinfo=UTC), tenant="t", pii={"EMAIL": 2, "PHONE": 1}, attempts=2
+        )
         assert await led.insert([rec, UsageRecord("plain", datetime(2026, 12, 6, tzinfo=UTC))]) == 2
-        got = {r.request_id: r.pii for r in await led.list(limit=10)}
-        assert got == {"upgraded": {"EMAIL": 2, "PHONE": 1}, "plain": None}
+        got = {r.request_id: (r.pii, r.attempts) for r in await led.list(limit=10)}
+        assert got == {"upgraded": ({"EMAIL": 2, "PHONE": 1}, 2), "plain": (None, 0)}
     finally:
         await led.close()
 
@@ -193,7 +196,7 @@ async def test_columns_are_the_record_fields(ledger: Ledger) -> None:
 
 async def test_postgres_types_and_indexes(pg_schema_url: str) -> None:
     async with PostgresLedger(pg_schema_url) as led:
-        assert await led.migrate() == [1, 2]
+        assert await led.migrate() == [1, 2, 3]
     async with await psycopg.AsyncConnection.connect(pg_schema_url) as conn:
         cur = await conn.execute(
             "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
@@ -220,7 +223,7 @@ async def test_postgres_concurrent_migrations_apply_once(pg_schema_url: str) -> 
     finally:
         for led in ledgers:
             await led.close()
-    assert sorted(results) == [[], [], [1, 2]]
+    assert sorted(results) == [[], [], [1, 2, 3]]
 
 
 async def test_postgres_unmigrated_schema_is_refused_with_the_fix(pg_schema_url: str) -> None:
