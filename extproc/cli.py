@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     from . import limits_cli
 
     limits_cli.add_parsers(sub, _limits_common)
+    from . import cache_cli
+
+    cache_cli.add_parsers(sub)
 
     p = sub.add_parser("status", help="a running server's version, uptime, store, in-flight requests, spool")
     p.add_argument("--config", help=f"gateway.yaml path (default: $EXTPROC_CONFIG or {DEFAULT_CONFIG})")

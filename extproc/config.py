@@ -213,6 +213,30 @@ class PriceConfig(_Strict):
         return text
 
 
+class CacheSpec(_Strict):
+    """Response cache settings (README, "Response cache"). The same shape at the top level
+    (defaults), under a tenant and on a model entry; every field set overrides per field (model over
+    tenant over default), so all fields are optional here and `CacheSettings` holds the result."""
+
+    mode: Literal["off", "exact", "semantic"] | None = None
+    ttl_seconds: int | None = Field(default=None, ge=1, le=30 * 86400)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false.
+        return "off" if v is False else v
+
+    # A larger answer is not stored.
+    max_entry_bytes: int | None = Field(default=None, ge=256, le=64 * 1024 * 1024)
+    # Answers to requests with a temperature above 0 (or none: the provider's default is 1) are
+    # not reused unless this is true.
+    cache_nonzero_temperature: bool | None = None
+    # Answers cut by max_tokens (finish_reason length / stop_reason max_tokens) are not stored
+    # unless this is true.
+    cache_truncated: bool | None = None
+
+
 class TenantConfig(_Strict):
     # Models the tenant's keys may use by default (names or globs like "gpt-*"); absent = all.
     models: tuple[str, ...] | None = None
@@ -220,6 +244,8 @@ class TenantConfig(_Strict):
     limits: LimitSpec | None = None
     # PII handling for this tenant: each field set here overrides the top-level `pii:`.
     pii: PiiSpec | None = None
+    # Response cache for this tenant: each field set here overrides the top-level `cache:`.
+    cache: CacheSpec | None = None
     # Defaults for later policy stages (limits, budgets, PII); keys override per field.
     policy: dict[str, Any] = Field(default_factory=dict)
 
@@ -321,6 +347,8 @@ class ModelConfig(_Strict):
     upstream: str | None = None
     aliases: tuple[str, ...] = ()
     targets: tuple[TargetConfig, ...] | None = None
+    # Response cache for this model: overrides the tenant's and the default per field.
+    cache: CacheSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -390,6 +418,8 @@ class GatewayConfig(_Strict):
     # PII and secret redaction defaults (README, "PII redaction"); absent: nothing is scanned.
     pii: PiiSpec | None = None
     translation: TranslationConfig = TranslationConfig()
+    # Response cache defaults (README, "Response cache"); mode off unless set.
+    cache: CacheSpec = CacheSpec()
     # Directory relative paths in this config are resolved against (the config file's).
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -446,6 +476,12 @@ class GatewayConfig(_Strict):
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")
                 seen[public] = m.name
         self._check_pii()
+        specs = [("cache", self.cache)]
+        specs += [(f"tenants.{n}.cache", t.cache) for n, t in self.tenants.items() if t.cache is not None]
+        specs += [(f"models.{m.name}.cache", m.cache) for m in self.models if m.cache is not None]
+        for where, spec in specs:
+            if spec.mode == "semantic":
+                raise ValueError(f"{where}.mode: semantic caching is not available in this version; use exact")
         ids: set[str] = set()
         hashes: set[str] = set()
         for k in self.auth.static_keys:

@@ -23,6 +23,7 @@ from .accounting.spool import Spool
 from .auth import KeyStore, open_store
 from .auth.credentials import load_provider_auth
 from .auth.service import KeyService
+from .cache.store import open_cache_store
 from .config import ConfigError, GatewayConfig
 from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
 from .limits.alerts import AlertSender
@@ -38,6 +39,7 @@ from .processor import serve_stream
 from .stages import (
     AccountingStage,
     AdmissionStage,
+    CacheStage,
     ContentCaptureStage,
     LimitsStage,
     ObservabilityStage,
@@ -120,6 +122,14 @@ class Runtime:
                 log.exception("shutdown step failed")
 
 
+def cache_stage(config: GatewayConfig, backend: Backend) -> CacheStage | None:
+    """None when no tenant or model turns the cache on."""
+    specs = [config.cache, *(t.cache for t in config.tenants.values()), *(m.cache for m in config.models)]
+    if not any(s is not None and s.mode not in (None, "off") for s in specs):
+        return None
+    return CacheStage(config, open_cache_store(config, backend))
+
+
 async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] = (), metrics: bool = True) -> Runtime:
     """Everything a server process needs, started: raises ConfigError on a bad setup (a missing
     provider key). An unreachable Redis is not a startup error: requests get 503 until it is back."""
@@ -176,7 +186,10 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
         if tracing is not None and config.tracing.capture_content
         else None
     )
-    stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii, observability, capture)
+    cache = cache_stage(config, backend)
+    if cache is not None:
+        closers.append(cache.store.close)
+    stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii, observability, capture, cache)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
     health = Health(config, backend.ping if isinstance(backend, RedisBackend) else None)
     await health.start()

@@ -49,6 +49,10 @@ class UsageRecord:
     pii: dict[str, int] | None = None
     # Attempts Envoy made across a model's targets (fallback); 0 for a model with one provider.
     attempts: int = 0
+    # Answered from the response cache: the original answer's tokens, cost "0", and what the
+    # provider call would have cost (exact decimal string, None when the model has no price).
+    cache_hit: bool = False
+    saved_usd: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Built by hand: dataclasses.asdict deep-copies every field (~190 µs a record, most of

@@ -82,6 +82,7 @@ def prepare(record: UsageRecord) -> Row:
     values = {name: getattr(record, name) for name in COLUMNS}
     values["ts"] = utc(record.ts)
     values["cost_usd"] = parse_cost(record.request_id, record.cost_usd)
+    values["saved_usd"] = parse_cost(record.request_id, record.saved_usd)
     values["pii"] = pii_text(record.request_id, record.pii)
     return Row(values)
 
@@ -105,8 +106,9 @@ def to_record(values: dict[str, Any]) -> UsageRecord:
     """A row read back (ts a datetime, cost a Decimal or text, booleans maybe 0/1) as its record."""
     out = dict(values)
     out["ts"] = utc(out["ts"])
-    cost = out["cost_usd"]
-    out["cost_usd"] = None if cost is None else decimal_text(Decimal(cost))
+    for name in ("cost_usd", "saved_usd"):
+        value = out.get(name)
+        out[name] = None if value is None else decimal_text(Decimal(value))
     for name in _BOOLEANS:
         out[name] = bool(out[name])
     pii = out.get("pii")

@@ -75,6 +75,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "usage_records.pii", (f"ALTER TABLE {TABLE} ADD COLUMN pii TEXT",)),
     # Attempts Envoy made across a model's targets before one answered (0: one provider).
     Migration(3, "usage_records.attempts", (f"ALTER TABLE {TABLE} ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",)),
+    # Answers from the response cache, and what they saved (exact decimal, like cost_usd).
+    Migration(
+        4,
+        "usage_records.cache_hit",
+        (
+            f"ALTER TABLE {TABLE} ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE",
+            f"ALTER TABLE {TABLE} ADD COLUMN saved_usd NUMERIC(20, 12)",
+        ),
+    ),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -67,6 +67,15 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "usage_records.pii", (f"ALTER TABLE {TABLE} ADD COLUMN pii TEXT",)),
     # Attempts Envoy made across a model's targets before one answered (0: one provider).
     Migration(3, "usage_records.attempts", (f"ALTER TABLE {TABLE} ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",)),
+    # Answers from the response cache, and what they saved (exact decimal, like cost_usd).
+    Migration(
+        4,
+        "usage_records.cache_hit",
+        (
+            f"ALTER TABLE {TABLE} ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE",
+            f"ALTER TABLE {TABLE} ADD COLUMN saved_usd TEXT",
+        ),
+    ),
 )
 
 _MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -243,8 +252,10 @@ class SqliteLedger(Ledger):
             values = dict(row.values)
             values["ts"] = ts_text(values["ts"])
             values["cost_usd"] = None if values["cost_usd"] is None else decimal_text(values["cost_usd"])
+            values["saved_usd"] = None if values["saved_usd"] is None else decimal_text(values["saved_usd"])
             values["stream"] = int(values["stream"])
             values["estimated"] = int(values["estimated"])
+            values["cache_hit"] = int(values["cache_hit"])
             params.append(tuple(values[c] for c in COLUMNS))
 
         def op(db: sqlite3.Connection) -> int:

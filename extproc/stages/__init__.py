@@ -12,6 +12,7 @@ from .accounting import AccountingStage
 from .admission import AdmissionStage
 from .attempt import AttemptStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
+from .cache import CacheStage
 from .capture import ContentCaptureStage
 from .endpoints import EndpointStage
 from .headers import StripInternalHeaders
@@ -35,6 +36,7 @@ def default_stages(
     pii: PiiStage | None = None,
     observability: ObservabilityStage | None = None,
     capture: ContentCaptureStage | None = None,
+    cache: CacheStage | None = None,
 ) -> list[Stage]:
     router = Router(config)
     server = config.server
@@ -58,6 +60,10 @@ def default_stages(
     if capture is not None:
         # Right after redaction: it sees the request as the provider will, the answer before restore.
         stages.append(capture)
+    if cache is not None:
+        # After redaction (keys and entries hold only redacted text) and before translation,
+        # limits and accounting: a hit is answered in the client's schema and costs no limit.
+        stages.append(cache)
     if config.translation.enabled:
         # After redaction and capture (they read the client's schema), before credentials, limits
         # and accounting (they read the provider's). Its response hooks turn the provider's answer
@@ -98,6 +104,7 @@ __all__ = [
     "AdmissionStage",
     "AttemptStage",
     "AuthStage",
+    "CacheStage",
     "ContentCaptureStage",
     "EndpointStage",
     "LimitsStage",

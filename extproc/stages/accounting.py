@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +34,7 @@ log = logging.getLogger("extproc.accounting")
 usage_log = logging.getLogger("extproc.usage")
 
 _ZERO = Usage()
+_USAGE_FIELDS = frozenset(f.name for f in fields(Usage))
 
 
 @dataclass(slots=True)
@@ -216,6 +217,14 @@ class AccountingStage(Stage):
         if outcome is Outcome.DIRECT:
             rec.status = ctx.reply.status if ctx.reply else 200
             rec.cost_usd = "0"
+            hit = ctx.cache_hit
+            if hit is not None:
+                # Answered from the cache: the original answer's tokens, and what the provider
+                # would have charged for them.
+                rec.cache_hit = True
+                rec.provider, rec.upstream_model = hit.provider, hit.upstream_model
+                _fill(rec, Usage(**{k: v for k, v in hit.usage.items() if k in _USAGE_FIELDS}))
+                rec.saved_usd = self._cost(rec)
             return rec
         if ex is None:
             # Not forwarded by a route (nothing to count), or refused before routing.

@@ -10,6 +10,9 @@ from __future__ import annotations
 from ..pipeline import RequestContext, Stage
 
 INTERNAL_PREFIX = "x-gateway-"
+# The client's own directives in that namespace: removed before the request leaves, but kept for
+# the stages that read them (the cache's bypass / refresh). They route and identify nothing.
+CLIENT_DIRECTIVES = frozenset({"x-gateway-cache"})
 
 
 class StripInternalHeaders(Stage):
@@ -20,4 +23,5 @@ class StripInternalHeaders(Stage):
         if forged:
             ctx.remove_headers.extend(forged)
             for k in forged:
-                del ctx.headers[k]
+                if k not in CLIENT_DIRECTIVES:
+                    del ctx.headers[k]

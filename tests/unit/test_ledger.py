@@ -144,7 +144,7 @@ async def filled(ledger: Ledger) -> Ledger:
 async def test_migrate_is_repeatable(ledger: Ledger) -> None:
     assert await ledger.migrate() == []
     assert await ledger.migrate() == []
-    assert await ledger.schema_version() == ledger.latest_version == 3
+    assert await ledger.schema_version() == ledger.latest_version == 4
     await ledger.check_schema()
 
 
@@ -178,7 +178,7 @@ async def test_an_existing_v1_ledger_upgrades_in_place(
     await old.close()
     led = make()
     try:
-        assert await led.migrate() == [2, 3]
+        assert await led.migrate() == [2, 3, 4]
         rec = UsageRecord(
             "upgraded", datetime(2026, 12, 6, tzinfo=UTC), tenant="t", pii={"EMAIL": 2, "PHONE": 1}, attempts=2
         )
@@ -196,7 +196,7 @@ async def test_columns_are_the_record_fields(ledger: Ledger) -> None:
 
 async def test_postgres_types_and_indexes(pg_schema_url: str) -> None:
     async with PostgresLedger(pg_schema_url) as led:
-        assert await led.migrate() == [1, 2, 3]
+        assert await led.migrate() == [1, 2, 3, 4]
     async with await psycopg.AsyncConnection.connect(pg_schema_url) as conn:
         cur = await conn.execute(
             "SELECT column_name, data_type, numeric_precision, numeric_scale FROM information_schema.columns "
@@ -223,7 +223,7 @@ async def test_postgres_concurrent_migrations_apply_once(pg_schema_url: str) -> 
     finally:
         for led in ledgers:
             await led.close()
-    assert sorted(results) == [[], [], [1, 2, 3]]
+    assert sorted(results) == [[], [], [1, 2, 3, 4]]
 
 
 async def test_postgres_unmigrated_schema_is_refused_with_the_fix(pg_schema_url: str) -> None:

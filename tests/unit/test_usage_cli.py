@@ -147,7 +147,7 @@ def test_migrate_is_repeatable(backend: str, tmp_path: Path, capsys: pytest.Capt
     cli = Cli(tmp_path / "gateway.yaml", capsys)
     first, second, third = cli("db", "migrate"), cli("db", "migrate"), cli("db", "migrate")
     assert (first.code, second.code, third.code) == (0, 0, 0)
-    assert "applied 1, 2, 3" in first.out and "version 3" in first.out
+    assert "applied 1, 2, 3, 4" in first.out and "version 4" in first.out
     assert "up to date" in second.out and "up to date" in third.out
 
 

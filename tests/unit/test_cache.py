@@ -1,0 +1,183 @@
+"""The response cache's parts: the key, settings resolution, client directives, entries and the
+embedded store (the Redis store and the whole stage run end to end in tests/e2e/test_cache.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extproc.cache.key import cache_key, temperature_of
+from extproc.cache.store import EmbeddedCacheStore, Entry
+from extproc.config import ConfigError, parse_config
+from extproc.pipeline import RequestContext
+from extproc.stages.cache import CacheStage, _directive
+from extproc.stages.headers import StripInternalHeaders
+
+BODY: dict[str, Any] = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "hi"}],
+    "temperature": 0,
+    "max_tokens": 10,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "same"),
+    [
+        ({"stream": True}, True),
+        ({"stream_options": {"include_usage": True}}, True),
+        ({"user": "u1"}, True),
+        ({"metadata": {"user_id": "x"}}, True),
+        ({"model": "other-alias"}, True),
+        ({"temperature": 0.5}, False),
+        ({"max_tokens": 11}, False),
+        ({"messages": [{"role": "user", "content": "hi!"}]}, False),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, False),
+        ({"seed": 3}, False),
+        ({"stop": ["x"]}, False),
+        ({"response_format": {"type": "json_object"}}, False),
+        ({"some_future_field": 1}, False),
+    ],
+)
+def test_key_covers_what_changes_the_answer(change: dict[str, Any], same: bool) -> None:
+    base = cache_key("t", "openai", "gpt", BODY)
+    assert (cache_key("t", "openai", "gpt", {**BODY, **change}) == base) is same
+
+
+def test_key_is_per_tenant_schema_and_model_and_ignores_key_order() -> None:
+    base = cache_key("t", "openai", "gpt", BODY)
+    assert cache_key("t", "openai", "gpt", dict(reversed(list(BODY.items())))) == base
+    assert len({base, cache_key("u", "openai", "gpt", BODY), cache_key("t", "anthropic", "gpt", BODY)}) == 3
+    assert cache_key("t", "openai", "gpt2", BODY) != base
+
+
+@pytest.mark.parametrize(("body", "t"), [({}, 1.0), ({"temperature": 0}, 0.0), ({"temperature": True}, 1.0)])
+def test_temperature_defaults_to_the_providers(body: dict[str, Any], t: float) -> None:
+    assert temperature_of(body) == t
+
+
+@pytest.mark.parametrize(
+    ("headers", "directive"),
+    [
+        ({}, ""),
+        ({"x-gateway-cache": "bypass"}, "bypass"),
+        ({"x-gateway-cache": "Refresh"}, "refresh"),
+        ({"cache-control": "max-age=0, no-cache"}, "bypass"),
+        ({"cache-control": "no-store"}, "refresh"),
+        ({"x-gateway-cache": "nonsense"}, ""),
+    ],
+)
+def test_client_directives(headers: dict[str, str], directive: str) -> None:
+    assert _directive(headers) == directive
+
+
+async def test_the_cache_directive_survives_the_strip_but_never_leaves() -> None:
+    ctx = RequestContext()
+    ctx.headers = {"x-gateway-cache": "bypass", "x-gateway-tenant": "forged"}
+    await StripInternalHeaders().request_headers(ctx)
+    assert ctx.headers == {"x-gateway-cache": "bypass"}
+    assert set(ctx.remove_headers) == {"x-gateway-cache", "x-gateway-tenant"}
+
+
+def test_settings_model_over_tenant_over_default() -> None:
+    config = parse_config(
+        {
+            "providers": {"openai": {"schema": "openai"}},
+            "cache": {"mode": "exact", "ttl_seconds": 100},
+            "tenants": {"a": {"cache": {"ttl_seconds": 50, "cache_truncated": True}}, "b": {}},
+            "models": [
+                {"name": "gpt", "provider": "openai", "aliases": ["g"], "cache": {"mode": "off"}},
+                {"name": "mini", "provider": "openai", "cache": {"max_entry_bytes": 4096}},
+            ],
+        }
+    )
+    stage = CacheStage(config, EmbeddedCacheStore(":memory:"))
+    a_mini = stage.settings_for("a", "mini")
+    assert (a_mini.mode, a_mini.ttl_seconds, a_mini.cache_truncated, a_mini.max_entry_bytes) == (
+        "exact",
+        50,
+        True,
+        4096,
+    )
+    assert stage.settings_for("b", "mini").ttl_seconds == 100
+    assert stage.settings_for("a", "g").mode == "off"
+    assert stage.settings_for("b", "unknown").mode == "exact"
+
+
+@pytest.mark.parametrize(
+    ("cache", "error"),
+    [
+        ({"mode": "semantic"}, "cache.mode: semantic caching is not available"),
+        ({"mode": "sometimes"}, "cache.mode"),
+        ({"ttl_seconds": 0}, "cache.ttl_seconds"),
+        ({"max_entry_bytes": 10}, "cache.max_entry_bytes"),
+        ({"surprise": 1}, "cache.surprise"),
+    ],
+)
+def test_bad_cache_config_names_the_field(cache: dict[str, Any], error: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"providers": {"openai": {"schema": "openai"}}, "cache": cache})
+    assert error in str(info.value)
+
+
+def entry(text: str = "hello") -> Entry:
+    return Entry(
+        "openai",
+        "gpt",
+        "gpt-5.5",
+        "openai",
+        {"choices": [{"message": {"content": text}}]},
+        {"output_tokens": 3},
+        time.time(),
+    )
+
+
+def test_entries_round_trip_and_garbage_is_a_miss() -> None:
+    e = entry()
+    assert Entry.decode(e.encode()) == e
+    assert Entry.decode(b"not zlib") is None
+    assert Entry.decode(zlib.compress(b'{"v": 99, "body": {}}')) is None
+    assert Entry.decode(zlib.compress(b"[1, 2]")) is None
+
+
+async def test_embedded_store_lru_ttl_clear_and_stats(tmp_path: Path) -> None:
+    blobs = {k: entry(k + secrets.token_hex(300)).encode() for k in "abcd"}
+    size = max(len(b) for b in blobs.values())
+    # Room for three entries, not four.
+    store = EmbeddedCacheStore(tmp_path / "cache.db", max_bytes=size * 3 + size // 2)
+    for k in "abc":
+        await store.put("t", "gpt", k, blobs[k], 60)
+    assert await store.get("t", "gpt", "a") is not None  # a is now the most recently used
+    await store.put("t", "gpt", "d", blobs["d"], 60)  # over the bound: b (least recently used) goes
+    assert await store.get("t", "gpt", "b") is None
+    assert None not in [await store.get("t", "gpt", k) for k in "acd"]
+    await store.put("u", "mini", "x", blobs["a"], 1)
+    assert await store.get("u", "mini", "x") is not None
+    await asyncio.sleep(1.1)
+    assert await store.get("u", "mini", "x") is None  # expired
+    await store.count("t", hits=2, misses=1, saved_pusd=1_500_000_000_000)
+    stats = await store.stats()
+    # u's entry took the room of t's least recently used one.
+    assert stats["t"].entries == 2 and stats["t"].hits == 2 and stats["t"].saved_usd == "1.5"
+    assert await store.clear("t", "nope") == 0
+    assert await store.clear("t", "gpt") == 2
+    assert (await store.stats("t"))["t"].entries == 0
+    await store.close()
+    # Persisted: a new store on the same file sees what is left.
+    again = EmbeddedCacheStore(tmp_path / "cache.db")
+    assert (await again.stats("t"))["t"].hits == 2
+    await again.close()
+
+
+def test_an_unquoted_yaml_off_is_off() -> None:
+    import yaml
+
+    data = yaml.safe_load("providers: {openai: {schema: openai}}\ncache: {mode: off}\n")
+    assert data["cache"]["mode"] is False  # YAML 1.1
+    assert parse_config(data).cache.mode == "off"
