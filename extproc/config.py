@@ -235,6 +235,12 @@ class CacheSpec(_Strict):
     # Answers cut by max_tokens (finish_reason length / stop_reason max_tokens) are not stored
     # unless this is true.
     cache_truncated: bool | None = None
+    # Semantic mode: the least cosine similarity between the last user turns of two requests
+    # (same tenant, model, parameters and earlier turns) for one's answer to serve the other.
+    similarity_threshold: float | None = Field(default=None, gt=0, le=1)
+    # Where embeddings come from: "local" (a hashed bag-of-words function in the server, no
+    # network; it matches near-duplicates, not meaning).
+    embedding: Literal["local"] | None = None
 
 
 class TenantConfig(_Strict):
@@ -476,12 +482,6 @@ class GatewayConfig(_Strict):
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")
                 seen[public] = m.name
         self._check_pii()
-        specs = [("cache", self.cache)]
-        specs += [(f"tenants.{n}.cache", t.cache) for n, t in self.tenants.items() if t.cache is not None]
-        specs += [(f"models.{m.name}.cache", m.cache) for m in self.models if m.cache is not None]
-        for where, spec in specs:
-            if spec.mode == "semantic":
-                raise ValueError(f"{where}.mode: semantic caching is not available in this version; use exact")
         ids: set[str] = set()
         hashes: set[str] = set()
         for k in self.auth.static_keys:

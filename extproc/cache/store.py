@@ -29,6 +29,7 @@ from ..config import GatewayConfig
 from ..store import Backend
 from ..store.redis import RedisBackend, tenant_tag
 from ..throttle import LogThrottle
+from .semantic import MAX_CANDIDATES
 
 log = logging.getLogger("extproc.cache")
 _warn = LogThrottle(10.0)
@@ -82,6 +83,14 @@ class CacheStore(ABC):
     async def put(self, tenant: str, model: str, key: str, data: bytes, ttl: int) -> None: ...
 
     @abstractmethod
+    async def candidates(self, tenant: str, model: str, bucket: str) -> dict[str, str]:
+        """Semantic mode: the packed vectors of one bucket, by entry key ({} when unreachable)."""
+
+    @abstractmethod
+    async def add_vector(self, tenant: str, model: str, bucket: str, key: str, packed: str, ttl: int) -> None:
+        """Semantic mode: index an entry's vector in its bucket (at most MAX_CANDIDATES)."""
+
+    @abstractmethod
     async def count(self, tenant: str, hits: int = 0, misses: int = 0, saved_pusd: int = 0) -> None:
         """Add to the tenant's hit / miss / saved figures (`extproc cache stats`)."""
 
@@ -114,6 +123,32 @@ class RedisCacheStore(CacheStore):
 
     def _stats_key(self, tenant: str) -> str:
         return f"{self.prefix}{tenant_tag(tenant)}:cache:stats"
+
+    def _bucket_key(self, tenant: str, model: str, bucket: str) -> str:
+        return f"{self.prefix}{tenant_tag(tenant)}:cache:s:{model}:{bucket}"
+
+    async def candidates(self, tenant: str, model: str, bucket: str) -> dict[str, str]:
+        try:
+            flat = await self.backend.fast.call("HGETALL", self._bucket_key(tenant, model, bucket))
+        except Exception as err:
+            if _warn.allow("search"):
+                log.warning("cache: semantic search failed (%s); answering from the provider", type(err).__name__)
+            return {}
+        if not isinstance(flat, list):
+            return {}
+        return {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+
+    async def add_vector(self, tenant: str, model: str, bucket: str, key: str, packed: str, ttl: int) -> None:
+        name = self._bucket_key(tenant, model, bucket)
+        try:
+            if int(await self.backend.fast.call("HLEN", name)) >= MAX_CANDIDATES:
+                return
+            await asyncio.gather(
+                self.backend.fast.call("HSET", name, key, packed), self.backend.fast.call("EXPIRE", name, ttl)
+            )
+        except Exception as err:
+            if _warn.allow("index"):
+                log.warning("cache: indexing an answer failed (%s)", type(err).__name__)
 
     async def get(self, tenant: str, model: str, key: str) -> Entry | None:
         try:
@@ -179,7 +214,8 @@ class RedisCacheStore(CacheStore):
         n = 0
         for t in await self._tenants(tenant):
             model_part = _glob_escape(model) + ":" if model is not None else ""
-            pattern = f"{self.prefix}{_glob_escape(tenant_tag(t))}:cache:e:{model_part}*"
+            # Entries (e) and semantic buckets (s).
+            pattern = f"{self.prefix}{_glob_escape(tenant_tag(t))}:cache:[es]:{model_part}*"
             batch: list[Any] = []
             async for k in self.client.scan_iter(match=pattern, count=500):
                 batch.append(k)
@@ -212,6 +248,10 @@ class EmbeddedCacheStore(CacheStore):
                 "PRIMARY KEY (tenant, key))"
             )
             db.execute("CREATE INDEX IF NOT EXISTS entries_used ON entries (used_at)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vectors (tenant TEXT NOT NULL, model TEXT NOT NULL, bucket TEXT NOT NULL, "
+                "key TEXT NOT NULL, vec TEXT NOT NULL, expires_at REAL NOT NULL, PRIMARY KEY (tenant, bucket, key))"
+            )
             db.execute(
                 "CREATE TABLE IF NOT EXISTS stats (tenant TEXT PRIMARY KEY, hits INTEGER NOT NULL DEFAULT 0, "
                 "misses INTEGER NOT NULL DEFAULT 0, saved_pusd INTEGER NOT NULL DEFAULT 0)"
@@ -276,6 +316,40 @@ class EmbeddedCacheStore(CacheStore):
             if _warn.allow("put"):
                 log.warning("cache: storing an answer failed (%s)", err)
 
+    async def candidates(self, tenant: str, model: str, bucket: str) -> dict[str, str]:
+        def candidates(db: sqlite3.Connection) -> dict[str, str]:
+            rows = db.execute(
+                "SELECT key, vec FROM vectors WHERE tenant = ? AND bucket = ? AND expires_at > ? LIMIT ?",
+                (tenant, bucket, time.time(), MAX_CANDIDATES),
+            )
+            return {k: v for k, v in rows}
+
+        try:
+            return dict(await self._run(candidates))
+        except sqlite3.Error as err:
+            if _warn.allow("search"):
+                log.warning("cache: semantic search failed (%s)", err)
+            return {}
+
+    async def add_vector(self, tenant: str, model: str, bucket: str, key: str, packed: str, ttl: int) -> None:
+        def add(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute("DELETE FROM vectors WHERE expires_at <= ?", (now,))
+            (n,) = db.execute(
+                "SELECT count(*) FROM vectors WHERE tenant = ? AND bucket = ?", (tenant, bucket)
+            ).fetchone()
+            if n < MAX_CANDIDATES:
+                db.execute(
+                    "INSERT OR REPLACE INTO vectors VALUES (?, ?, ?, ?, ?, ?)",
+                    (tenant, model, bucket, key, packed, now + ttl),
+                )
+
+        try:
+            await self._run(add)
+        except sqlite3.Error as err:
+            if _warn.allow("index"):
+                log.warning("cache: indexing an answer failed (%s)", err)
+
     async def count(self, tenant: str, hits: int = 0, misses: int = 0, saved_pusd: int = 0) -> None:
         def count(db: sqlite3.Connection) -> None:
             db.execute(
@@ -321,6 +395,7 @@ class EmbeddedCacheStore(CacheStore):
                 clauses.append("model = ?")
                 args.append(model)
             where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+            db.execute(f"DELETE FROM vectors {where}", args)
             return int(db.execute(f"DELETE FROM entries {where}", args).rowcount)
 
         return int(await self._run(clear))

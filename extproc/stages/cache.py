@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from ..accounting.sink import cost_pusd
+from ..cache import semantic
 from ..cache.key import cache_key, temperature_of
 from ..cache.render import StreamAccumulator, accumulator, render_stream
 from ..cache.store import CacheStore, Entry
@@ -46,6 +47,8 @@ class CacheSettings:
     max_entry_bytes: int = 1024 * 1024
     cache_nonzero_temperature: bool = False
     cache_truncated: bool = False
+    similarity_threshold: float = 0.95
+    embedding: str = "local"
 
 
 def _fields(s: CacheSettings) -> dict[str, Any]:
@@ -55,6 +58,8 @@ def _fields(s: CacheSettings) -> dict[str, Any]:
         "max_entry_bytes": s.max_entry_bytes,
         "cache_nonzero_temperature": s.cache_nonzero_temperature,
         "cache_truncated": s.cache_truncated,
+        "similarity_threshold": s.similarity_threshold,
+        "embedding": s.embedding,
     }
 
 
@@ -75,6 +80,9 @@ class _Miss:
     settings: CacheSettings
     acc: StreamAccumulator | None = None
     body: dict[str, Any] | None = None
+    # Semantic mode: where this answer's vector goes once it is stored.
+    bucket: str | None = None
+    vector: semantic.Vector | None = None
 
 
 # finish_reason / stop_reason of an answer cut by max_tokens.
@@ -119,8 +127,16 @@ class CacheStage(Stage):
         # A model with targets shares entries whichever target answered.
         model = route.public_model if route.targets else route.upstream_model
         key = cache_key(identity.tenant, adapter.schema, model, body)
+        bucket = vector = None
+        if settings.mode == "semantic":
+            text = semantic.last_user_text(body)
+            if text is not None:
+                bucket = semantic.bucket_key(identity.tenant, adapter.schema, model, body)
+                vector = semantic.embed(text)
         if directive != "refresh":
             entry = await self.store.get(identity.tenant, model, key)
+            if entry is None and bucket is not None and vector is not None:
+                entry = await self._similar(identity.tenant, model, bucket, vector, settings.similarity_threshold)
             if entry is not None and entry.schema == adapter.schema:
                 self._answer(ctx, entry)
                 self.hits += 1
@@ -128,11 +144,25 @@ class CacheStage(Stage):
         self.misses += 1
         _spawn(self.store.count(identity.tenant, misses=1))
         ctx.notes[self.name] = "miss"
-        miss = _Miss(key, model, identity.tenant, settings)
+        miss = _Miss(key, model, identity.tenant, settings, bucket=bucket, vector=vector)
         if ctx.streaming:
             miss.acc = accumulator(adapter.schema)
         ctx.state[self.name] = miss
         ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
+
+    async def _similar(
+        self, tenant: str, model: str, bucket: str, vector: semantic.Vector, threshold: float
+    ) -> Entry | None:
+        """The entry of the closest earlier turn in the bucket, if close enough; a search slower
+        than SEARCH_TIMEOUT is a miss."""
+        try:
+            packed = await asyncio.wait_for(self.store.candidates(tenant, model, bucket), semantic.SEARCH_TIMEOUT)
+        except TimeoutError:
+            return None
+        found = semantic.best_match(vector, {k: semantic.unpack(v) for k, v in packed.items()}, threshold)
+        if found is None:
+            return None
+        return await self.store.get(tenant, model, found[0])
 
     def _answer(self, ctx: RequestContext, entry: Entry) -> None:
         ctx.cache_hit = entry
@@ -191,7 +221,11 @@ class CacheStage(Stage):
         if len(data) > miss.settings.max_entry_bytes:
             return
         self.stored += 1
-        _spawn(self.store.put(miss.tenant, miss.model, miss.key, data, miss.settings.ttl_seconds))
+        ttl = miss.settings.ttl_seconds
+        _spawn(self.store.put(miss.tenant, miss.model, miss.key, data, ttl))
+        if miss.bucket is not None and miss.vector:
+            packed = semantic.pack(miss.vector)
+            _spawn(self.store.add_vector(miss.tenant, miss.model, miss.bucket, miss.key, packed, ttl))
 
     async def finish(self, ctx: RequestContext) -> None:
         """After accounting's (the onion): a hit's record has what it saved."""

@@ -87,6 +87,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             "masked": {"pii": {"action": "mask"}},
             "warm": {"cache": {"cache_nonzero_temperature": True}},
             "uncached": {"cache": {"mode": "off"}},
+            "semantic": {"cache": {"mode": "semantic", "similarity_threshold": 0.95}},
         },
     }
     url = redis_url if kind == "redis" else None
@@ -351,3 +352,34 @@ def test_the_hit_path_answers_even_without_the_provider(env: Env) -> None:
     assert r.status_code == 200 and r.headers["x-gateway-cache"] == "hit"
     assert env.upstream(tag) == 1
     assert sys.version_info >= (3, 11)
+
+
+LONG = (
+    "Our team runs a public API for weather data used by many mobile apps and we keep hitting rate "
+    "limits during morning peaks so please explain how an API gateway with caching could help us"
+)
+
+
+def test_semantic_mode_answers_a_near_duplicate_and_not_a_different_prompt(env: Env) -> None:
+    tag = uuid.uuid4().hex
+    oai = env.oai("semantic")
+    system = {"role": "system", "content": f"Session {tag}"}
+
+    def ask(text: str, sys_prompt: dict[str, str] = system) -> str:
+        raw = oai.chat.completions.with_raw_response.create(
+            model="gpt-5.5",
+            messages=[sys_prompt, {"role": "user", "content": text}],  # type: ignore[list-item]
+            temperature=0,
+            extra_headers=tagged(tag),
+        )
+        return str(raw.headers["x-gateway-cache"])
+
+    assert ask(LONG) == "miss"
+    # Case, punctuation and one more word: over the threshold, answered from the cache.
+    assert ask(LONG.upper().replace(" so ", ", so, ") + " today?") == "hit"
+    assert env.upstream(tag) == 1
+    # Half the words different: under the threshold.
+    assert ask("Our company sells shoes online and wants to know how to price them for a sale next week") == "miss"
+    # The same last turn after a different history never matches.
+    assert ask(LONG, {"role": "system", "content": f"Another session {tag}"}) == "miss"
+    assert env.upstream(tag) == 3

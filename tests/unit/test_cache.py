@@ -113,7 +113,8 @@ def test_settings_model_over_tenant_over_default() -> None:
 @pytest.mark.parametrize(
     ("cache", "error"),
     [
-        ({"mode": "semantic"}, "cache.mode: semantic caching is not available"),
+        ({"similarity_threshold": 1.5}, "cache.similarity_threshold"),
+        ({"embedding": "openai"}, "cache.embedding"),
         ({"mode": "sometimes"}, "cache.mode"),
         ({"ttl_seconds": 0}, "cache.ttl_seconds"),
         ({"max_entry_bytes": 10}, "cache.max_entry_bytes"),
@@ -181,3 +182,46 @@ def test_an_unquoted_yaml_off_is_off() -> None:
     data = yaml.safe_load("providers: {openai: {schema: openai}}\ncache: {mode: off}\n")
     assert data["cache"]["mode"] is False  # YAML 1.1
     assert parse_config(data).cache.mode == "off"
+
+
+def test_local_embedding_matches_near_duplicates_only() -> None:
+    from extproc.cache import semantic
+
+    long = "please explain how an api gateway with caching could help our public weather api during peaks"
+    a = semantic.embed(long)
+    assert semantic.cosine(a, semantic.embed(long.upper() + "!!")) == pytest.approx(1.0)
+    assert semantic.cosine(a, semantic.embed(long + " today")) >= 0.95
+    assert semantic.cosine(a, semantic.embed("how do I price shoes for a sale")) < 0.5
+    assert semantic.unpack(semantic.pack(a)) == pytest.approx(a, abs=1e-6)
+    assert semantic.embed("") == {} and semantic.unpack("garbage") == {}
+
+
+@pytest.mark.parametrize(
+    ("messages", "text"),
+    [
+        ([{"role": "user", "content": "hi"}], "hi"),
+        ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "a\nb"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], None),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], None),
+        ([], None),
+    ],
+)
+def test_only_a_final_user_text_turn_is_embedded(messages: list[Any], text: str | None) -> None:
+    from extproc.cache import semantic
+
+    assert semantic.last_user_text({"messages": messages}) == text
+
+
+def test_the_bucket_is_everything_but_the_last_turn() -> None:
+    from extproc.cache import semantic
+
+    system, user = {"role": "system", "content": "s"}, {"role": "user", "content": "q1"}
+    body: dict[str, Any] = {"messages": [system, user], "temperature": 0}
+    same = {**body, "messages": [system, {"role": "user", "content": "other question"}]}
+    other_history = {**body, "messages": [{"role": "system", "content": "t"}, user]}
+    b = semantic.bucket_key("t", "openai", "gpt", body)
+    assert semantic.bucket_key("t", "openai", "gpt", same) == b
+    assert semantic.bucket_key("t", "openai", "gpt", other_history) != b
+    assert semantic.bucket_key("t", "openai", "gpt", {**body, "temperature": 0.2}) != b
+    hit = semantic.best_match(semantic.embed("q1 x"), {"k": semantic.embed("Q1 x!")}, 0.95)
+    assert hit is not None and hit[0] == "k"
