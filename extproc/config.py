@@ -70,6 +70,9 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     # host:port, or unix:/path/to.sock
     listen: str = "127.0.0.1:50051"
+    # Envoy's listener as the server reaches it for calls of its own (the semantic cache's
+    # embeddings): they go through Envoy and the gateway like any client's, never to a provider.
+    envoy_url: str = Field(default="http://127.0.0.1:10000", pattern=r"^https?://[^\s/]+$")
     # Envoy sends whole buffered request bodies in one gRPC message; keep in step with the listener's
     # per_connection_buffer_limit_bytes in envoy.yaml.
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024 * 1024)
@@ -238,9 +241,14 @@ class CacheSpec(_Strict):
     # Semantic mode: the least cosine similarity between the last user turns of two requests
     # (same tenant, model, parameters and earlier turns) for one's answer to serve the other.
     similarity_threshold: float | None = Field(default=None, gt=0, le=1)
-    # Where embeddings come from: "local" (a hashed bag-of-words function in the server, no
-    # network; it matches near-duplicates, not meaning).
-    embedding: Literal["local"] | None = None
+    # Where semantic mode's embeddings come from: "local" (a hashed bag of words computed in the
+    # server, no network; it matches near-duplicates, not meaning), or the name of an embeddings
+    # model in `models` on an OpenAI-schema provider, called through Envoy's listener
+    # (server.envoy_url) with the virtual key in the env var `embedding_key_env`, like any client.
+    embedding: str | None = Field(default=None, min_length=1, max_length=256)
+    embedding_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # An embedding that takes longer is a miss (the request goes to the provider).
+    embedding_timeout_seconds: float | None = Field(default=None, gt=0, le=60)
 
 
 class TenantConfig(_Strict):
@@ -460,6 +468,23 @@ class GatewayConfig(_Strict):
                 raise ValueError(f"bad provider name {name!r}: lowercase letters, digits, '-' and '_' only")
         return v
 
+    def _check_cache_embeddings(self) -> None:
+        specs = [("cache", self.cache)]
+        specs += [(f"tenants.{n}.cache", t.cache) for n, t in self.tenants.items() if t.cache is not None]
+        specs += [(f"models.{m.name}.cache", m.cache) for m in self.models if m.cache is not None]
+        by_name = {n: m for m in self.models for n in (m.name, *m.aliases)}
+        for where, spec in specs:
+            if spec.embedding in (None, "local"):
+                continue
+            model = by_name.get(spec.embedding)
+            if model is None or model.provider is None or self.providers[model.provider].schema_ != "openai":
+                raise ValueError(
+                    f"{where}.embedding: {spec.embedding!r} is not 'local' nor a model in `models` served by an "
+                    "OpenAI-schema provider"
+                )
+            if spec.embedding_key_env is None and self.cache.embedding_key_env is None:
+                raise ValueError(f"{where}.embedding_key_env: needed to call {spec.embedding!r} through Envoy")
+
     def _check_pii(self) -> None:
         top = _pii_names(self.pii)
         _check_pii_entities("pii", self.pii, top)
@@ -482,6 +507,7 @@ class GatewayConfig(_Strict):
                     raise ValueError(f"model name {public!r} is defined twice ({seen[public]} and {m.name})")
                 seen[public] = m.name
         self._check_pii()
+        self._check_cache_embeddings()
         ids: set[str] = set()
         hashes: set[str] = set()
         for k in self.auth.static_keys:

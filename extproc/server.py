@@ -188,7 +188,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     )
     cache = cache_stage(config, backend)
     if cache is not None:
-        closers.append(cache.store.close)
+        closers.append(cache.close)
     stages = default_stages(config, keys, provider_auth, accounting, limits_stage, pii, observability, capture, cache)
     admission = next(s for s in stages if isinstance(s, AdmissionStage))
     health = Health(config, backend.ping if isinstance(backend, RedisBackend) else None)

@@ -56,8 +56,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import socket
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -187,6 +189,19 @@ class Steering:
         return replace(answer, blocks=blocks)
 
 
+EMBEDDING_DIMS = 256
+
+
+def _embedding(text: str) -> list[float]:
+    vec = [0.0] * EMBEDDING_DIMS
+    for raw in text.lower().split():
+        word = raw.strip(".,;:!?'\"()")
+        if word:
+            vec[zlib.crc32(word.encode()) % EMBEDDING_DIMS] += 1.0
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [round(v / norm, 6) for v in vec]
+
+
 def _pieces(text: str, n: int) -> tuple[str, ...]:
     return tuple(text[i : i + n] for i in range(0, len(text), n)) or ("",)
 
@@ -235,6 +250,7 @@ class MockProvider:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_record_status])
         app.router.add_post("/v1/chat/completions", self.openai_chat)
+        app.router.add_post("/v1/embeddings", self.openai_embeddings)
         app.router.add_post("/v1/messages", self.anthropic_messages)
         app.router.add_post("/v1/messages/count_tokens", self.anthropic_count_tokens)
         app.router.add_get("/_mock/requests", self.list_requests)
@@ -399,6 +415,33 @@ class MockProvider:
         record["usage"] = usage
         payload = wire.openai_completion_body(cid, created, model, answer, usage)
         return web.Response(body=payload, content_type="application/json")
+
+    async def openai_embeddings(self, request: web.Request) -> web.StreamResponse:
+        """Embeddings as OpenAI answers them, deterministic: a text's vector is its word counts
+        hashed into EMBEDDING_DIMS dimensions, L2-normalized, so two texts with nearly the same
+        words are nearly parallel (tests steer similarity by the words they choose)."""
+        record, raw = await self._record(request)
+        key = self.options.openai_key
+        if key is not None and request.headers.get("authorization") != f"Bearer {key}":
+            return self._openai_error(401)
+        forced = _int_header(request, "x-mock-status", 0) if request.get(FAILS, True) else 0
+        if forced:
+            return self._openai_error(forced)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return self._openai_error(400, "We could not parse the JSON body of your request.")
+        inputs = body.get("input") if isinstance(body, dict) else None
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return self._openai_error(400, "'input' must be a string or an array of strings.", "input")
+        data = [{"object": "embedding", "index": i, "embedding": _embedding(t)} for i, t in enumerate(inputs)]
+        tokens = sum(len(t.split()) for t in inputs) or 1
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        record["usage"] = usage
+        payload = {"object": "list", "data": data, "model": body.get("model"), "usage": usage}
+        return web.Response(body=orjson.dumps(payload), content_type="application/json")
 
     # -- Anthropic --------------------------------------------------------------------------------
 

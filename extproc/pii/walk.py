@@ -79,12 +79,24 @@ def request_slots(schema: str, body: dict[str, Any]) -> list[Slot]:
         for msg in body.get("messages") or ():
             if isinstance(msg, dict):
                 out.extend(_openai_message(msg))
+        # Embeddings: `input` is a string or a list of strings (token arrays: see embedding_tokens).
+        inp = body.get("input")
+        if isinstance(inp, str):
+            out.append((body, "input", False))
+        elif isinstance(inp, list):
+            out.extend((inp, i, False) for i, v in enumerate(inp) if isinstance(v, str))
     elif schema == "anthropic":
         out.extend(_anthropic_blocks(body.get("system"), body, "system"))
         for msg in body.get("messages") or ():
             if isinstance(msg, dict):
                 out.extend(_anthropic_blocks(msg.get("content"), msg, "content"))
     return out
+
+
+def embedding_tokens(body: dict[str, Any]) -> bool:
+    """An embeddings request whose input is token ids: no text the scanner could read."""
+    inp = body.get("input")
+    return isinstance(inp, list) and any(not isinstance(v, str) for v in inp)
 
 
 def response_slots(schema: str, body: Any) -> list[Slot]:

@@ -112,7 +112,11 @@ class OpenAIStreamReader(StreamReader):
 
 class OpenAIAdapter(ProviderAdapter):
     schema = "openai"
-    endpoints = {"/v1/chat/completions": Endpoint("/v1/chat/completions", "POST")}
+    endpoints = {
+        "/v1/chat/completions": Endpoint("/v1/chat/completions", "POST"),
+        # Embeddings: routed like chat (the body names the model), recorded with input tokens only.
+        "/v1/embeddings": Endpoint("/v1/embeddings", "POST"),
+    }
 
     def error_body(self, err: GatewayError) -> bytes:
         return orjson.dumps(

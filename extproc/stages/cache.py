@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import orjson
 
 from ..accounting.sink import cost_pusd
@@ -31,9 +33,11 @@ from ..cache.render import StreamAccumulator, accumulator, render_stream
 from ..cache.store import CacheStore, Entry
 from ..config import CacheSpec, GatewayConfig
 from ..pipeline import DirectReply, Need, RequestContext, ResponseChunk, Stage
+from ..throttle import LogThrottle
 from ..translate import exchange_of
 
 log = logging.getLogger("extproc.cache")
+_warn = LogThrottle(10.0)
 
 CACHE_HEADER = "x-gateway-cache"
 # Stores in flight (kept so they are not collected before they finish).
@@ -49,6 +53,8 @@ class CacheSettings:
     cache_truncated: bool = False
     similarity_threshold: float = 0.95
     embedding: str = "local"
+    embedding_key_env: str | None = None
+    embedding_timeout_seconds: float = 2.0
 
 
 def _fields(s: CacheSettings) -> dict[str, Any]:
@@ -60,6 +66,8 @@ def _fields(s: CacheSettings) -> dict[str, Any]:
         "cache_truncated": s.cache_truncated,
         "similarity_threshold": s.similarity_threshold,
         "embedding": s.embedding,
+        "embedding_key_env": s.embedding_key_env,
+        "embedding_timeout_seconds": s.embedding_timeout_seconds,
     }
 
 
@@ -102,6 +110,8 @@ class CacheStage(Stage):
                 for public in (m.name, *m.aliases):
                     self.models[public] = m.cache
         self.hits = self.misses = self.stored = 0
+        self.envoy_url = config.server.envoy_url
+        self._http: httpx.AsyncClient | None = None
 
     def settings_for(self, tenant: str, model: str) -> CacheSettings:
         return resolve(self.default, self.tenants.get(tenant), self.models.get(model))
@@ -127,12 +137,14 @@ class CacheStage(Stage):
         # A model with targets shares entries whichever target answered.
         model = route.public_model if route.targets else route.upstream_model
         key = cache_key(identity.tenant, adapter.schema, model, body)
-        bucket = vector = None
+        bucket: str | None = None
+        vector: semantic.Vector | None = None
         if settings.mode == "semantic":
             text = semantic.last_user_text(body)
             if text is not None:
-                bucket = semantic.bucket_key(identity.tenant, adapter.schema, model, body)
-                vector = semantic.embed(text)
+                source = settings.embedding
+                bucket = semantic.bucket_key(identity.tenant, adapter.schema, model, body, source)
+                vector = semantic.embed(text) if source == "local" else await self._embed_remote(text, settings)
         if directive != "refresh":
             entry = await self.store.get(identity.tenant, model, key)
             if entry is None and bucket is not None and vector is not None:
@@ -150,6 +162,41 @@ class CacheStage(Stage):
         ctx.state[self.name] = miss
         ctx.need(Need.HEADERS | Need.JSON | Need.EVENTS)
 
+    async def _embed_remote(self, text: str, settings: CacheSettings) -> list[float] | None:
+        """The embeddings model's vector for `text`, asked through Envoy's listener with the
+        gateway's own virtual key (recorded and limited like any client's); None on any failure
+        or past the timeout: then this request is looked up exactly only."""
+        key = os.environ.get(settings.embedding_key_env or "")
+        if not key:
+            if _warn.allow("key"):
+                log.warning("cache: $%s is not set; semantic lookups are off", settings.embedding_key_env)
+            return None
+        if self._http is None:
+            self._http = httpx.AsyncClient(base_url=self.envoy_url)
+        try:
+            resp = await self._http.post(
+                "/v1/embeddings",
+                json={"model": settings.embedding, "input": text},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=settings.embedding_timeout_seconds,
+            )
+            data = resp.json()["data"][0]["embedding"] if resp.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as err:
+            if _warn.allow("embed"):
+                log.warning("cache: embedding failed (%s); exact lookup only", type(err).__name__)
+            return None
+        if not isinstance(data, list) or not all(isinstance(x, int | float) for x in data):
+            if _warn.allow("embed"):
+                log.warning("cache: the embeddings model answered %d; exact lookup only", resp.status_code)
+            return None
+        return [float(x) for x in data]
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        await self.store.close()
+
     async def _similar(
         self, tenant: str, model: str, bucket: str, vector: semantic.Vector, threshold: float
     ) -> Entry | None:
@@ -159,7 +206,11 @@ class CacheStage(Stage):
             packed = await asyncio.wait_for(self.store.candidates(tenant, model, bucket), semantic.SEARCH_TIMEOUT)
         except TimeoutError:
             return None
-        found = semantic.best_match(vector, {k: semantic.unpack(v) for k, v in packed.items()}, threshold)
+        if len(packed) > 16 and isinstance(vector, list):
+            # Hundreds of ~1,500-dimension vectors: parsed and scored off the event loop.
+            found = await asyncio.to_thread(semantic.search, vector, packed, threshold)
+        else:
+            found = semantic.search(vector, packed, threshold)
         if found is None:
             return None
         return await self.store.get(tenant, model, found[0])

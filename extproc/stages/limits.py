@@ -104,7 +104,10 @@ class LimitsStage(Stage):
             schema = ctx.body_schema or route.schema
             adapter = ADAPTERS[schema]
             body = ctx.json
-            output = adapter.max_output_tokens(body) or self.default_max_output_tokens
+            # Embeddings write no output tokens.
+            output = (
+                0 if ctx.path == "/v1/embeddings" else adapter.max_output_tokens(body) or self.default_max_output_tokens
+            )
             if ctx.body is not None and len(ctx.body) > _THREAD_TOKENIZE_BYTES:
                 prompt = await asyncio.to_thread(estimate_input_tokens, schema, body, route.upstream_model)
             else:

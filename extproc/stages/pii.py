@@ -23,7 +23,7 @@ from ..errors import ErrorKind, GatewayError
 from ..pii.policy import PiiSpec, Policy, resolve
 from ..pii.redact import PiiBlocked, Redaction, is_documentation_value
 from ..pii.stream import Rewriter, StreamRewriter, rewrite_json
-from ..pii.walk import request_slots
+from ..pii.walk import embedding_tokens, request_slots
 from ..pipeline import Need, RequestContext, ResponseChunk, Stage
 
 log = logging.getLogger("extproc.pii")
@@ -76,6 +76,16 @@ class PiiStage(Stage):
         policy = self.policy_for(tenant)
         if policy is None:
             return
+        if ctx.path == "/v1/embeddings" and embedding_tokens(ctx.json):
+            # Token ids cannot be scanned: refused rather than sent unchecked (fail safe).
+            ctx.notes["pii"] = "blocked"
+            raise GatewayError(
+                ErrorKind.INVALID_REQUEST,
+                "Embeddings input as token ids cannot be checked for personal data under this API key's policy; "
+                "send text.",
+                "pii_unscannable",
+                "input",
+            )
         redaction = Redaction(policy, tenant, self.hash_key)
         try:
             slots = request_slots(ctx.client_schema, ctx.json)

@@ -20,15 +20,17 @@ import openai
 import pytest
 
 from extproc.accounting.record import UsageRecord
+from extproc.auth.keys import hash_key
 from extproc.cache.store import Entry
 from extproc.devstack import Stack
 from extproc.ledger import open_ledger
-from tests.e2e.conftest import Admin, Mock, anthropic_client, make_stack, openai_client
+from tests.e2e.conftest import Admin, Mock, anthropic_client, free_ports, make_stack, openai_client
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 EMAIL = "maria.gonzalez@northwind-traders.com"
+EMBED_KEY = "sk-gw-" + "e" * 32
 # This anthropic SDK's messages.stream() takes no temperature argument: sent as a body field.
 ZERO = {"temperature": 0}
 
@@ -78,8 +80,12 @@ class Env:
 @pytest.fixture(scope="module", params=["redis", "embedded"])
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Env]:
     kind = request.param
-    overrides = {
+    ports = free_ports()
+    overrides: dict[str, Any] = {
         "cache": {"mode": "exact", "ttl_seconds": 600},
+        # The semantic tenant's embeddings go through this stack's Envoy with the embedder's key.
+        "server": {"envoy_url": f"http://127.0.0.1:{ports.listener}"},
+        "auth": {"static_keys": [{"id": "embedder", "name": "e", "tenant": "embedder", "sha256": hash_key(EMBED_KEY)}]},
         "tenants": {
             "cached": {},
             "neighbour": {},
@@ -88,10 +94,25 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             "warm": {"cache": {"cache_nonzero_temperature": True}},
             "uncached": {"cache": {"mode": "off"}},
             "semantic": {"cache": {"mode": "semantic", "similarity_threshold": 0.95}},
+            "semantic-model": {
+                "cache": {
+                    "mode": "semantic",
+                    "embedding": "text-embedding-3-small",
+                    "embedding_key_env": "EMBED_KEY",
+                    "similarity_threshold": 0.9,
+                }
+            },
+            "embedder": {},
         },
     }
     url = redis_url if kind == "redis" else None
-    stack, admin = make_stack(tmp_path_factory.mktemp(f"cache-{kind}"), url, overrides=overrides)
+    stack, admin = make_stack(
+        tmp_path_factory.mktemp(f"cache-{kind}"),
+        url,
+        overrides=overrides,
+        ports=ports,
+        extra_env={"EMBED_KEY": EMBED_KEY},
+    )
     keys = {t: admin.key(t, "k")[0] for t in overrides["tenants"]}
     stack.start()
     try:
@@ -383,3 +404,38 @@ def test_semantic_mode_answers_a_near_duplicate_and_not_a_different_prompt(env: 
     # The same last turn after a different history never matches.
     assert ask(LONG, {"role": "system", "content": f"Another session {tag}"}) == "miss"
     assert env.upstream(tag) == 3
+
+
+def test_semantic_mode_with_an_embeddings_model_called_through_envoy(env: Env) -> None:
+    """The embeddings come from the mock's /v1/embeddings (deterministic word vectors), asked by
+    the server through this stack's Envoy with the embedder tenant's key: recorded like any
+    client's request."""
+    tag = uuid.uuid4().hex
+    oai = env.oai("semantic-model")
+    system = {"role": "system", "content": f"Session {tag}"}
+
+    def ask(text: str) -> str:
+        raw = oai.chat.completions.with_raw_response.create(
+            model="gpt-5.5",
+            messages=[system, {"role": "user", "content": text}],  # type: ignore[list-item]
+            temperature=0,
+            extra_headers=tagged(tag),
+        )
+        return str(raw.headers["x-gateway-cache"])
+
+    before = len([r for r in env._all() if r.tenant == "embedder"])
+    assert ask(LONG) == "miss"
+    # One word dropped, one changed case, punctuation: cosine ~0.97 of the mock's word vectors.
+    assert ask(LONG.replace(" public ", " ").replace("Our", "OUR") + "?") == "hit"
+    assert ask("How do I price shoes for the sale next week, and which discount works best?") == "miss"
+    assert env.upstream(tag) == 2
+    deadline = time.monotonic() + 10
+    while True:
+        embeds = [r for r in env._all() if r.tenant == "embedder"]
+        if len(embeds) - before >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    new = embeds[: len(embeds) - before]
+    assert len(new) >= 3
+    assert all(r.endpoint == "/v1/embeddings" and r.model == "text-embedding-3-small" for r in new)
+    assert all(r.input_tokens > 0 and r.output_tokens == 0 and r.status == 200 for r in new)

@@ -268,3 +268,15 @@ def test_counts_reach_the_usage_record_and_values_no_log(env: Env, tag: str) -> 
         text = env.stack.log_path(name).read_text()
         for value in (EMAIL, PHONE, CARD, KEY):
             assert value not in text, f"{value!r} in the {name} log"
+
+
+def test_embeddings_input_is_redacted_and_token_ids_refused(env: Env, tag: str) -> None:
+    client = env.oai("pii-mask", tag)
+    out = client.embeddings.create(model="text-embedding-3-small", input=[PROMPT, "plain words"])
+    assert len(out.data) == 2 and len(out.data[0].embedding) > 0
+    sent = env.received(tag)
+    assert EMAIL not in sent and PHONE not in sent and "plain words" in sent
+    with pytest.raises(openai.BadRequestError) as info:
+        client.embeddings.create(model="text-embedding-3-small", input=[[101, 2023, 102]])
+    assert info.value.code == "pii_unscannable"
+    assert len(env.mock.requests(tag)) == 1

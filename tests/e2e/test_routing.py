@@ -87,7 +87,7 @@ def test_bad_bodies_are_400_and_never_forwarded(
 
 
 def test_unknown_path(raw: httpx.Client, mock: Mock, tag: str) -> None:
-    r = raw.post("/v1/embeddings", json={"model": "gpt-5.5", "input": "x"})
+    r = raw.post("/v1/images/generations", json={"model": "gpt-5.5", "prompt": "x"})
     assert (r.status_code, r.json()["error"]["code"]) == (404, "unknown_endpoint")
     assert mock.requests(tag) == []
 

@@ -225,3 +225,36 @@ def test_the_bucket_is_everything_but_the_last_turn() -> None:
     assert semantic.bucket_key("t", "openai", "gpt", {**body, "temperature": 0.2}) != b
     hit = semantic.best_match(semantic.embed("q1 x"), {"k": semantic.embed("Q1 x!")}, 0.95)
     assert hit is not None and hit[0] == "k"
+
+
+@pytest.mark.parametrize(
+    ("cache", "error"),
+    [
+        ({"embedding": "nope", "embedding_key_env": "K"}, "is not 'local' nor a model"),
+        ({"embedding": "claude"}, "is not 'local' nor a model"),
+        ({"embedding": "text-embedding-3-small"}, "embedding_key_env"),
+    ],
+)
+def test_an_embeddings_model_must_be_an_openai_model_with_a_key(cache: dict[str, Any], error: str) -> None:
+    data = {
+        "providers": {"openai": {"schema": "openai"}, "anthropic": {"schema": "anthropic"}},
+        "models": [
+            {"name": "text-embedding-3-small", "provider": "openai"},
+            {"name": "claude", "provider": "anthropic"},
+        ],
+        "cache": {"mode": "semantic", **cache},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert error in str(info.value)
+
+
+def test_dense_vectors_are_scored_with_numpy() -> None:
+    from extproc.cache import semantic
+
+    q = [1.0, 0.0, 0.0]
+    packed = {"near": semantic.pack([0.99, 0.1, 0.0]), "far": semantic.pack([0.0, 1.0, 0.0]), "bad": "x"}
+    found = semantic.search(q, packed, 0.9)
+    assert found is not None and found[0] == "near" and found[1] > 0.99
+    assert semantic.search(q, {"far": packed["far"]}, 0.9) is None
+    assert semantic.cosine(q, {1: 1.0}) == 0.0  # a sparse and a dense vector never match

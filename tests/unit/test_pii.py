@@ -420,3 +420,14 @@ def test_a_request_is_scanned_in_one_pass_but_never_across_texts() -> None:
     out = r.redact_all(texts, [False] * len(texts))
     assert out == ["write [EMAIL]", "call +1 415 555", "0132 tomorrow", texts[3], texts[4], "[SECRET]"]
     assert dict(r.counts) == {"EMAIL": 1, "SECRET": 1}
+
+
+def test_embeddings_input_strings_are_scanned_and_token_ids_flagged() -> None:
+    from extproc.pii.walk import embedding_tokens
+
+    body: dict[str, Any] = {"model": "e", "input": ["mail a@b.io", "plain"]}
+    assert [(key, owner[key]) for owner, key, _ in request_slots("openai", body)] == [(0, "mail a@b.io"), (1, "plain")]
+    one: dict[str, Any] = {"model": "e", "input": "x"}
+    assert [key for _, key, _ in request_slots("openai", one)] == ["input"]
+    assert not embedding_tokens(body) and not embedding_tokens(one)
+    assert embedding_tokens({"input": [[1, 2, 3]]}) and embedding_tokens({"input": [5, 6]})
