@@ -165,7 +165,7 @@ class RequestContext:
         self.route: Route | None = None
         # Attempts Envoy made for a model with targets (from the answer; 0: not known).
         self.attempts = 0
-        # The cache entry a hit was answered from (a cache.store.Entry), for the usage record.
+        # The cache hit a request is answered from (stages.cache.Hit), for the usage record.
         self.cache_hit: Any = None
         # Who is calling (set by the auth stage); None only when auth failed open.
         self.identity: Identity | None = None

@@ -53,6 +53,9 @@ class UsageRecord:
     # provider call would have cost (exact decimal string, None when the model has no price).
     cache_hit: bool = False
     saved_usd: str | None = None
+    # A hit that counts against limits and token budgets (cache.count_hits): its tokens go into
+    # the budget aggregates like a provider call's.
+    cache_counted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Built by hand: dataclasses.asdict deep-copies every field (~190 µs a record, most of

@@ -139,7 +139,7 @@ def increments(rec: UsageRecord) -> dict[str, int]:
     """The counters one record adds, non-zero ones only (the readers default missing fields to 0).
     `errors` counts a record with an error_code or an HTTP status of 400 and up."""
     inc: dict[str, int] = {"requests": 1}
-    if rec.cache_hit:
+    if rec.cache_hit and not rec.cache_counted:
         # Answered from the cache: no tokens and no cost reached a provider, so budgets and
         # token figures do not count them (the record keeps the original tokens).
         return inc

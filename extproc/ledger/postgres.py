@@ -82,6 +82,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             f"ALTER TABLE {TABLE} ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE",
             f"ALTER TABLE {TABLE} ADD COLUMN saved_usd NUMERIC(20, 12)",
+            f"ALTER TABLE {TABLE} ADD COLUMN cache_counted BOOLEAN NOT NULL DEFAULT FALSE",
         ),
     ),
 )

@@ -74,6 +74,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             f"ALTER TABLE {TABLE} ADD COLUMN cache_hit BOOLEAN NOT NULL DEFAULT FALSE",
             f"ALTER TABLE {TABLE} ADD COLUMN saved_usd TEXT",
+            f"ALTER TABLE {TABLE} ADD COLUMN cache_counted BOOLEAN NOT NULL DEFAULT FALSE",
         ),
     ),
 )
@@ -256,6 +257,7 @@ class SqliteLedger(Ledger):
             values["stream"] = int(values["stream"])
             values["estimated"] = int(values["estimated"])
             values["cache_hit"] = int(values["cache_hit"])
+            values["cache_counted"] = int(values["cache_counted"])
             params.append(tuple(values[c] for c in COLUMNS))
 
         def op(db: sqlite3.Connection) -> int:

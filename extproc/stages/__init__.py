@@ -12,7 +12,7 @@ from .accounting import AccountingStage
 from .admission import AdmissionStage
 from .attempt import AttemptStage
 from .auth import AuthStage, ModelAccessStage, ProviderCredentialsStage
-from .cache import CacheStage
+from .cache import CacheReplyStage, CacheStage
 from .capture import ContentCaptureStage
 from .endpoints import EndpointStage
 from .headers import StripInternalHeaders
@@ -74,6 +74,9 @@ def default_stages(
         # After routing and the model check (it needs the tenant, key and model), and before
         # accounting: its finish then runs after accounting's and settles on the usage record.
         stages.append(limits)
+    if cache is not None:
+        # Hits that count against limits are answered here, once the limits stage admitted them.
+        stages.append(CacheReplyStage(cache))
     if accounting is not None:
         # After routing (it records the upstream model) and late in the request, so its response
         # hooks see the provider's response first (the onion order).

@@ -221,9 +221,10 @@ class AccountingStage(Stage):
             if hit is not None:
                 # Answered from the cache: the original answer's tokens, and what the provider
                 # would have charged for them.
-                rec.cache_hit = True
-                rec.provider, rec.upstream_model = hit.provider, hit.upstream_model
-                _fill(rec, Usage(**{k: v for k, v in hit.usage.items() if k in _USAGE_FIELDS}))
+                entry = hit.entry
+                rec.cache_hit, rec.cache_counted = True, hit.counted
+                rec.provider, rec.upstream_model = entry.provider, entry.upstream_model
+                _fill(rec, Usage(**{k: v for k, v in entry.usage.items() if k in _USAGE_FIELDS}))
                 rec.saved_usd = self._cost(rec)
             return rec
         if ex is None:

@@ -55,6 +55,7 @@ class CacheSettings:
     embedding: str = "local"
     embedding_key_env: str | None = None
     embedding_timeout_seconds: float = 2.0
+    count_hits: bool = False
 
 
 def _fields(s: CacheSettings) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def _fields(s: CacheSettings) -> dict[str, Any]:
         "embedding": s.embedding,
         "embedding_key_env": s.embedding_key_env,
         "embedding_timeout_seconds": s.embedding_timeout_seconds,
+        "count_hits": s.count_hits,
     }
 
 
@@ -78,6 +80,15 @@ def resolve(default: CacheSettings, *specs: CacheSpec | None) -> CacheSettings:
         if spec is not None:
             values.update({k: v for k, v in spec.model_dump().items() if v is not None})
     return CacheSettings(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A request answered from the cache (ctx.cache_hit), for the usage record."""
+
+    entry: Entry
+    # Counted against limits and token budgets (cache.count_hits).
+    counted: bool = False
 
 
 @dataclass(slots=True)
@@ -150,8 +161,13 @@ class CacheStage(Stage):
             if entry is None and bucket is not None and vector is not None:
                 entry = await self._similar(identity.tenant, model, bucket, vector, settings.similarity_threshold)
             if entry is not None and entry.schema == adapter.schema:
-                self._answer(ctx, entry)
                 self.hits += 1
+                if settings.count_hits:
+                    # Answered after the limits stage has counted it (CacheReplyStage).
+                    ctx.cache_hit = Hit(entry, counted=True)
+                    ctx.notes[self.name] = "hit"
+                    return
+                self._answer(ctx, Hit(entry))
                 return
         self.misses += 1
         _spawn(self.store.count(identity.tenant, misses=1))
@@ -215,8 +231,9 @@ class CacheStage(Stage):
             return None
         return await self.store.get(tenant, model, found[0])
 
-    def _answer(self, ctx: RequestContext, entry: Entry) -> None:
-        ctx.cache_hit = entry
+    def _answer(self, ctx: RequestContext, hit: Hit) -> None:
+        entry = hit.entry
+        ctx.cache_hit = hit
         ctx.notes[self.name] = "hit"
         headers = {CACHE_HEADER: "hit", "age": str(max(0, int(time.time() - entry.stored_at)))}
         if ctx.streaming:
@@ -285,6 +302,21 @@ class CacheStage(Stage):
             rec = ctx.usage
             saved = cost_pusd(rec.saved_usd) if rec is not None and rec.saved_usd is not None else 0
             _spawn(self.store.count(ctx.identity.tenant, hits=1, saved_pusd=saved or 0))
+
+
+class CacheReplyStage(Stage):
+    """Answers the hits that count against limits (cache.count_hits), right after the limits
+    stage admitted them: a hit over a limit gets the limit's 429 like any request."""
+
+    name = "cache-reply"
+
+    def __init__(self, cache: CacheStage) -> None:
+        self.cache = cache
+
+    async def request_body(self, ctx: RequestContext) -> None:
+        hit = ctx.cache_hit
+        if isinstance(hit, Hit) and hit.counted and ctx.reply is None:
+            self.cache._answer(ctx, hit)
 
 
 def _directive(headers: dict[str, str]) -> str:

@@ -103,6 +103,9 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                 }
             },
             "embedder": {},
+            # A small token rate: hits that count exhaust it; hits that do not never do.
+            "counted": {"cache": {"count_hits": True}, "limits": {"tokens_per_minute": 150}},
+            "free": {"limits": {"tokens_per_minute": 150}},
         },
     }
     url = redis_url if kind == "redis" else None
@@ -439,3 +442,32 @@ def test_semantic_mode_with_an_embeddings_model_called_through_envoy(env: Env) -
     assert len(new) >= 3
     assert all(r.endpoint == "/v1/embeddings" and r.model == "text-embedding-3-small" for r in new)
     assert all(r.input_tokens > 0 and r.output_tokens == 0 and r.status == 200 for r in new)
+
+
+def test_hits_count_against_limits_only_when_configured(env: Env) -> None:
+    msgs = question()
+    results: dict[str, list[int]] = {}
+    second: dict[str, str] = {}
+    for tenant in ("free", "counted"):
+        tag = uuid.uuid4().hex
+        statuses = []
+        for _ in range(12):
+            r = httpx.post(
+                f"{env.stack.base_url}/v1/chat/completions",
+                json={"model": "gpt-5.5", "messages": msgs, "temperature": 0, "max_tokens": 10},
+                headers={"authorization": f"Bearer {env.keys[tenant]}", **tagged(tag)},
+                timeout=10,
+            )
+            statuses.append(r.status_code)
+            if len(statuses) == 2:
+                second[tenant] = r.headers["x-gateway-request-id"]
+            if r.status_code == 429:
+                assert r.json()["error"]["code"] == "rate_limit_exceeded"
+        results[tenant] = statuses
+        assert env.upstream(tag) == 1, tenant  # every later answer came from the cache
+    # ~25 tokens a request against 150 a minute: hits that count run out within a dozen.
+    assert results["free"] == [200] * 12
+    assert 429 in results["counted"] and results["counted"][0] == 200
+    free, counted = env.record(second["free"]), env.record(second["counted"])
+    assert (free.cache_hit, free.cache_counted) == (True, False)
+    assert (counted.cache_hit, counted.cache_counted) == (True, True) and counted.input_tokens > 0
