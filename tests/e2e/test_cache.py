@@ -92,6 +92,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             "short": {"cache": {"ttl_seconds": 1}},
             "masked": {"pii": {"action": "mask"}},
             "warm": {"cache": {"cache_nonzero_temperature": True}},
+            "truncating": {"cache": {"cache_truncated": True}},
             "uncached": {"cache": {"mode": "off"}},
             "semantic": {"cache": {"mode": "semantic", "similarity_threshold": 0.95}},
             "semantic-model": {
@@ -270,6 +271,20 @@ def test_what_is_not_cached(env: Env) -> None:
         )
     oai.chat.completions.create(model="gpt-5.5", messages=msgs, temperature=0, extra_headers=tagged(tag))
     assert env.upstream(tag) == 2
+    # A stream the provider broke off is not stored.
+    tag, msgs = uuid.uuid4().hex, question()
+    for _ in range(2):
+        with pytest.raises((openai.APIError, httpx.HTTPError)):
+            for _ in oai.chat.completions.create(
+                model="gpt-5.5",
+                messages=msgs,
+                temperature=0,
+                stream=True,
+                extra_headers=tagged(tag, **{"x-mock-fail-after": "3", "x-mock-chunk-delay-ms": "20"}),
+            ):
+                pass
+    oai.chat.completions.create(model="gpt-5.5", messages=msgs, temperature=0, extra_headers=tagged(tag))
+    assert env.upstream(tag) == 3
     # Answers cut by max_tokens are not stored.
     tag, msgs = uuid.uuid4().hex, question()
     for _ in range(2):
@@ -282,6 +297,18 @@ def test_what_is_not_cached(env: Env) -> None:
         )
         assert r.choices[0].finish_reason == "length"
     assert env.upstream(tag) == 2
+    # ...unless the tenant says so.
+    tag = uuid.uuid4().hex
+    for _ in range(2):
+        r = env.oai("truncating").chat.completions.create(
+            model="gpt-5.5",
+            messages=msgs,
+            temperature=0,
+            max_tokens=3,
+            extra_headers=tagged(tag, **{"x-mock-output-tokens": "8"}),
+        )
+        assert r.choices[0].finish_reason == "length"
+    assert env.upstream(tag) == 1
     # A tenant with the cache off.
     tag = uuid.uuid4().hex
     for _ in range(2):

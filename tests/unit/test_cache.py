@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import shutil
+import subprocess
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from extproc.cache.key import cache_key, temperature_of
-from extproc.cache.store import EmbeddedCacheStore, Entry
+from extproc.cache.store import EmbeddedCacheStore, Entry, RedisCacheStore
 from extproc.config import ConfigError, parse_config
+from extproc.devstack import free_port, tcp_open, wait_until
 from extproc.pipeline import RequestContext
 from extproc.stages.cache import CacheStage, _directive
 from extproc.stages.headers import StripInternalHeaders
+from extproc.store.redis import RedisBackend
 
 BODY: dict[str, Any] = {
     "model": "m",
@@ -258,3 +263,39 @@ def test_dense_vectors_are_scored_with_numpy() -> None:
     assert found is not None and found[0] == "near" and found[1] > 0.99
     assert semantic.search(q, {"far": packed["far"]}, 0.9) is None
     assert semantic.cosine(q, {1: 1.0}) == 0.0  # a sparse and a dense vector never match
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server of this test's own with a 3 MB maxmemory and allkeys-lru."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (bash scripts/test installs it)"
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until("redis", lambda: tcp_open(port), [proc], 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_redis_store_under_maxmemory_eviction_turns_entries_into_misses(small_redis: str) -> None:
+    """Storing 60 entries of ~100 KB into 3 MB evicts most of them: every lookup is an entry or a
+    miss (never an error), and storing keeps working."""
+    backend = RedisBackend(small_redis, prefix="mm:")
+    try:
+        store = RedisCacheStore(backend)
+        blobs = [entry(secrets.token_hex(60_000)).encode() for _ in range(60)]
+        assert len(blobs[0]) > 50_000
+        for i, data in enumerate(blobs):
+            await store.put("t", "gpt", f"k{i}", data, 600)
+        found = [await store.get("t", "gpt", f"k{i}") for i in range(60)]
+        kept = [e for e in found if e is not None]
+        assert 0 < len(kept) < 60  # evicted, not failed
+        await store.put("t", "gpt", "fresh", blobs[0], 600)
+        assert await store.get("t", "gpt", "fresh") is not None
+    finally:
+        await backend.close()
