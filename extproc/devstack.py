@@ -8,6 +8,7 @@ mock), the real Envoy binary.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -20,11 +21,40 @@ from typing import IO
 
 from . import envoyconf
 
+# Ports this process handed out: never twice (two stacks of one test session must not collide).
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now, below the kernel's ephemeral range when there is room: a port the kernel
+    hands out for outgoing connections can be taken by one between this check and the server's
+    bind (CI saw a mock provider fail to start that way), a port below the range cannot."""
+    low = _ephemeral_low()
+    if low > 20_100:
+        for _ in range(200):
+            port = random.randint(20_000, low - 1)
+            if port in _GIVEN:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _GIVEN.add(port)
+    return port
 
 
 def wait_until(what: str, check: Callable[[], bool], procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
