@@ -164,6 +164,33 @@ class GatewayMetrics:
             "gateway_auth_refusals", "Requests refused by authentication, by code.", ("code",), m
         )
         self.limit_refusals = Counter("gateway_limit_refusals", "Requests refused by limits, by kind.", ("kind",), m)
+        self.cache = Counter(
+            "gateway_cache_lookups",
+            "Response cache lookups by result (hit, miss, bypass) and public model.",
+            ("result", "model"),
+            m,
+        )
+        self.cache_saved = Counter(
+            "gateway_cache_saved_usd",
+            "What cache hits saved, in USD, by tenant and public model.",
+            ("tenant", "model"),
+            m,
+        )
+        self.attempts = Counter(
+            "gateway_target_attempts",
+            "Attempts Envoy made for models with targets, by model and the target that answered (none: no answer).",
+            ("model", "target"),
+            m,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks",
+            "Requests to a model with targets answered after more than one attempt, by model and answering target.",
+            ("model", "target"),
+            m,
+        )
+        self.translations = Counter(
+            "gateway_translations", "Requests translated between schemas, by client and provider schema.", ("pair",), m
+        )
         self.stage_time = Histogram(
             "gateway_stage_duration_seconds",
             "Time each stage spent on one exchange (all its hooks).",
@@ -184,6 +211,11 @@ class GatewayMetrics:
             self.cost,
             self.auth_refusals,
             self.limit_refusals,
+            self.cache,
+            self.cache_saved,
+            self.attempts,
+            self.fallbacks,
+            self.translations,
         )
         # name -> (doc, callback returning {label values: value}, label names)
         self._gauges: list[tuple[str, str, Labels, Callable[[], dict[Labels, float]]]] = []

@@ -71,6 +71,20 @@ class ObservabilityStage(Stage):
                 m.limit_refusals.inc((limits[8:],))
         for stage, seconds in ctx.timings.items():
             m.stage_time.observe((stage,), seconds)
+        notes = ctx.notes
+        cache = notes.get("cache")
+        if cache is not None:
+            m.cache.inc((cache, model))
+            if usage is not None and usage.cache_hit and usage.saved_usd not in (None, "0"):
+                m.cache_saved.inc((tenant, model), float(usage.saved_usd or 0))
+        if ctx.attempts and route is not None and route.targets:
+            target = f"{route.provider}/{route.upstream_model}" if route.provider else "none"
+            m.attempts.inc((model, target), ctx.attempts)
+            if ctx.attempts > 1:
+                m.fallbacks.inc((model, target))
+        pair = notes.get("translation")
+        if pair is not None:
+            m.translations.inc((pair,))
         ended = ctx.response_ended_at or time.monotonic()
         forwarded = route is not None and ctx.outcome in (Outcome.COMPLETED, Outcome.INCOMPLETE)
         operation = OPERATIONS.get(ctx.path, "")

@@ -86,6 +86,7 @@ class TranslationStage(Stage):
             if t.translator is None:  # answered in the client's own schema: nothing to do
                 del ctx.state[self.name]
                 return
+            ctx.notes[self.name] = f"{t.translator.client}->{t.translator.provider}"
         if ctx.response_status >= 400:
             # The error body becomes the client's schema's JSON, whatever the provider sent.
             ctx.set_headers["content-type"] = "application/json"

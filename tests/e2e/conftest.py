@@ -217,6 +217,25 @@ def scrape(stack: Stack, families: set[str] | None = None) -> Samples:
     return out
 
 
+def grown(
+    stack: Stack, before: Samples, want: dict[tuple[str, frozenset[tuple[str, str]]], float], wait: float = 5
+) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """How much each wanted (name, labels) grew since `before`, polling the scrape until every one
+    reached its wanted growth or `wait` passed (a request's metrics are recorded in its finish,
+    which may run just after the client has the answer)."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = scrape(stack)
+        got = {k: total(now, k[0], **dict(k[1])) - total(before, k[0], **dict(k[1])) for k in want}
+        if all(got[k] >= v for k, v in want.items()) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+def series(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
+
+
 def total(samples: Samples, name: str, **labels: str) -> float:
     """The sum of `name`'s samples whose labels include `labels`."""
     want = set(labels.items())

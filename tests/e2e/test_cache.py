@@ -24,7 +24,17 @@ from extproc.auth.keys import hash_key
 from extproc.cache.store import Entry
 from extproc.devstack import Stack
 from extproc.ledger import open_ledger
-from tests.e2e.conftest import Admin, Mock, anthropic_client, free_ports, make_stack, openai_client
+from tests.e2e.conftest import (
+    Admin,
+    Mock,
+    anthropic_client,
+    free_ports,
+    grown,
+    make_stack,
+    openai_client,
+    scrape,
+    series,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -498,3 +508,22 @@ def test_hits_count_against_limits_only_when_configured(env: Env) -> None:
     free, counted = env.record(second["free"]), env.record(second["counted"])
     assert (free.cache_hit, free.cache_counted) == (True, False)
     assert (counted.cache_hit, counted.cache_counted) == (True, True) and counted.input_tokens > 0
+
+
+def test_metrics_count_lookups_and_savings(env: Env) -> None:
+    tag, msgs = uuid.uuid4().hex, question()
+    before = scrape(env.stack)
+    oai = env.oai()
+    for _ in range(3):
+        oai.chat.completions.create(model="gpt-5.5", messages=msgs, temperature=0, extra_headers=tagged(tag))
+    oai.chat.completions.create(
+        model="gpt-5.5", messages=msgs, temperature=0, extra_headers=tagged(tag, **{"x-gateway-cache": "bypass"})
+    )
+    lookups: dict[tuple[str, frozenset[tuple[str, str]]], float] = {
+        series("gateway_cache_lookups_total", result="miss", model="gpt-5.5"): 1,
+        series("gateway_cache_lookups_total", result="hit", model="gpt-5.5"): 2,
+        series("gateway_cache_lookups_total", result="bypass", model="gpt-5.5"): 1,
+    }
+    saved = series("gateway_cache_saved_usd_total", tenant="cached", model="gpt-5.5")
+    got = grown(env.stack, before, {**lookups, saved: 1e-12})
+    assert {k: got[k] for k in lookups} == lookups and got[saved] > 0

@@ -30,7 +30,17 @@ import yaml
 from extproc.accounting.record import UsageRecord
 from extproc.devstack import Stack
 from extproc.ledger import open_ledger
-from tests.e2e.conftest import Admin, Mock, access_log_lines, anthropic_client, make_stack, openai_client
+from tests.e2e.conftest import (
+    Admin,
+    Mock,
+    access_log_lines,
+    anthropic_client,
+    grown,
+    make_stack,
+    openai_client,
+    scrape,
+    series,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -313,3 +323,17 @@ def test_untranslatable_for_a_fallback_target_is_refused_clearly(env: Env, tag: 
         env.oai(tag).chat.completions.create(model="smart", messages=MSGS, n=2, extra_headers=fail_first(503))
     assert info.value.code == "unsupported_parameter" and info.value.param == "n"
     assert env.upstream(tag) == [("/v1/chat/completions", "gpt-5.5", 503)]
+
+
+def test_metrics_count_attempts_fallbacks_and_translations(env: Env, tag: str) -> None:
+    before = scrape(env.stack)
+    env.oai(tag).chat.completions.create(model="smart", messages=MSGS, extra_headers=fail_first(503))
+    env.oai(tag).chat.completions.create(model="smart", messages=MSGS)
+    claude = "anthropic/claude-sonnet-5-5"
+    want: dict[tuple[str, frozenset[tuple[str, str]]], float] = {
+        series("gateway_fallbacks_total", model="smart", target=claude): 1,
+        series("gateway_target_attempts_total", model="smart", target=claude): 2,
+        series("gateway_target_attempts_total", model="smart", target="openai/gpt-5.5"): 1,
+        series("gateway_translations_total", pair="openai->anthropic"): 1,
+    }
+    assert grown(env.stack, before, want) == want

@@ -59,6 +59,9 @@ COUNTERS_AND_GAUGES = {
     "gateway_requests_in_flight",
     "gateway_open_streams",
     "gateway_build_info",
+    "gateway_cache_lookups_total",
+    "gateway_cache_saved_usd_total",
+    "gateway_fallbacks_total",
 }
 EXPORTED = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 # Metrics carrying tenant and model labels: their panels must follow the dashboard's filters.
