@@ -54,6 +54,19 @@ def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[
     return out
 
 
+def _take_request_headers(ctx: RequestContext, msg: ep.HttpHeaders) -> None:
+    """Method, path (and query), the client's schema and endpoint from the path, and the headers."""
+    headers = _headers_of(msg, ctx)
+    ctx.method = headers.pop(":method", "")
+    ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
+    found = ENDPOINTS.get(ctx.path)
+    if found is not None:
+        ctx.adapter, ctx.endpoint = found
+    else:
+        ctx.adapter = client_adapter(headers)
+    ctx.headers = headers
+
+
 class Processor:
     __slots__ = ("body", "body_size", "ctx", "done", "edit", "finished", "pipeline", "sse", "withheld")
 
@@ -134,15 +147,7 @@ class Processor:
 
     async def _request_headers(self, msg: ep.HttpHeaders) -> ep.ProcessingResponse:
         ctx = self.ctx
-        headers = _headers_of(msg, ctx)
-        ctx.method = headers.pop(":method", "")
-        ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
-        found = ENDPOINTS.get(ctx.path)
-        if found is not None:
-            ctx.adapter, ctx.endpoint = found
-        else:
-            ctx.adapter = client_adapter(headers)
-        ctx.headers = headers
+        _take_request_headers(ctx, msg)
         # Envoy's access log line names the gateway's id for the exchange (the usage record's key).
         ctx.metadata["request_id"] = ctx.request_id
         timings = ctx.timings
@@ -444,15 +449,7 @@ class AttemptProcessor:
         ctx = self.ctx
         try:
             if kind == "request_headers":
-                headers = _headers_of(req.request_headers)
-                ctx.method = headers.pop(":method", "")
-                ctx.path, _, ctx.query = headers.pop(":path", "").partition("?")
-                found = ENDPOINTS.get(ctx.path)
-                if found is not None:
-                    ctx.adapter, ctx.endpoint = found
-                else:
-                    ctx.adapter = client_adapter(headers)
-                ctx.headers = headers
+                _take_request_headers(ctx, req.request_headers)
                 ctx.notes["target"] = target_of(req)
                 resp = ep.ProcessingResponse()
                 resp.request_headers.SetInParent()

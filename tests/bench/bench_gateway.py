@@ -26,11 +26,23 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import free_port, http_ok, wait_until  # noqa: E402
+from extproc.devstack import free_port, http_ok, tcp_open, wait_until  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 CHAT = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
 STREAM = '{"model":"gpt-5.5","stream":true,"messages":[{"role":"user","content":"hello there, how are you today?"}]}'
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server of the benchmark's own (no persistence), ready; (process, URL)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until("redis", lambda: tcp_open(port), [proc], 10)
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def envoy_alone(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import free_port, http_ok, tcp_open, wait_until  # noqa: E402
-from tests.bench.bench_gateway import CHAT, envoy_alone, wrk  # noqa: E402
+from extproc.devstack import free_port, http_ok, wait_until  # noqa: E402
+from tests.bench.bench_gateway import CHAT, envoy_alone, start_redis, wrk  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,14 +62,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-limits-"))
-    port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_until("redis", lambda: tcp_open(port), [redis], 10)
-    stack, admin = make_stack(work, f"redis://127.0.0.1:{port}/0")
+    redis, redis_url = start_redis()
+    stack, admin = make_stack(work, redis_url)
     free_key, _ = admin.key("bench-free", "free")
     limited, limited_key = admin.key("bench-limited", "limited")
     for scope in (["--tenant", "bench-limited"], ["--key", limited_key.id]):

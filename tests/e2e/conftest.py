@@ -27,12 +27,14 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.accounting.record import UsageRecord
 from extproc.auth import key_service
 from extproc.auth.keys import VirtualKey
 from extproc.auth.service import KeyService
-from extproc.config import load_config
+from extproc.config import GatewayConfig, load_config
 from extproc.devstack import Stack, free_port
 from extproc.envoyconf import LocalPorts
+from extproc.ledger import open_ledger
 from extproc.pipeline import Stage
 from extproc.providers import ADAPTERS
 from extproc.server import build_runtime, create_server
@@ -289,6 +291,30 @@ def access_log(stack: Stack, request_id: str) -> dict[str, Any]:
     found = access_log_lines(stack, lambda line: line["request_id"] == request_id)
     assert found, f"no access log line for {request_id}"
     return found[0]
+
+
+def ledger_records(config: GatewayConfig, env: dict[str, str] | None = None) -> list[UsageRecord]:
+    """Every usage record in the ledger `config` names (newest first)."""
+
+    async def go() -> list[UsageRecord]:
+        ledger = open_ledger(config, env or {})
+        try:
+            return await ledger.list(None, None, None, None, 10_000)
+        finally:
+            await ledger.close()
+
+    return asyncio.run(go())
+
+
+def usage_record(config: GatewayConfig, request_id: str, wait: float = 15.0) -> UsageRecord:
+    """The one record of `request_id`, waiting for it to reach the ledger (consumer, spool)."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = [r for r in ledger_records(config) if r.request_id == request_id]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, f"expected one record for {request_id}, got {len(found)}"
+            return found[0]
+        time.sleep(0.2)
 
 
 class Mock:

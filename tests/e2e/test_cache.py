@@ -3,7 +3,6 @@ shows whether a request reached it), on Redis and on the embedded store, with bo
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -23,17 +22,18 @@ from extproc.accounting.record import UsageRecord
 from extproc.auth.keys import hash_key
 from extproc.cache.store import Entry
 from extproc.devstack import Stack
-from extproc.ledger import open_ledger
 from tests.e2e.conftest import (
     Admin,
     Mock,
     anthropic_client,
     free_ports,
     grown,
+    ledger_records,
     make_stack,
     openai_client,
     scrape,
     series,
+    usage_record,
 )
 
 pytestmark = pytest.mark.e2e
@@ -63,24 +63,11 @@ class Env:
     def upstream(self, tag: str) -> int:
         return len(self.mock.requests(tag))
 
-    def record(self, request_id: str, wait: float = 15.0) -> UsageRecord:
-        deadline = time.monotonic() + wait
-        while True:
-            found = [r for r in self._all() if r.request_id == request_id]
-            if found or time.monotonic() > deadline:
-                assert len(found) == 1, f"expected one record for {request_id}, got {len(found)}"
-                return found[0]
-            time.sleep(0.2)
+    def record(self, request_id: str) -> UsageRecord:
+        return usage_record(self.admin.config, request_id)
 
     def _all(self) -> list[UsageRecord]:
-        async def go() -> list[UsageRecord]:
-            ledger = open_ledger(self.admin.config, {})
-            try:
-                return await ledger.list(None, None, None, None, 10_000)
-            finally:
-                await ledger.close()
-
-        return asyncio.run(go())
+        return ledger_records(self.admin.config)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = {"REDIS_URL": self.redis_url} if self.redis_url else {}

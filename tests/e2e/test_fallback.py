@@ -9,7 +9,6 @@ The mock fails only the model named by x-mock-only-model, so one target fails an
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import socket
 import time
@@ -29,17 +28,18 @@ import yaml
 
 from extproc.accounting.record import UsageRecord
 from extproc.devstack import Stack
-from extproc.ledger import open_ledger
 from tests.e2e.conftest import (
     Admin,
     Mock,
     access_log_lines,
     anthropic_client,
     grown,
+    ledger_records,
     make_stack,
     openai_client,
     scrape,
     series,
+    usage_record,
 )
 
 pytestmark = pytest.mark.e2e
@@ -148,24 +148,11 @@ class Env:
     def claude(self, tag: str) -> anthropic.Anthropic:
         return anthropic_client(self.stack, self.key, tag)
 
-    def record(self, request_id: str, wait: float = 15.0) -> UsageRecord:
-        deadline = time.monotonic() + wait
-        while True:
-            found = [r for r in self._all() if r.request_id == request_id]
-            if found or time.monotonic() > deadline:
-                assert len(found) == 1, f"expected one record for {request_id}, got {len(found)}"
-                return found[0]
-            time.sleep(0.2)
+    def record(self, request_id: str) -> UsageRecord:
+        return usage_record(self.admin.config, request_id)
 
     def _all(self) -> list[UsageRecord]:
-        async def go() -> list[UsageRecord]:
-            ledger = open_ledger(self.admin.config, {})
-            try:
-                return await ledger.list(None, None, None, None, 10_000)
-            finally:
-                await ledger.close()
-
-        return asyncio.run(go())
+        return ledger_records(self.admin.config)
 
     def upstream(self, tag: str) -> list[tuple[str, str, int | None]]:
         """Each attempt the provider saw: (path, model, status)."""
