@@ -130,7 +130,10 @@ def load(path: str | Path) -> dict[str, Any]:
 
 
 def _hcms(cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The HTTP connection managers clients reach (internal listeners are not among them)."""
     for listener in cfg.get("static_resources", {}).get("listeners", []):
+        if "internal_listener" in listener:
+            continue
         for chain in listener.get("filter_chains", []):
             for flt in chain.get("filters", []):
                 if flt.get("name") == "envoy.filters.network.http_connection_manager":
@@ -168,12 +171,36 @@ def target_routes(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def target_endpoints(cluster: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """A target cluster's endpoints: target key -> (priority, weight)."""
-    out: dict[str, tuple[int, int]] = {}
+    return {key: (priority, weight) for key, (priority, weight, _) in _target_endpoints(cluster).items()}
+
+
+def _target_endpoints(cluster: dict[str, Any]) -> dict[str, tuple[int, int, str]]:
+    """target key -> (priority, weight, internal listener name or "")."""
+    out: dict[str, tuple[int, int, str]] = {}
     for group in (cluster.get("load_assignment") or {}).get("endpoints", []):
         for lb in group.get("lb_endpoints", []):
             key = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("gateway", {}).get("target")
+            listener = (lb.get("endpoint", {}).get("address", {}).get("envoy_internal_address") or {}).get(
+                "server_listener_name", ""
+            )
             if key:
-                out[key] = (int(group.get("priority", 0)), int(lb.get("load_balancing_weight", 1)))
+                out[key] = (int(group.get("priority", 0)), int(lb.get("load_balancing_weight", 1)), listener)
+    return out
+
+
+def internal_routes(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """internal listener name -> its (first) route."""
+    out: dict[str, dict[str, Any]] = {}
+    for listener in cfg.get("static_resources", {}).get("listeners", []):
+        if "internal_listener" not in listener:
+            continue
+        for chain in listener.get("filter_chains", []):
+            for flt in chain.get("filters", []):
+                if flt.get("name") != "envoy.filters.network.http_connection_manager":
+                    continue
+                for vh in flt["typed_config"].get("route_config", {}).get("virtual_hosts", []):
+                    for route in vh.get("routes", []):
+                        out.setdefault(listener["name"], route)
     return out
 
 
@@ -188,10 +215,13 @@ def _duration(value: Any) -> float | None:
 
 def _target_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
     """Each model with targets needs a route on its name and a cluster whose endpoints are exactly
-    its targets, with their priorities and weights, and the per-attempt ext_proc filter."""
+    its targets (priorities, weights), each an internal listener that forwards to the target's
+    provider cluster with its first_byte_timeout as per-try timeout, and the per-attempt filter."""
     problems: list[str] = []
     routes = target_routes(cfg)
     known = clusters(cfg)
+    internal = internal_routes(cfg)
+    provider_cluster = provider_clusters(cfg)
     for m in gateway.models:
         if not m.targets:
             continue
@@ -211,19 +241,29 @@ def _target_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
                 f"model {m.name!r}: cluster {name!r} endpoints (target: (priority - 1, weight)) are {have}, "
                 f"gateway.yaml says {want}"
             )
-        timeouts = {t.first_byte_timeout for t in m.targets}
-        per_try = _duration((route["route"].get("retry_policy") or {}).get("per_try_timeout"))
-        if len(timeouts) > 1:
-            problems.append(
-                f"model {m.name!r}: Envoy applies one per-try timeout per route; "
-                "give its targets one first_byte_timeout"
-            )
-        elif per_try is None or abs(per_try - next(iter(timeouts))) > 1e-6:
-            problems.append(
-                f"model {m.name!r}: route {route.get('name')!r} per_try_timeout is "
-                f"{(route['route'].get('retry_policy') or {}).get('per_try_timeout')!r}; "
-                f"the targets' first_byte_timeout is {next(iter(timeouts))}s"
-            )
+        listeners = {k: v[2] for k, v in _target_endpoints(cluster).items()}
+        for t in m.targets:
+            key = f"{t.provider}/{t.upstream}"
+            listener = listeners.get(key)
+            if listener is None:
+                continue  # reported above
+            inner = internal.get(listener)
+            if inner is None:
+                problems.append(f"model {m.name!r}: target {key} is not an internal listener defined in envoy.yaml")
+                continue
+            action = inner.get("route") or {}
+            if action.get("cluster") != provider_cluster.get(t.provider):
+                problems.append(
+                    f"model {m.name!r}: internal listener {listener!r} sends target {key} to cluster "
+                    f"{action.get('cluster')!r}, not provider {t.provider!r}'s {provider_cluster.get(t.provider)!r}"
+                )
+            per_try = _duration((action.get("retry_policy") or {}).get("per_try_timeout"))
+            if per_try is None or abs(per_try - t.first_byte_timeout) > 1e-6:
+                problems.append(
+                    f"model {m.name!r}: internal listener {listener!r} per_try_timeout is "
+                    f"{(action.get('retry_policy') or {}).get('per_try_timeout')!r}; target {key}'s "
+                    f"first_byte_timeout is {t.first_byte_timeout:g}s"
+                )
         if not _has_attempt_filter(cluster):
             problems.append(
                 f"model {m.name!r}: cluster {name!r} lacks the per-attempt ext_proc filter "
@@ -432,7 +472,10 @@ def derive_local(
     _tracing(out, keep_tracing, otlp, sampling_ratio)
     out["admin"]["address"]["socket_address"].update(address=ports.host, port_value=ports.admin)
     for listener in out["static_resources"]["listeners"]:
-        listener["address"]["socket_address"].update(address=ports.listen_host or ports.host, port_value=ports.listener)
+        if "internal_listener" not in listener:
+            listener["address"]["socket_address"].update(
+                address=ports.listen_host or ports.host, port_value=ports.listener
+            )
     by_name = clusters(out)
     _static_endpoint(by_name[EXTPROC_CLUSTER], ports.host, ports.extproc)
     for provider, cluster_name in provider_clusters(out).items():
@@ -453,41 +496,7 @@ def derive_local(
                     "explicit_http_config": {"http_protocol_options": {}},
                 }
             }
-    for route in target_routes(out).values():
-        _targets_on_mock(by_name[route["route"]["cluster"]], ports, real_providers)
     return out
-
-
-def _targets_on_mock(cluster: dict[str, Any], ports: LocalPorts, real: frozenset[str] | None) -> None:
-    """A target cluster's endpoints of mocked providers go to the mock provider over plain
-    HTTP/1.1; an endpoint written as an IP address stays where it is (tests use one on a closed
-    port for connection failures). The per-attempt filters stay."""
-    if real is None:
-        return
-    mocked = False
-    for group in cluster["load_assignment"]["endpoints"]:
-        for lb in group["lb_endpoints"]:
-            key = ((lb.get("metadata") or {}).get("filter_metadata") or {}).get("gateway", {}).get("target", "")
-            addr = lb["endpoint"]["address"]["socket_address"]
-            if key.split("/", 1)[0] in real:
-                continue
-            try:
-                ipaddress.ip_address(addr["address"])
-                continue
-            except ValueError:
-                pass
-            addr.update(address=ports.host, port_value=ports.mock)
-            lb["endpoint"].pop("hostname", None)
-            lb.get("metadata", {}).get("filter_metadata", {}).pop("envoy.transport_socket_match", None)
-            mocked = True
-    if mocked and not real:
-        cluster.pop("transport_socket_matches", None)
-        cluster["type"] = "STATIC"
-        cluster.pop("dns_lookup_family", None)
-        options = cluster["typed_extension_protocol_options"][_HTTP_OPTIONS]
-        options.pop("explicit_http_config", None)
-        options.pop("auto_config", None)
-        options["explicit_http_config"] = {"http_protocol_options": {}}
 
 
 class _NoAliases(yaml.SafeDumper):

@@ -37,9 +37,9 @@ Content and token accounting (all counts deterministic; see wire.build_answer):
   x-mock-cache-ttl: 5m|1h    which cache_creation.ephemeral_*_input_tokens holds the written tokens (5m)
   x-mock-delta-usage: full|output  Anthropic message_delta usage: input, cache and output counts as the
                              API sends today (full, default), or output_tokens alone (the older form)
-  x-mock-only-model: M       the failure headers (x-mock-status, x-mock-latency-ms, x-mock-stream-error,
-                             x-mock-fail-after) apply only to requests whose body names model M: one
-                             target of a fallback list fails, the next answers
+  x-mock-only-model: M[,M2]  the failure headers (x-mock-status, x-mock-latency-ms, x-mock-stream-error,
+                             x-mock-fail-after) apply only to requests whose body names one of these
+                             models: one target of a fallback list fails, the next answers
 
 Every request is recorded (path, headers, raw body, status, when each SSE event went out, and `usage`:
 the usage object exactly as the provider reported it, in its own field names, or null when it reported
@@ -302,7 +302,7 @@ class MockProvider:
                 model = orjson.loads(raw).get("model")
             except (orjson.JSONDecodeError, AttributeError):
                 model = None
-            request[FAILS] = model == only
+            request[FAILS] = model in {m.strip() for m in only.split(",")}
         latency = _int_header(request, "x-mock-latency-ms", 0) if request.get(FAILS, True) else 0
         if latency:
             await asyncio.sleep(latency / 1000)

@@ -55,17 +55,29 @@ def closed_port() -> int:
 
 
 def envoy_config(workdir: Path) -> Path:
-    """The shipped envoy.yaml plus routes and clusters for `guarded` and `spread`, copied from
-    targets-smart the way ops would, and smart's per-try timeout at 1 s."""
+    """The shipped envoy.yaml plus routes, target clusters and internal listeners for `guarded`
+    and `spread`, copied from smart's the way ops would; smart's first target's first-byte timeout
+    at 1 s (its second keeps 30 s: the timeouts are per target)."""
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    listeners = cfg["static_resources"]["listeners"]
+    hcm = listeners[0]["filter_chains"][0]["filters"][0]["typed_config"]
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     clusters = cfg["static_resources"]["clusters"]
     smart_route = next(r for r in routes if r.get("name") == "targets-smart")
-    smart_route["route"]["retry_policy"]["per_try_timeout"] = "1s"
     smart_cluster = next(c for c in clusters if c["name"] == "targets-smart")
+    inner = {lst["name"]: lst for lst in listeners if "internal_listener" in lst}
 
-    def add(model: str, endpoints: list[tuple[int, int, str, str | None]]) -> None:
+    def inner_route(listener: dict[str, Any]) -> dict[str, Any]:
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return dict(hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"])
+
+    inner_route(inner["target-smart-1"])  # the shape is as expected
+    inner["target-smart-1"]["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0][
+        "routes"
+    ][0]["route"]["retry_policy"]["per_try_timeout"] = "1s"
+
+    def add(model: str, endpoints: list[tuple[int, int, str, str]]) -> None:
+        """endpoints: (priority, weight, target key, the cluster its internal listener uses)."""
         route = copy.deepcopy(smart_route)
         route["name"] = f"targets-{model}"
         route["match"]["headers"][0]["string_match"]["exact"] = model
@@ -73,35 +85,50 @@ def envoy_config(workdir: Path) -> Path:
         cluster = copy.deepcopy(smart_cluster)
         cluster["name"] = cluster["load_assignment"]["cluster_name"] = f"targets-{model}"
         groups: dict[int, list[Any]] = {}
-        for priority, weight, target, address in endpoints:
-            host = "api.openai.com" if target.startswith("openai/") else "api.anthropic.com"
+        for n, (priority, weight, target, upstream) in enumerate(endpoints, 1):
+            name = f"target-{model}-{n}"
+            listener = copy.deepcopy(inner["target-smart-1"])
+            listener["name"] = name
+            hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+            hcm["stat_prefix"] = name
+            action = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+            action["cluster"] = upstream
+            action["retry_policy"]["per_try_timeout"] = "30s"
+            listeners.append(listener)
             groups.setdefault(priority, []).append(
                 {
-                    "endpoint": {
-                        "address": {"socket_address": {"address": address or host, "port_value": 443}},
-                        "hostname": host,
-                    },
+                    "endpoint": {"address": {"envoy_internal_address": {"server_listener_name": name}}},
                     "load_balancing_weight": weight,
-                    "metadata": {
-                        "filter_metadata": {
-                            "gateway": {"target": target},
-                            "envoy.transport_socket_match": {"tls": target.split("/")[0]},
-                        }
-                    },
+                    "metadata": {"filter_metadata": {"gateway": {"target": target}}},
                 }
             )
         cluster["load_assignment"]["endpoints"] = [{"priority": p, "lb_endpoints": eps} for p, eps in groups.items()]
         routes.insert(routes.index(smart_route) + 1, route)
         clusters.append(cluster)
 
-    refused = closed_port()
-    add("guarded", [(0, 1, "openai/gpt-5.4-mini", "127.0.0.1"), (1, 1, "anthropic/claude-haiku-5-5", None)])
-    # The refused endpoint's port: "127.0.0.1" above keeps it off the mock; the port is set here.
-    guarded = clusters[-1]
-    guarded["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"][
-        "port_value"
-    ] = refused
-    add("spread", [(0, 1, "openai/gpt-5.5", None), (0, 3, "openai/gpt-5.4-mini", None)])
+    # guarded's first target goes to a cluster on a closed port: connection refused.
+    closed = {
+        "name": "closed",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "closed",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": closed_port()}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    clusters.append(closed)
+    add("guarded", [(0, 1, "openai/gpt-5.4-mini", "closed"), (1, 1, "anthropic/claude-haiku-5-5", "anthropic")])
+    add("spread", [(0, 1, "openai/gpt-5.5", "openai"), (0, 3, "openai/gpt-5.4-mini", "openai")])
     # smart's failing target answers again in the next test: it must not be ejected meanwhile
     # (guarded keeps the shipped outlier detection and checks the ejection).
     smart_cluster["outlier_detection"] = {"consecutive_5xx": 1000, "consecutive_gateway_failure": 1000}
@@ -115,7 +142,7 @@ MODELS = [
         "name": "smart",
         "targets": [
             {"provider": "openai", "upstream": "gpt-5.5", "first_byte_timeout": "1s"},
-            {"provider": "anthropic", "upstream": "claude-sonnet-5-5", "priority": 2, "first_byte_timeout": "1s"},
+            {"provider": "anthropic", "upstream": "claude-sonnet-5-5", "priority": 2, "first_byte_timeout": "30s"},
         ],
     },
     {
@@ -263,6 +290,22 @@ def test_a_slow_first_byte_falls_back(env: Env, tag: str) -> None:
     assert r.choices[0].message.content
     assert [m for _, m, _ in env.upstream(tag)] == ["gpt-5.5", "claude-sonnet-5-5"]
     assert elapsed < 2.8, f"the per-try timeout (1 s) did not cut the slow target: {elapsed:.1f}s"
+
+
+def test_first_byte_timeouts_are_per_target(env: Env, tag: str) -> None:
+    """Both targets take 2 s to answer: the first (first_byte_timeout 1 s) is cut, the second
+    (30 s) is waited for."""
+    started = time.monotonic()
+    raw = env.oai(tag).chat.completions.with_raw_response.create(
+        model="smart",
+        messages=MSGS,
+        extra_headers={"x-mock-only-model": "gpt-5.5,claude-sonnet-5-5", "x-mock-latency-ms": "2000"},
+    )
+    elapsed = time.monotonic() - started
+    assert raw.parse().choices[0].message.content
+    assert [m for _, m, _ in env.upstream(tag)] == ["gpt-5.5", "claude-sonnet-5-5"]
+    assert 2.5 < elapsed < 5, elapsed
+    assert env.record(raw.headers["x-gateway-request-id"]).provider == "anthropic"
 
 
 def test_a_connection_refusal_falls_back_and_the_dead_target_is_ejected(env: Env, tag: str) -> None:

@@ -269,23 +269,45 @@ def test_check_finds_a_weight_or_priority_that_differs() -> None:
     assert len(problems) == 1 and "cluster 'targets-smart' endpoints" in problems[0]
 
 
-def test_check_finds_a_per_try_timeout_that_differs() -> None:
+def _inner_action(cfg: dict[str, Any], listener: str) -> dict[str, Any]:
+    for lst in cfg["static_resources"]["listeners"]:
+        if lst["name"] == listener:
+            hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+            action: dict[str, Any] = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
+            return action
+    raise AssertionError(listener)
+
+
+def test_check_finds_a_first_byte_timeout_that_differs_per_target() -> None:
     cfg = shipped()
-    route, _ = _smart(cfg)
-    route["route"]["retry_policy"]["per_try_timeout"] = "5s"
+    _inner_action(cfg, "target-smart-2")["retry_policy"]["per_try_timeout"] = "5s"
     problems = envoyconf.check(_gateway(weight=1), cfg)
-    assert len(problems) == 1 and "per_try_timeout" in problems[0]
+    assert len(problems) == 1 and "'target-smart-2' per_try_timeout is '5s'" in problems[0]
+    # Different timeouts per target are fine when envoy.yaml says the same.
+    assert envoyconf.check(_gateway(weight=1, first_byte_timeout=5), cfg) == []
 
 
-def test_check_finds_targets_with_different_timeouts_and_a_missing_filter() -> None:
+def test_check_finds_a_target_sent_to_the_wrong_cluster_and_a_missing_filter() -> None:
     cfg = shipped()
+    _inner_action(cfg, "target-smart-1")["cluster"] = "anthropic"
     _, cluster = _smart(cfg)
     cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"][
         "http_filters"
     ] = []
-    problems = envoyconf.check(_gateway(weight=1, first_byte_timeout=5), cfg)
-    assert any("one first_byte_timeout" in p for p in problems)
+    problems = envoyconf.check(_gateway(weight=1), cfg)
+    assert any("sends target openai/gpt-5.5 to cluster 'anthropic'" in p for p in problems)
     assert any("per-attempt ext_proc filter" in p for p in problems)
+
+
+def test_check_finds_a_target_without_its_internal_listener() -> None:
+    cfg = shipped()
+    cfg["static_resources"]["listeners"] = [
+        lst for lst in cfg["static_resources"]["listeners"] if lst["name"] != "target-smart-2"
+    ]
+    problems = envoyconf.check(_gateway(weight=1), cfg)
+    assert problems == [
+        "model 'smart': target anthropic/claude-sonnet-5-5 is not an internal listener defined in envoy.yaml"
+    ]
 
 
 def test_check_finds_a_model_without_a_route() -> None:
@@ -297,16 +319,14 @@ def test_check_finds_a_model_without_a_route() -> None:
     ]
 
 
-def test_derived_config_puts_targets_on_the_mock() -> None:
-    derived = envoyconf.derive_local(shipped(), envoyconf.LocalPorts(mock=18080))
-    _, cluster = _smart(derived)
-    addrs = envoyconf.target_endpoints(cluster)
-    assert set(addrs) == {"openai/gpt-5.5", "anthropic/claude-sonnet-5-5"}
-    eps = [
-        lb["endpoint"]["address"]["socket_address"]
-        for g in cluster["load_assignment"]["endpoints"]
-        for lb in g["lb_endpoints"]
-    ]
-    assert all(a == {"address": "127.0.0.1", "port_value": 18080} for a in eps)
-    assert "transport_socket_matches" not in cluster
-    assert envoyconf._has_attempt_filter(cluster)
+def test_derived_config_keeps_targets_on_their_provider_clusters() -> None:
+    """The internal listeners forward to the provider clusters, which the derived config puts on
+    the mock: the target cluster itself is unchanged, and only client listeners are re-addressed."""
+    shipped_cfg = shipped()
+    derived = envoyconf.derive_local(shipped_cfg, envoyconf.LocalPorts(mock=18080))
+    assert _smart(derived)[1] == _smart(shipped_cfg)[1]
+    assert envoyconf.internal_routes(derived) == envoyconf.internal_routes(shipped_cfg)
+    openai = envoyconf.clusters(derived)["openai"]
+    addr = openai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert addr == {"address": "127.0.0.1", "port_value": 18080}
+    assert envoyconf._has_attempt_filter(_smart(derived)[1])
