@@ -54,6 +54,23 @@ def _headers_of(msg: ep.HttpHeaders, ctx: RequestContext | None = None) -> dict[
     return out
 
 
+def _rewritten_body(ctx: RequestContext) -> bytes:
+    """The edited request body (`ctx.json`) serialized, refusing what re-serializing would change:
+    integers beyond 64 bits (orjson reads them as floats) and nesting orjson cannot write."""
+    if ctx.body is not None and has_lossy_integers(ctx.body):
+        raise GatewayError(
+            ErrorKind.INVALID_REQUEST,
+            "Request body has an integer beyond 64 bits; the gateway cannot forward it unchanged.",
+            "invalid_json",
+        )
+    body = ctx.json
+    ctx.body = None  # the raw bytes are not needed any more: do not hold both copies
+    try:
+        return orjson.dumps(body)
+    except TypeError:  # orjson writes at most 254 levels of nesting (it reads 1,024)
+        raise GatewayError(ErrorKind.INVALID_REQUEST, "Request body is nested too deeply.", "invalid_json") from None
+
+
 def _take_request_headers(ctx: RequestContext, msg: ep.HttpHeaders) -> None:
     """Method, path (and query), the client's schema and endpoint from the path, and the headers."""
     headers = _headers_of(msg, ctx)
@@ -198,19 +215,7 @@ class Processor:
         ctx.stage = ""
         new_body: bytes | None = None
         if ctx.body_dirty:
-            if ctx.body is not None and has_lossy_integers(ctx.body):
-                raise GatewayError(
-                    ErrorKind.INVALID_REQUEST,
-                    "Request body has an integer beyond 64 bits; the gateway cannot forward it unchanged.",
-                    "invalid_json",
-                )
-            ctx.body = None  # the raw bytes are not needed any more: do not hold both copies
-            try:
-                new_body = orjson.dumps(ctx.json)
-            except TypeError:  # orjson writes at most 254 levels of nesting (it reads 1,024)
-                raise GatewayError(
-                    ErrorKind.INVALID_REQUEST, "Request body is nested too deeply.", "invalid_json"
-                ) from None
+            new_body = _rewritten_body(ctx)
             ctx.set_headers["content-length"] = str(len(new_body))
         # The request phases are over: a long stream must not keep a large body (and its parsed
         # copy) alive for minutes. Stages keep what they need of it in ctx.state.
@@ -463,7 +468,7 @@ class AttemptProcessor:
                 if not msg.end_of_stream:
                     return resp
                 await self.stage.request_body(ctx)
-                body = orjson.dumps(ctx.json) if ctx.body_dirty else ctx.body
+                body = _rewritten_body(ctx) if ctx.body_dirty else ctx.body
                 ctx.release_body()
                 replies.common(resp.request_body.response, ctx.set_headers, ctx.remove_headers, body=body)
                 replies.add_metadata(resp, {"content_length": str(len(body or b""))})

@@ -330,3 +330,20 @@ def test_derived_config_keeps_targets_on_their_provider_clusters() -> None:
     addr = openai["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
     assert addr == {"address": "127.0.0.1", "port_value": 18080}
     assert envoyconf._has_attempt_filter(_smart(derived)[1])
+
+
+async def test_an_attempt_refuses_an_integer_it_could_not_forward_unchanged() -> None:
+    """The attempt re-serializes the body for its target: like the downstream processor, it
+    refuses an integer beyond 64 bits (orjson would turn it into a float) instead of sending it."""
+    stage = attempt_stage(CONFIG, load_provider_auth(CONFIG))
+    assert stage is not None
+    proc = AttemptProcessor(stage)
+    await proc.handle(headers_msg("/v1/chat/completions", "openai/gpt-5.5"))
+    req = ep.ProcessingRequest()
+    req.request_body.body = (
+        b'{"model":"smart","messages":[{"role":"user","content":"x"}],"seed":123456789012345678901234567890}'
+    )
+    req.request_body.end_of_stream = True
+    resp = await proc.handle(req)
+    assert resp is not None and resp.immediate_response.status.code == 400
+    assert orjson.loads(resp.immediate_response.body)["error"]["code"] == "invalid_json"
