@@ -13,18 +13,14 @@ from dataclasses import asdict
 from typing import Any
 
 from .cache.store import TenantStats, open_cache_store
-from .config import ConfigError, GatewayConfig, load_config
+from .config import ConfigError, GatewayConfig
 from .store import StoreUnavailable, open_backend
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
-    import os
+    from .cli import _load  # the one place --config / $EXTPROC_CONFIG is resolved
 
-    try:
-        return load_config(args.config or os.environ.get("EXTPROC_CONFIG") or "gateway.yaml")
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(2) from None
+    return _load(args.config)
 
 
 async def _with_store(config: GatewayConfig, op: Any) -> Any:

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
@@ -58,27 +58,12 @@ class CacheSettings:
     count_hits: bool = False
 
 
-def _fields(s: CacheSettings) -> dict[str, Any]:
-    return {
-        "mode": s.mode,
-        "ttl_seconds": s.ttl_seconds,
-        "max_entry_bytes": s.max_entry_bytes,
-        "cache_nonzero_temperature": s.cache_nonzero_temperature,
-        "cache_truncated": s.cache_truncated,
-        "similarity_threshold": s.similarity_threshold,
-        "embedding": s.embedding,
-        "embedding_key_env": s.embedding_key_env,
-        "embedding_timeout_seconds": s.embedding_timeout_seconds,
-        "count_hits": s.count_hits,
-    }
-
-
 def resolve(default: CacheSettings, *specs: CacheSpec | None) -> CacheSettings:
     """Each spec's set fields override the ones before (default, tenant, model)."""
-    values = _fields(default)
+    values = asdict(default)
     for spec in specs:
         if spec is not None:
-            values.update({k: v for k, v in spec.model_dump().items() if v is not None})
+            values.update(spec.model_dump(exclude_none=True))
     return CacheSettings(**values)
 
 
@@ -120,12 +105,19 @@ class CacheStage(Stage):
             if m.cache is not None:
                 for public in (m.name, *m.aliases):
                     self.models[public] = m.cache
+        self._resolved: dict[tuple[str, str], CacheSettings] = {}
         self.hits = self.misses = self.stored = 0
         self.envoy_url = config.server.envoy_url
         self._http: httpx.AsyncClient | None = None
 
     def settings_for(self, tenant: str, model: str) -> CacheSettings:
-        return resolve(self.default, self.tenants.get(tenant), self.models.get(model))
+        """Resolved once per (tenant, model with its own cache section): this runs on every
+        request, and the keys are bounded by gateway.yaml (other models share the "" entry)."""
+        key = (tenant if tenant in self.tenants else "", model if model in self.models else "")
+        settings = self._resolved.get(key)
+        if settings is None:
+            settings = self._resolved[key] = resolve(self.default, self.tenants.get(key[0]), self.models.get(key[1]))
+        return settings
 
     async def request_body(self, ctx: RequestContext) -> None:
         route, identity, adapter = ctx.route, ctx.identity, ctx.adapter
