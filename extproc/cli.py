@@ -34,14 +34,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from . import workers
     from .server import run
 
     try:
+        n = workers.worker_count(config, args.workers)
+        if n > 1:
+            return workers.run(config, n, args.listen, args.metrics_listen)
         run(config, args.listen, args.metrics_listen)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
     return 0
+
+
+def _workers_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
@@ -258,6 +271,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("records replayed", status.get("records_replayed")),
         ("tracing", "on" if status.get("tracing") else "off"),
     ]
+    for w in status.get("workers") or ():
+        state = "ready" if w.get("ready") else "NOT READY"
+        rows.append(
+            (
+                f"worker {w.get('index')}",
+                f"pid {w.get('pid')} on {w.get('listen')}, {state}, {w.get('in_flight')} in flight, "
+                f"{w.get('restarts')} restarts",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -305,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="override server.listen (host:port or unix:/path)")
     p.add_argument(
         "--metrics-listen", help="override server.metrics_listen (host:port of /metrics, /healthz, ...; off: none)"
+    )
+    p.add_argument(
+        "--workers",
+        type=_workers_arg,
+        help="override server.workers: server processes (auto: the cores available with the redis store, else 1)",
     )
     p.set_defaults(func=cmd_serve)
 

@@ -94,6 +94,59 @@ class ServerConfig(_Strict):
     # HTTP address of /metrics (Prometheus), /healthz, /readyz and /status (for `extproc status`);
     # null turns it off. It names no tenant or key, but keep it off the public network.
     metrics_listen: str | None = "127.0.0.1:9464"
+    # Server processes `extproc serve` runs, each with its own event loop (one Python process uses
+    # one core). auto: the cores this container may use (CPU affinity and cgroup quota) with the
+    # redis store; 1 with the embedded store, whose state and limits belong to one process.
+    workers: int | Literal["auto"] = "auto"
+    # How several workers share server.listen. reuse_port: all on the same address (SO_REUSEPORT),
+    # the kernel spreads Envoy's connections among them: no envoy.yaml change, but Envoy opens only
+    # a few connections, so the spread can be uneven. ports: worker i listens on port+i (unix:
+    # <path>.<i>), each an endpoint of envoy.yaml's extproc cluster (LEAST_REQUEST spreads streams
+    # evenly; `extproc check` verifies the endpoints). README, "Worker processes", has the figures.
+    worker_listen: Literal["reuse_port", "ports"] = "reuse_port"
+
+    def ops_address(self, override: str | None = None) -> str | None:
+        """The ops address in effect: --metrics-listen (off: none, whatever this file says), else
+        metrics_listen."""
+        if override is None:
+            return self.metrics_listen
+        return None if override == "off" else override
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError(f"expected 1 to 64 or 'auto', got {v}")
+        return v
+
+    def worker_addresses(self, n: int, listen: str | None = None) -> list[str]:
+        """Each of n workers' gRPC address (reuse_port shares `listen`, ports counts up from it)."""
+        listen = listen or self.listen
+        if n == 1:
+            return [listen]
+        if listen.startswith("unix:"):
+            if self.worker_listen == "reuse_port":
+                raise ConfigError(
+                    "server.worker_listen: reuse_port cannot share a unix socket among workers; use ports "
+                    "(worker i listens on <path>.<i>)"
+                )
+            return [f"{listen}.{i}" for i in range(n)]
+        host, _, port = listen.rpartition(":")
+        if not port.isdigit() or int(port) == 0:
+            raise ConfigError(f"server.listen {listen}: {n} workers need a fixed port (Envoy must know where they are)")
+        if self.worker_listen == "reuse_port":
+            return [listen] * n
+        if int(port) + n - 1 > 65535:
+            raise ConfigError(f"server.listen {listen}: ports {port}..{int(port) + n - 1} do not exist")
+        return [f"{host}:{int(port) + i}" for i in range(n)]
+
+    @model_validator(mode="after")
+    def _ports_need_count(self) -> ServerConfig:
+        if self.worker_listen == "ports" and self.workers == "auto":
+            raise ValueError(
+                "server.workers: set a number with worker_listen: ports (envoy.yaml lists one endpoint per worker)"
+            )
+        return self
 
     @field_validator("metrics_listen")
     @classmethod
@@ -511,6 +564,11 @@ class GatewayConfig(_Strict):
                 seen[public] = m.name
         self._check_pii()
         self._check_cache_embeddings()
+        if self.store.backend == "embedded" and self.server.workers not in ("auto", 1):
+            raise ValueError(
+                f"server.workers: {self.server.workers} workers need store.backend redis (the embedded store's "
+                "limits, caches and key changes belong to one process)"
+            )
         ids: set[str] = set()
         hashes: set[str] = set()
         for k in self.auth.static_keys:

@@ -99,6 +99,10 @@ class Stack:
     sampling_ratio: float | None = None
     # The server's metrics port and the metrics behind it (off: as if never configured).
     metrics: bool = True
+    # `extproc serve --workers`; with extproc_endpoints > 1 Envoy's extproc cluster lists that many
+    # consecutive ports from ports.extproc (gateway.yaml server.worker_listen: ports).
+    workers: int | str = 1
+    extproc_endpoints: int = 1
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -135,8 +139,9 @@ class Stack:
         listen = f"{self.ports.host}:{self.ports.extproc}"
         metrics = f"{self.ports.host}:{self.ports.metrics or 0}" if self.metrics else "off"
         args = [*py, "serve", "--config", str(self.gateway_config), "--listen", listen, "--metrics-listen", metrics]
-        self._spawn("server", args)
-        wait_until("ext_proc server", lambda: tcp_open(self.ports.extproc), list(self.procs.values()), 30)
+        self._spawn("server", [*args, "--workers", str(self.workers)])
+        ports = range(self.ports.extproc, self.ports.extproc + self.extproc_endpoints)
+        wait_until("ext_proc server", lambda: all(tcp_open(p) for p in ports), list(self.procs.values()), 30)
 
     def stop_server(self) -> None:
         self._stop("server")
@@ -149,6 +154,7 @@ class Stack:
             self.real_providers,
             otlp=envoyconf.OtlpTarget.from_env({**os.environ, **self.env}),
             sampling_ratio=self.sampling_ratio,
+            extproc_endpoints=self.extproc_endpoints,
         )
         envoy_yaml = self.workdir / "envoy.yaml"
         envoy_yaml.write_text(envoyconf.dump(derived))

@@ -312,8 +312,39 @@ def check(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
     if not has_filter:
         problems.append("envoy.yaml has no envoy.filters.http.ext_proc filter")
     problems.extend(_limit_problems(gateway, cfg))
+    problems.extend(_worker_problems(gateway, cfg))
     problems.extend(_tracing_problems(gateway, cfg))
     problems.extend(_target_problems(gateway, cfg))
+    return problems
+
+
+def _worker_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
+    """With worker_listen: ports, each worker's address must be an endpoint of the extproc cluster
+    (a missing one idles a worker; an extra one gets 503s)."""
+    server = gateway.server
+    if server.worker_listen != "ports" or not isinstance(server.workers, int) or server.workers < 2:
+        return []
+    wanted = {a.removeprefix("unix:") for a in server.worker_addresses(server.workers)}
+    have: set[str] = set()
+    cluster = clusters(cfg).get(EXTPROC_CLUSTER, {})
+    for group in cluster.get("load_assignment", {}).get("endpoints", []):
+        for ep in group.get("lb_endpoints", []):
+            address = ep.get("endpoint", {}).get("address", {})
+            if "pipe" in address:
+                have.add(address["pipe"].get("path", ""))
+            elif "socket_address" in address:
+                sa = address["socket_address"]
+                have.add(f"{sa.get('address')}:{sa.get('port_value')}")
+    problems = []
+    if missing := sorted(wanted - have):
+        problems.append(
+            f"gateway.yaml server.workers {server.workers} with worker_listen: ports listens on "
+            f"{', '.join(missing)}, not endpoints of envoy.yaml cluster {EXTPROC_CLUSTER!r}"
+        )
+    if extra := sorted(have - wanted):
+        problems.append(
+            f"envoy.yaml cluster {EXTPROC_CLUSTER!r} has endpoints no worker listens on: {', '.join(extra)}"
+        )
     return problems
 
 
@@ -391,13 +422,17 @@ def request_body_limit(hcm: dict[str, Any]) -> int | None:
     return None
 
 
-def _static_endpoint(cluster: dict[str, Any], host: str, port: int) -> None:
+def _static_endpoint(cluster: dict[str, Any], host: str, *ports: int) -> None:
     cluster["type"] = "STATIC"
     cluster.pop("dns_lookup_family", None)
     cluster["load_assignment"] = {
         "cluster_name": cluster["name"],
         "endpoints": [
-            {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}
+            {
+                "lb_endpoints": [
+                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": p}}}} for p in ports
+                ]
+            }
         ],
     }
 
@@ -464,10 +499,12 @@ def derive_local(
     otlp: OtlpTarget | None = None,
     sampling_ratio: float | None = None,
     keep_tracing: bool = False,
+    extproc_endpoints: int = 1,
 ) -> dict[str, Any]:
     """The same config on the given ports, with every provider cluster (except `real_providers`;
     None means all are real) sent to the mock provider over plain HTTP/1.1. Tracing goes to `otlp`
-    (at `sampling_ratio`), stays as written with `keep_tracing`, else is removed."""
+    (at `sampling_ratio`), stays as written with `keep_tracing`, else is removed. The ext_proc server
+    is on `extproc_endpoints` consecutive ports from ports.extproc (workers with worker_listen: ports)."""
     out = copy.deepcopy(cfg)
     _tracing(out, keep_tracing, otlp, sampling_ratio)
     out["admin"]["address"]["socket_address"].update(address=ports.host, port_value=ports.admin)
@@ -477,7 +514,7 @@ def derive_local(
                 address=ports.listen_host or ports.host, port_value=ports.listener
             )
     by_name = clusters(out)
-    _static_endpoint(by_name[EXTPROC_CLUSTER], ports.host, ports.extproc)
+    _static_endpoint(by_name[EXTPROC_CLUSTER], ports.host, *range(ports.extproc, ports.extproc + extproc_endpoints))
     for provider, cluster_name in provider_clusters(out).items():
         if real_providers is None or provider in real_providers:
             continue

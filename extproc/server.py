@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -357,9 +358,14 @@ class ExtProcServer(Protocol):
 
 
 def create_server(
-    config: GatewayConfig, pipeline: Pipeline, listen: str | None = None, health: Health | None = None
+    config: GatewayConfig,
+    pipeline: Pipeline,
+    listen: str | None = None,
+    health: Health | None = None,
+    reuse_port: bool = False,
 ) -> tuple[ExtProcServer, int]:
-    """Create (not start) the server; returns it with the bound port (0 for unix sockets)."""
+    """Create (not start) the server; returns it with the bound port (0 for unix sockets).
+    `reuse_port`: other worker processes listen on the same address (extproc.workers)."""
     address = listen or config.server.listen
     if config.server.transport == "native":
         # Streams beyond max_concurrent_streams still open (the admission stage answers them with a
@@ -370,6 +376,7 @@ def create_server(
             config.server.max_message_bytes,
             2 * config.server.max_concurrent_streams,
             health_status(health),
+            reuse_port,
         )
         return native, native.port
     limit = config.server.max_message_bytes
@@ -387,6 +394,9 @@ def create_server(
             # Envoy keeps one long-lived HTTP/2 connection per worker; allow its keepalive pings.
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # gRPC core sets SO_REUSEPORT unless told not to: a second server on the same port
+            # must fail to start, unless it is a worker meant to share it.
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
         ]
     )
     processor = ExternalProcessor(pipeline)
@@ -399,21 +409,23 @@ def create_server(
     return server, port
 
 
+Announce = Callable[[dict[str, Any]], None]
+
+
 async def serve(
     config: GatewayConfig,
     listen: str | None = None,
     ready: asyncio.Event | None = None,
     metrics_listen: str | None = None,
+    reuse_port: bool = False,
+    announce: Announce | None = None,
 ) -> None:
-    # --metrics-listen off: no ops port (and no metrics recorded) whatever gateway.yaml says.
-    ops = (
-        config.server.metrics_listen
-        if metrics_listen is None
-        else (None if metrics_listen == "off" else metrics_listen)
-    )
+    """Serve until SIGTERM/SIGINT. `announce` (a worker's, see extproc.workers) is told the ops
+    port once the server takes streams."""
+    ops = config.server.ops_address(metrics_listen)  # none: no metrics recorded either
     runtime = await build_runtime(config, metrics=ops is not None)
     try:
-        await _serve(config, runtime, listen, ready, ops)
+        await _serve(config, runtime, listen, ready, ops, reuse_port, announce)
     finally:
         await runtime.close()
 
@@ -453,8 +465,10 @@ async def _serve(
     listen: str | None,
     ready: asyncio.Event | None,
     metrics_listen: str | None,
+    reuse_port: bool = False,
+    announce: Announce | None = None,
 ) -> None:
-    server, _ = create_server(config, runtime.pipeline, listen, runtime.health)
+    server, _ = create_server(config, runtime.pipeline, listen, runtime.health, reuse_port)
     ops: OpsServer | None = None
     if metrics_listen:
         runtime.metrics.gauge(
@@ -472,20 +486,30 @@ async def _serve(
         except (OSError, ValueError) as err:
             # A port in use or a bad host: say which setting, like any other config mistake.
             raise ConfigError(f"server.metrics_listen {metrics_listen}: cannot listen ({err})") from None
+
+    def started() -> None:
+        if ready is not None:
+            ready.set()
+        if announce is not None:
+            announce({"pid": os.getpid(), "ops_port": ops.port if ops is not None else None})
+
     try:
-        await _run_server(config, server, listen, ready, runtime.health)
+        await _run_server(config, server, listen, started, runtime.health)
     finally:
         if ops is not None:
             await ops.close()
 
 
 async def _run_server(
-    config: GatewayConfig, server: ExtProcServer, listen: str | None, ready: asyncio.Event | None, health: Health | None
+    config: GatewayConfig,
+    server: ExtProcServer,
+    listen: str | None,
+    started: Callable[[], None],
+    health: Health | None,
 ) -> None:
     await server.start()
     log.info("ext_proc server listening on %s", listen or config.server.listen)
-    if ready is not None:
-        ready.set()
+    started()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -504,14 +528,22 @@ async def _run_server(
     stopper.cancel()
 
 
-def run(config: GatewayConfig, listen: str | None = None, metrics_listen: str | None = None) -> None:
+def run(
+    config: GatewayConfig,
+    listen: str | None = None,
+    metrics_listen: str | None = None,
+    reuse_port: bool = False,
+    announce: Announce | None = None,
+) -> None:
+    """One server process (a worker of extproc.workers when `announce` is given)."""
     # Before any thread exists (arena settings apply to threads created later).
     allocator.tune()
+    main = serve(config, listen, metrics_listen=metrics_listen, reuse_port=reuse_port, announce=announce)
     # Only the import is guarded: an ImportError raised while serving must surface, not silently
     # start a second server under asyncio.
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(config, listen, metrics_listen=metrics_listen))
+        asyncio.run(main)
         return
-    uvloop.run(serve(config, listen, metrics_listen=metrics_listen))
+    uvloop.run(main)

@@ -628,6 +628,7 @@ class NativeServer:
         max_message: int,
         max_streams: int,
         health: Callable[[str], int | None] | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.pipeline = pipeline
         # service name -> grpc.health.v1 ServingStatus, or None for an unknown service.
@@ -638,7 +639,7 @@ class NativeServer:
         self._server: asyncio.AbstractServer | None = None
         self._changed: asyncio.Event | None = None
         self._stopped: asyncio.Event | None = None
-        self.sock = _bind(address)
+        self.sock = _bind(address, reuse_port)
         self.port = self.sock.getsockname()[1] if self.sock.family != socket.AF_UNIX else 0
 
     def notify(self) -> None:
@@ -685,8 +686,9 @@ class NativeServer:
         await self._stopped.wait()
 
 
-def _bind(address: str) -> socket.socket:
-    """host:port, [v6]:port, or unix:/path."""
+def _bind(address: str, reuse_port: bool = False) -> socket.socket:
+    """host:port, [v6]:port, or unix:/path. With `reuse_port`, other worker processes bind the same
+    address and the kernel spreads incoming connections among them."""
     if address.startswith("unix:"):
         path = address[5:]
         with contextlib.suppress(FileNotFoundError):
@@ -699,6 +701,8 @@ def _bind(address: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, int(port)))
         except OSError:

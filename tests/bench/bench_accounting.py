@@ -326,7 +326,7 @@ def server_main(argv: list[str]) -> None:
         pipeline = Pipeline(stages)
         try:
             grpc_server, _ = server.create_server(config, pipeline, args.listen)
-            await server._run_server(config, grpc_server, args.listen, None, None)
+            await server._run_server(config, grpc_server, args.listen, lambda: None, None)
         finally:
             await runtime.close()
 
