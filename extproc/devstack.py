@@ -140,7 +140,9 @@ class Stack:
         metrics = f"{self.ports.host}:{self.ports.metrics or 0}" if self.metrics else "off"
         args = [*py, "serve", "--config", str(self.gateway_config), "--listen", listen, "--metrics-listen", metrics]
         self._spawn("server", [*args, "--workers", str(self.workers)])
-        ports = range(self.ports.extproc, self.ports.extproc + self.extproc_endpoints)
+        ports = [*range(self.ports.extproc, self.ports.extproc + self.extproc_endpoints)]
+        if self.metrics and self.ports.metrics:
+            ports.append(self.ports.metrics)  # with workers, the supervisor's opens once all started
         wait_until("ext_proc server", lambda: all(tcp_open(p) for p in ports), list(self.procs.values()), 30)
 
     def stop_server(self) -> None:

@@ -475,11 +475,15 @@ async def _serve(
             "gateway_open_streams", "ext_proc streams open with Envoy.", lambda: _open_streams(server)
         )
         assert runtime.health is not None
+        # Workers sharing one address: the supervisor evens out Envoy's connections among them.
+        shared = announce is not None and reuse_port and isinstance(server, NativeServer)
+        balance = (server.balance, server.shed) if shared and isinstance(server, NativeServer) else None
         ops = OpsServer(
             metrics_listen,
             make_registry(runtime.metrics),
             runtime.health,
             status_of(runtime, server, config.server.transport),
+            balance,
         )
         try:
             await ops.start()

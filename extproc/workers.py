@@ -53,6 +53,11 @@ _START_TIMEOUT = 120.0
 _STOP_GRACE = 30.0  # the workers drain for up to 25 s (server._run_server)
 _MAX_BACKOFF = 30.0
 _SCRAPE_TIMEOUT = 2.0
+# reuse_port rebalancing: every interval, act when one worker opened more than SKEW x its fair
+# share of at least MIN_STREAMS streams over two or more connections.
+_BALANCE_INTERVAL = 1.0
+_BALANCE_SKEW = 1.5
+_BALANCE_MIN_STREAMS = 25
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
@@ -126,6 +131,22 @@ def _worker_main(
         sys.exit(2)
 
 
+def to_shed(reports: list[dict[str, Any] | None]) -> int | None:
+    """The worker that should give up a connection: it opened more than _BALANCE_SKEW times its
+    fair share of the streams of the last window (when there were enough to judge) and over two
+    or more connections (moving its only one would only move the imbalance)."""
+    if not reports or any(r is None for r in reports):
+        return None
+    opened = [int(r["opened"]) for r in reports if r is not None]
+    total = sum(opened)
+    busiest = max(range(len(opened)), key=opened.__getitem__)
+    report = reports[busiest]
+    assert report is not None
+    if total < _BALANCE_MIN_STREAMS or opened[busiest] * len(opened) <= _BALANCE_SKEW * total:
+        return None
+    return busiest if int(report["active"]) >= 2 else None
+
+
 @dataclass
 class Worker:
     index: int
@@ -151,6 +172,8 @@ class Supervisor:
     metrics_listen: str | None
     workers: list[Worker] = field(default_factory=list)
     exit_code: int | None = None
+    # Connections a worker was told to give up (reuse_port: Envoy reconnects, maybe elsewhere).
+    rebalances: int = 0
     _ctx: Any = None
     _session: aiohttp.ClientSession | None = None
     _started: float = field(default_factory=time.time)
@@ -161,7 +184,9 @@ class Supervisor:
 
     def _start(self, w: Worker) -> None:
         parent, child = self._ctx.Pipe()
-        metrics = "127.0.0.1:0" if self.metrics_listen else "off"
+        # Always an ops port of its own on loopback: the supervisor reads it (metrics, status,
+        # balance) even when it serves none itself.
+        metrics = "127.0.0.1:0"
         proc = self._ctx.Process(
             target=_worker_main,
             args=(self.config, w.index, w.listen, self.reuse_port, metrics, child),
@@ -226,8 +251,14 @@ class Supervisor:
             if self.exit_code is None and not stop.is_set():
                 if self.metrics_listen:
                     runner = await self._serve_ops(self.metrics_listen)
+                balancing = self.reuse_port and self.config.server.transport == "native"
+                next_balance = time.monotonic() + _BALANCE_INTERVAL
                 while not stop.is_set() and self.exit_code is None:
                     self._poll(stopping=False)
+                    if balancing and time.monotonic() >= next_balance:
+                        shed = await self._rebalance()
+                        # After a shed, skip a window: the next one still mixes before and after.
+                        next_balance = time.monotonic() + _BALANCE_INTERVAL * (2 if shed else 1)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 0.2)
         finally:
@@ -252,6 +283,33 @@ class Supervisor:
                 w.proc.kill()
                 await asyncio.to_thread(w.proc.join, 5)
         self._poll(stopping=True)
+
+    async def _rebalance(self) -> bool:
+        """Why: with reuse_port the kernel hands each of Envoy's few long-lived HTTP/2 connections
+        to a worker at random, and measured over restarts all of them landed on one worker half
+        the time. A worker that opened more than its share of streams over two or more
+        connections is told to GOAWAY its busiest; Envoy's next stream opens a new connection,
+        which lands on a random worker: a few tries even it out. True when a worker shed one."""
+        reports = []
+        for text in await self._gather("/balance"):
+            try:
+                reports.append(orjson.loads(text) if text is not None else None)
+            except orjson.JSONDecodeError:
+                reports.append(None)
+        busiest = to_shed(reports)
+        if busiest is None:
+            return False
+        w = self.workers[busiest]
+        assert self._session is not None
+        try:
+            async with self._session.post(f"http://127.0.0.1:{w.ops_port}/shed") as resp:
+                shed = bool((await resp.json()).get("shed"))
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
+            return False
+        if shed:
+            self.rebalances += 1
+            log.info("worker %d opened more than its share of streams: it shed a connection", w.index)
+        return shed
 
     # The supervisor's ops endpoint.
 
@@ -294,7 +352,12 @@ class Supervisor:
             up.add_metric([str(w.index)], 1.0 if text is not None else 0.0)
             restarts.add_metric([str(w.index)], float(w.restarts))
         workers = GaugeMetricFamily("gateway_workers", "Worker processes configured.", value=len(self.workers))
-        body = merge([t for t in texts if t is not None], [workers, up, restarts])
+        rebalances = CounterMetricFamily(
+            "gateway_worker_rebalances",
+            "Envoy connections a busy worker gave up so the kernel reassigns them (reuse_port).",
+            value=self.rebalances,
+        )
+        body = merge([t for t in texts if t is not None], [workers, up, restarts, rebalances])
         return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -350,6 +413,7 @@ class Supervisor:
                 "spool_bytes": max((int(s.get("spool_bytes") or 0) for s in live), default=0),
                 "records_replayed": total("records_replayed"),
                 "tracing": any(s.get("tracing") for s in live),
+                "rebalances": self.rebalances,
                 "workers": [
                     {
                         "index": w.index,

@@ -37,8 +37,15 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 class OpsServer:
     def __init__(
-        self, address: str, registry: CollectorRegistry, health: Health, status: Callable[[], dict[str, Any]]
+        self,
+        address: str,
+        registry: CollectorRegistry,
+        health: Health,
+        status: Callable[[], dict[str, Any]],
+        balance: tuple[Callable[[], dict[str, int]], Callable[[], bool]] | None = None,
     ) -> None:
+        # balance: a worker's (load report, shed a connection) for its supervisor, on loopback.
+        self.balance = balance
         self.address = address
         self.registry = registry
         self.health = health
@@ -52,6 +59,9 @@ class OpsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/status", self._status)
+        if self.balance is not None:
+            app.router.add_get("/balance", self._balance)
+            app.router.add_post("/shed", self._shed)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         host, _, port = self.address.rpartition(":")
@@ -76,6 +86,14 @@ class OpsServer:
 
     async def _status(self, request: web.Request) -> web.Response:
         return _json(self.status())
+
+    async def _balance(self, request: web.Request) -> web.Response:
+        assert self.balance is not None
+        return _json(self.balance[0]())
+
+    async def _shed(self, request: web.Request) -> web.Response:
+        assert self.balance is not None
+        return _json({"shed": self.balance[1]()})
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -148,7 +148,13 @@ class H2Protocol(asyncio.Protocol):
         self.paused = False
         self.streams: dict[int, _Stream] = {}
         self.last_sid = 0
+        # ext_proc streams opened on this connection; `mark` and `window`: at / since the last
+        # NativeServer.balance() (the supervisor's rebalancing of workers).
+        self.opened = 0
+        self.mark = 0
+        self.window = 0
         self.goaway_sent = False
+        self.draining = False  # the first of a graceful shutdown's two GOAWAYs went out
         self.goaway_received = False
         # Flow control: what we may send (Envoy's windows), what we took in and did not ack yet.
         self.send_window = 65535
@@ -227,6 +233,19 @@ class H2Protocol(asyncio.Protocol):
             self.transport.close()
         elif not self.streams:
             self.transport.close()
+
+    def drain(self, why: str, delay: float = 1.0) -> None:
+        """Graceful GOAWAY (RFC 9113 6.8): first one naming the largest stream id, so Envoy opens
+        no new stream here while those already on the wire are still taken (a plain GOAWAY refuses
+        them, and Envoy's gRPC client does not retry: the request fails with 500); `delay` later
+        (far over a loopback round trip) the real one, with the last stream taken."""
+        if self.transport is None or self.goaway_sent or self.draining:
+            return
+        self.draining = True
+        last = (2**31 - 1).to_bytes(4, "big")
+        self._write(frame(GOAWAY, 0, 0, last + NO_ERROR.to_bytes(4, "big") + why.encode()[:64]))
+        self._flush()
+        self.loop.call_later(delay, self.goaway, NO_ERROR, why)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -497,6 +516,7 @@ class H2Protocol(asyncio.Protocol):
             )
             return
         self.streams[sid] = st
+        self.opened += 1
         st.eof = end_stream
         st.task = self.loop.create_task(self._run(st, traceparent, phase))
 
@@ -617,6 +637,10 @@ class H2Protocol(asyncio.Protocol):
         self.server.notify()
 
 
+# Between a graceful shutdown's two GOAWAYs: far over a loopback round trip to Envoy.
+_DRAIN_DELAY = 0.2
+
+
 class NativeServer:
     """The listening side: binds at creation (so the port is known before start, like grpc.aio's
     add_insecure_port), serves on the running loop after `start`."""
@@ -659,11 +683,36 @@ class NativeServer:
     def open_streams(self) -> int:
         return sum(len(c.streams) for c in self.connections)
 
+    def balance(self) -> dict[str, int]:
+        """ext_proc streams opened since the previous call, and how many connections carried a
+        real share of them (not the health checker's): what extproc.workers rebalances on."""
+        live = [c for c in self.connections if not (c.goaway_sent or c.draining)]
+        for c in live:
+            c.window, c.mark = c.opened - c.mark, c.opened
+        total = sum(c.window for c in live)
+        active = sum(1 for c in live if c.window >= max(3, total // 10))
+        return {"opened": total, "active": active}
+
+    def shed(self) -> bool:
+        """GOAWAY the connection that was busiest in the last balance() window. Envoy opens a new
+        one for its next stream, which the kernel may hand to another worker (SO_REUSEPORT); the
+        streams open on the old one finish there."""
+        live = [c for c in self.connections if not (c.goaway_sent or c.draining)]
+        if len(live) < 2:
+            return False
+        max(live, key=lambda c: c.window).drain("rebalancing workers")
+        return True
+
     async def stop(self, grace: float | None) -> None:
         """Stop accepting, GOAWAY every connection, let open streams finish for up to `grace`
         seconds, then close what is left (its streams' finish still runs)."""
         if self._server is not None:
             self._server.close()
+        if grace:
+            # Two-step GOAWAY: streams Envoy sent before it saw the first still run.
+            for conn in list(self.connections):
+                conn.drain("shutdown", _DRAIN_DELAY)
+            await asyncio.sleep(_DRAIN_DELAY + 0.05)
         for conn in list(self.connections):
             conn.goaway()
         if grace and self._changed is not None:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -327,3 +328,51 @@ def test_a_worker_that_cannot_start_stops_the_rest(tmp_path: Path, redis_url: st
         blocker.close()
     assert done.returncode != 0
     assert "before it started" in done.stderr, done.stderr
+
+
+def test_shedding_connections_under_load_fails_no_request(tmp_path: Path, redis_url: str) -> None:
+    """reuse_port rebalancing GOAWAYs a busy worker's connection while Envoy keeps sending on it:
+    the two-step GOAWAY must let every stream already on the wire run (a plain GOAWAY refused
+    them, and Envoy answered those requests 500)."""
+    stack, admin = make_stack(
+        tmp_path,
+        redis_url,
+        prefix=f"wk{uuid.uuid4().hex[:8]}:",
+        overrides={"server": {"workers": 2, "worker_listen": "reuse_port"}},
+        workers=2,
+    )
+    stack.start()
+    try:
+        secret, _ = admin.key("e2e", "shed")
+        ops = [w["ops_port"] for w in worker_status(stack)["workers"]]
+        stop = threading.Event()
+        statuses: list[int] = []
+
+        def load() -> None:
+            with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {secret}"}) as c:
+                while not stop.is_set():
+                    r = c.post("/v1/chat/completions", json={"model": "gpt-5.5", "messages": HI})
+                    statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        shed = 0
+        try:
+            # A worker sheds only while it holds two of Envoy's connections (the kernel's pick):
+            # go on until a few sheds happened.
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and shed < 4:
+                for port in ops:
+                    shed += bool(httpx.post(f"http://127.0.0.1:{port}/shed", timeout=5).json()["shed"])
+                time.sleep(0.25)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+        print(f"{len(statuses)} requests, {shed} connections shed")
+        assert shed >= 2
+        assert len(statuses) > 100
+        assert set(statuses) == {200}, {s: statuses.count(s) for s in set(statuses)}
+    finally:
+        stack.stop()

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import ConfigError, GatewayConfig, ServerConfig
 from extproc.observability.aggregate import merge
-from extproc.workers import available_cores, cgroup_cpu_limit, worker_count
+from extproc.workers import available_cores, cgroup_cpu_limit, to_shed, worker_count
 
 PROVIDERS: dict[str, Any] = {"openai": {"schema": "openai", "api_key_env": "K"}}
 
@@ -215,3 +215,26 @@ def test_merge_keeps_types_help_and_extra_families() -> None:
     assert "# HELP gateway_requests_in_flight In flight." in text
     assert samples(text)[s("gateway_workers")] == 2.0
     assert merge([W0]).decode() == merge([W0, ""]).decode()  # a worker with nothing yet adds nothing
+
+
+def r(opened: int, active: int) -> dict[str, int]:
+    return {"opened": opened, "active": active}
+
+
+@pytest.mark.parametrize(
+    ("reports", "want"),
+    [
+        ([r(100, 2), r(0, 0)], 0),  # both of Envoy's connections on worker 0
+        ([r(0, 0), r(100, 2)], 1),
+        ([r(100, 1), r(0, 0)], None),  # its only connection: moving it moves the imbalance
+        ([r(50, 1), r(50, 1)], None),  # even
+        ([r(70, 2), r(30, 1)], None),  # within 1.5x of the fair share (75 of 100)
+        ([r(80, 2), r(20, 1)], 0),
+        ([r(20, 2), r(0, 0)], None),  # too few streams to judge
+        ([r(60, 2), r(20, 1), r(20, 1)], 0),  # three workers: fair share 33, 1.5x = 50
+        ([r(100, 2), None], None),  # a worker not answering: wait
+        ([], None),
+    ],
+)
+def test_which_worker_sheds_a_connection(reports: list[dict[str, int] | None], want: int | None) -> None:
+    assert to_shed(reports) == want
