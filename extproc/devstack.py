@@ -57,6 +57,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     return port
 
 
+def free_ports_run(n: int, host: str = "127.0.0.1") -> int:
+    """The first of n consecutive ports free now (workers with server.worker_listen: ports listen
+    on port+i)."""
+    for _ in range(200):
+        first = free_port(host)
+        taken = False
+        for port in range(first + 1, first + n):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    taken = True
+                    break
+        if not taken and first + n - 1 <= 65535:
+            _GIVEN.update(range(first, first + n))
+            return first
+    raise OSError(f"no {n} consecutive free ports")
+
+
 def wait_until(what: str, check: Callable[[], bool], procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
     """Poll `check` until true; fail early if any of `procs` exits."""
     deadline = time.monotonic() + timeout

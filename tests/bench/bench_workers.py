@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,23 +43,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import Stack, free_port, http_ok, wait_until  # noqa: E402
-from tests.bench.bench_gateway import envoy_alone, start_redis, wrk  # noqa: E402
+from extproc.devstack import Stack, free_port, free_ports_run, http_ok, wait_until  # noqa: E402
+from tests.bench.bench_gateway import start_redis, wrk  # noqa: E402
 from tests.bench.bench_pii import cpu_seconds  # noqa: E402
-from tests.bench.suite import BODY, ENVOY_ARGS, OVERRIDES, PATH, orders, stop_proc  # noqa: E402
+from tests.bench.suite import BODY, OVERRIDES, PATH, orders, start_envoy_alone, stop_proc  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
-
-
-def consecutive_ports() -> int:
-    for _ in range(100):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
 
 
 def worker_pids(stack: Stack) -> list[int]:
@@ -89,7 +76,7 @@ def worker_requests(stack: Stack) -> list[float]:
 
 
 def start_stack(out: Path, name: str, redis_url: str, mock_port: int, workers: int, mode: str) -> tuple[Stack, str]:
-    extproc = consecutive_ports() if mode == "ports" else free_port()
+    extproc = free_ports_run(workers) if mode == "ports" else free_port()
     ports = envoyconf.LocalPorts(
         listener=free_port(), admin=free_port(), extproc=extproc, mock=mock_port, metrics=free_port()
     )
@@ -158,16 +145,8 @@ def main() -> None:
         )
         procs.append(mock)
         wait_until("mock", lambda: http_ok(f"http://127.0.0.1:{mock_port}/_mock/health"), [mock], 30)
-        alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), mock=mock_port)
-        alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
-        (out / "envoy-alone.yaml").write_text(envoyconf.dump(alone_cfg))
-        alone = subprocess.Popen(
-            [envoyconf.envoy_binary(), "-c", str(out / "envoy-alone.yaml"), *ENVOY_ARGS],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        alone, alone_ports = start_envoy_alone(out, mock_port)
         procs.append(alone)
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
         for name, workers, mode in (("W1", 1, "reuse_port"), ("W2r", 2, "reuse_port"), ("W2p", 2, "ports")):
             stacks[name], keys[name] = start_stack(out, name, redis_url, mock_port, workers, mode)
         provider = {"Authorization": f"Bearer {PROVIDER_KEYS['OPENAI_API_KEY']}"}

@@ -241,6 +241,24 @@ def stop_proc(proc: subprocess.Popen[Any] | None) -> None:
         proc.wait(5)
 
 
+def start_envoy_alone(out: Path, mock_port: int) -> tuple[subprocess.Popen[bytes], envoyconf.LocalPorts]:
+    """Target A: the shipped envoy.yaml without ext_proc, in front of the mock; ready."""
+    ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), mock=mock_port)
+    cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), ports))
+    (out / "envoy-alone.yaml").write_text(envoyconf.dump(cfg))
+    proc = subprocess.Popen(
+        [envoyconf.envoy_binary(), "-c", str(out / "envoy-alone.yaml"), *ENVOY_ARGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{ports.admin}/ready"), [proc], 30)
+    except BaseException:
+        stop_proc(proc)
+        raise
+    return proc, ports
+
+
 def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -1072,18 +1090,8 @@ def main() -> None:
         stack.start()
         server_pid = stack.procs["server"].pid
 
-        alone_ports = envoyconf.LocalPorts(
-            listener=free_port(), admin=free_port(), extproc=stack.ports.extproc, mock=stack.ports.mock
-        )
-        alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
-        (out / "envoy-alone.yaml").write_text(envoyconf.dump(alone_cfg))
-        alone = subprocess.Popen(
-            [envoyconf.envoy_binary(), "-c", str(out / "envoy-alone.yaml"), *ENVOY_ARGS],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        alone, alone_ports = start_envoy_alone(out, stack.ports.mock)
         cleanup.callback(stop_proc, alone)
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
 
         provider = {"Authorization": f"Bearer {PROVIDER_KEYS['OPENAI_API_KEY']}"}
         targets = [

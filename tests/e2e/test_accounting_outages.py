@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import shutil
 import socket
 import subprocess
@@ -35,10 +36,10 @@ from redis import Redis, RedisError
 from extproc.accounting.sink import PUSD_PER_USD, RedisUsageSink, Scope
 from extproc.accounting.spool import Spool
 from extproc.config import load_config
-from extproc.devstack import Stack, free_port, tcp_open, wait_until
+from extproc.devstack import Stack, free_port, free_ports_run, tcp_open, wait_until
 from extproc.store import RedisBackend
 from extproc.store.redis import tenant_tag
-from tests.e2e.conftest import Admin, make_stack
+from tests.e2e.conftest import Admin, free_ports, make_stack
 from tests.e2e.test_accounting import MSGS
 
 pytestmark = pytest.mark.e2e
@@ -487,6 +488,19 @@ def _with_schema(url: str, schema: str) -> str:
 
 @pytest.fixture(scope="module")
 def outages(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Outages]:
+    with _outages(tmp_path_factory, pg_url, workers=1) as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def outages_two_workers(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[Outages]:
+    """Two worker processes (reuse_port) sharing one spool directory and one Redis."""
+    with _outages(tmp_path_factory, pg_url, workers=2) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def _outages(tmp_path_factory: pytest.TempPathFactory, pg_url: str, workers: int) -> Iterator[Outages]:
     workdir = tmp_path_factory.mktemp("outages")
     pg = urlsplit(pg_url)
     schema = f"outage_{uuid.uuid4().hex[:8]}"
@@ -508,7 +522,17 @@ def outages(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[O
         cleanup.callback(drop_schema)
         direct_url = _with_schema(pg_url, schema)
 
-        stack, admin = make_stack(workdir / "stack", redis_server.url)
+        # Two workers on two ports (worker_listen: ports): Envoy spreads the load over both from the
+        # first request, so both spool.
+        kw: dict[str, Any] = {}
+        if workers > 1:
+            ports = free_ports()
+            kw = {
+                "overrides": {"server": {"workers": workers, "worker_listen": "ports"}},
+                "ports": dataclasses.replace(ports, extproc=free_ports_run(workers)),
+                "extproc_endpoints": workers,
+            }
+        stack, admin = make_stack(workdir / "stack", redis_server.url, workers=workers, **kw)
         data = yaml.safe_load(admin.config_path.read_text())
         data["ledger"] = {"database_url_env": "DATABASE_URL"}
         admin.config_path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -538,8 +562,20 @@ def _statuses(results: list[Result]) -> Counter[int | None]:
 
 
 def test_redis_killed_under_load_loses_and_duplicates_nothing(outages: Outages) -> None:
-    env = outages
+    _redis_kill(outages)
+
+
+def test_redis_killed_under_load_with_two_workers(outages_two_workers: Outages) -> None:
+    """Both workers spool into one directory while Redis is down and replay it once it is back:
+    still every request once in the ledger."""
+    writers = _redis_kill(outages_two_workers)
+    assert len(writers) == 2, f"spool segments came from {writers}, not from both workers"
+
+
+def _redis_kill(env: Outages) -> set[str]:
+    """The pids (from the segment names) that spooled during the outage."""
     secret, _ = env.key("redis-kill")
+    writers: set[str] = set()
     started = time.monotonic()
     load = Load(env.stack.base_url, secret, rate=50).start()
     back = float("inf")
@@ -550,7 +586,10 @@ def test_redis_killed_under_load_loses_and_duplicates_nothing(outages: Outages) 
         killed = time.monotonic()
         # Records of refused requests (and of streams that end meanwhile) must go to the spool.
         poll("a spool segment while Redis is down", lambda: any(n.startswith("seg-") for n in env.spool_files()), 3)
-        time.sleep(max(0.0, killed + 3.0 - time.monotonic()))  # the outage: 3 s of load without Redis
+        while time.monotonic() < killed + 3.0:  # the outage: 3 s of load without Redis
+            # seg-<time_ns>-<pid>-<random>.spool
+            writers |= {n.split("-")[2] for n in env.spool_files() if n.startswith("seg-")}
+            time.sleep(0.05)
         done_at_restart = load.done
         env.redis.start()  # same port, same append-only file
         back = time.monotonic()
@@ -573,8 +612,9 @@ def test_redis_killed_under_load_loses_and_duplicates_nothing(outages: Outages) 
         f"\nredis kill: {len(results)} requests in {load_seconds:.1f}s, {dict(statuses)};"
         f" {done_at_kill} done at the kill, {done_at_restart} at the restart, {dict(after)} sent after it;"
         f" ledger {summary['records']} records (module total), {summary['aggregate_groups']} aggregate groups,"
-        f" all drained {time.monotonic() - started:.1f}s after the load began"
+        f" all drained {time.monotonic() - started:.1f}s after the load began; spooled by pids {sorted(writers)}"
     )
+    return writers
 
 
 def test_database_down_under_load_loses_and_duplicates_nothing(outages: Outages) -> None:

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from extproc.devstack import Stack, free_port
+from extproc.devstack import Stack, free_port, free_ports_run
 from extproc.envoyconf import LocalPorts
 from tests.e2e.conftest import (
     Admin,
@@ -36,19 +36,6 @@ from tests.e2e.conftest import (
 )
 
 HI: list[Any] = [{"role": "user", "content": "hi"}]
-
-
-def two_free_ports() -> int:
-    """p with p and p+1 free (worker i listens on p+i)."""
-    for _ in range(100):
-        p = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", p + 1))
-            except OSError:
-                continue
-        return p
-    raise RuntimeError("no two consecutive free ports")
 
 
 def worker_status(stack: Stack) -> dict[str, Any]:
@@ -72,7 +59,7 @@ def worker_requests(port: int) -> float:
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[tuple[Stack, Admin]]:
     ports = LocalPorts(
-        listener=free_port(), admin=free_port(), extproc=two_free_ports(), mock=free_port(), metrics=free_port()
+        listener=free_port(), admin=free_port(), extproc=free_ports_run(2), mock=free_port(), metrics=free_port()
     )
     overrides = {"server": {"workers": 2, "worker_listen": "ports"}}
     stack, admin = make_stack(
