@@ -13,8 +13,10 @@ same digits, an IBAN over the digits inside it, an e-mail over an IP address in 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -643,13 +645,21 @@ class Detector:
             c.scan(text, found)
         if len(found) < 2:
             return found
-        # Most specific first, then longest; keep what does not overlap something kept.
+        found.sort(key=lambda f: f.start)
+        if all(a.end <= b.start for a, b in itertools.pairwise(found)):
+            return found  # nothing overlaps (the usual case)
+        # Most specific first, then longest; keep what does not overlap something kept. Kept spans
+        # never overlap, so in start order their ends are in order too: an overlap can only be with
+        # the neighbours of where the new one would go. (Comparing each with every kept one was
+        # quadratic: a prompt of 8,000 email addresses took 1.8 s of the event loop.)
         found.sort(key=lambda f: (-_PRIORITY.get(f.type, 8), -(f.end - f.start), f.start))
+        starts: list[int] = []
         kept: list[Finding] = []
         for f in found:
-            if all(f.end <= k.start or f.start >= k.end for k in kept):
-                kept.append(f)
-        kept.sort(key=lambda f: f.start)
+            i = bisect.bisect_right(starts, f.start)
+            if (i == 0 or kept[i - 1].end <= f.start) and (i == len(kept) or f.end <= kept[i].start):
+                starts.insert(i, f.start)
+                kept.insert(i, f)
         return kept
 
 

@@ -4,6 +4,7 @@ SSE split at every offset) with placeholders put back or entities masked."""
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any
 
 import orjson
@@ -431,3 +432,16 @@ def test_embeddings_input_strings_are_scanned_and_token_ids_flagged() -> None:
     assert [key for _, key, _ in request_slots("openai", one)] == ["input"]
     assert not embedding_tokens(body) and not embedding_tokens(one)
     assert embedding_tokens({"input": [[1, 2, 3]]}) and embedding_tokens({"input": [5, 6]})
+
+
+def test_many_findings_are_all_kept_in_order() -> None:
+    """20,000 addresses in one prompt (a contact list): every one found once, in order. Resolving
+    overlaps compared each finding with every kept one before (quadratic: 8,000 took 1.8 s)."""
+    from extproc.pii import detect
+
+    text = " ".join(f"user{i}@acme-corp.io" for i in range(20_000))
+    found = detect.default_detector().find(text)
+    assert len(found) == 20_000
+    assert all(f.type == "EMAIL" for f in found)
+    assert all(a.end < b.start for a, b in itertools.pairwise(found))
+    assert text[found[-1].start : found[-1].end] == "user19999@acme-corp.io"
