@@ -8,6 +8,7 @@ name that ties the pieces together.
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,25 @@ def test_dockerfile_copies_what_exists() -> None:
             for src in line.split()[1:-1]:
                 assert (ROOT / src).exists(), src
     assert 'ENTRYPOINT ["extproc"]' in lines
+
+
+def _cpus(q: str) -> float:
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def _bytes(q: str) -> int:
+    units = {"Mi": 1024**2, "Gi": 1024**3}
+    return int(q[:-2]) * units[q[-2:]]
+
+
+def test_server_memory_limit_covers_the_workers_its_cpu_limit_starts() -> None:
+    """server.workers: auto starts one process per CPU of the container's limit (rounded up): the
+    memory limit must hold that many servers at their peak (README "Sizing": ~115 MB at rest,
+    1.5x max_body_bytes_in_flight, ~10 KB per queued request)."""
+    config = load_config(K8S / "gateway.yaml")
+    assert config.server.workers == "auto"
+    limits = containers()["extproc"]["resources"]["limits"]
+    workers = math.ceil(_cpus(str(limits["cpu"])))
+    server = config.server
+    peak = 115 * 1000**2 + 1.5 * server.max_body_bytes_in_flight + 10_000 * server.max_concurrent_streams
+    assert workers * peak <= _bytes(limits["memory"]), (workers, peak, limits)
