@@ -167,8 +167,8 @@ class Supervisor:
     config: GatewayConfig
     listens: list[str]
     reuse_port: bool
-    # The supervisor's ops address (server.metrics_listen or --metrics-listen); None: none, and
-    # the workers keep no metrics either.
+    # The supervisor's ops address (server.metrics_listen or --metrics-listen); None: it serves
+    # none (each worker still has its own on loopback, for the supervisor's rebalancing).
     metrics_listen: str | None
     workers: list[Worker] = field(default_factory=list)
     exit_code: int | None = None
