@@ -125,6 +125,8 @@ def test_both_workers_serve_and_metrics_are_their_sum(workers: tuple[Stack, Admi
     assert listens == [f"127.0.0.1:{stack.ports.extproc}", f"127.0.0.1:{stack.ports.extproc + 1}"]
     ready = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/readyz", timeout=5)
     assert ready.status_code == 200 and ready.json()["ready"] is True
+    for port in ops_ports:  # each worker froze what it built at start (no full GC walks it)
+        assert httpx.get(f"http://127.0.0.1:{port}/status", timeout=5).json()["gc_frozen_objects"] > 10_000
     out = extproc_status(f"http://127.0.0.1:{stack.ports.metrics}")
     assert out.returncode == 0, out.stderr
     for w in status["workers"]:
