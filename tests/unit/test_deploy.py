@@ -139,6 +139,8 @@ def test_compose_wiring() -> None:
             assert (ROOT / src).exists(), f"{name}: {src} does not exist"
         if name in ("extproc", "mock-provider"):
             assert svc["network_mode"] == "service:envoy", "sidecars share Envoy's network namespace"
+    # workers: auto follows the CPU limit; without one it would start a process per host core.
+    assert services["extproc"]["cpus"] == 2.0
     envoy_cfg = envoyconf.load(ROOT / "envoy" / "envoy-compose.yaml")
     mock_flags = dict(a.removeprefix("--").split("=", 1) for a in services["mock-provider"]["command"][1:])
     mock_port = int(mock_flags["port"])
