@@ -483,8 +483,9 @@ async def _serve(
         )
         assert runtime.health is not None
         # Workers sharing one address: the supervisor evens out Envoy's connections among them.
-        shared = announce is not None and reuse_port and isinstance(server, NativeServer)
-        balance = (server.balance, server.shed) if shared and isinstance(server, NativeServer) else None
+        balance = None
+        if announce is not None and reuse_port and isinstance(server, NativeServer):
+            balance = (server.balance, server.shed)
         ops = OpsServer(
             metrics_listen,
             make_registry(runtime.metrics),

@@ -290,13 +290,7 @@ class Supervisor:
         the time. A worker that opened more than its share of streams over two or more
         connections is told to GOAWAY its busiest; Envoy's next stream opens a new connection,
         which lands on a random worker: a few tries even it out. True when a worker shed one."""
-        reports = []
-        for text in await self._gather("/balance"):
-            try:
-                reports.append(orjson.loads(text) if text is not None else None)
-            except orjson.JSONDecodeError:
-                reports.append(None)
-        busiest = to_shed(reports)
+        busiest = to_shed(await self._gather_json("/balance"))
         if busiest is None:
             return False
         w = self.workers[busiest]
@@ -365,9 +359,10 @@ class Supervisor:
         alive = sum(1 for w in self.workers if w.proc is not None and w.proc.is_alive())
         return _json({"status": "ok", "workers_alive": alive})
 
-    async def _statuses(self) -> list[dict[str, Any] | None]:
+    async def _gather_json(self, path: str) -> list[dict[str, Any] | None]:
+        """Each worker's JSON answer at `path`; None for one that did not answer, or not in JSON."""
         out: list[dict[str, Any] | None] = []
-        for text in await self._gather("/status"):
+        for text in await self._gather(path):
             try:
                 out.append(orjson.loads(text) if text is not None else None)
             except orjson.JSONDecodeError:
@@ -387,12 +382,12 @@ class Supervisor:
         return reasons
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        statuses = await self._statuses()
+        statuses = await self._gather_json("/status")
         ready = all(s is not None and s.get("ready") for s in statuses)
         return _json({"ready": ready, "reasons": self._reasons(statuses)}, 200 if ready else 503)
 
     async def _status(self, request: web.Request) -> web.Response:
-        statuses = await self._statuses()
+        statuses = await self._gather_json("/status")
         live = [s for s in statuses if s is not None]
 
         def total(key: str) -> int:

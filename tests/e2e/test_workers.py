@@ -38,6 +38,17 @@ from tests.e2e.conftest import (
 HI: list[Any] = [{"role": "user", "content": "hi"}]
 
 
+def serve_command(config: Path, listen: str, metrics: str, *extra: str) -> list[str]:
+    """`extproc serve` as an operator runs it."""
+    py = [sys.executable, "-m", "extproc"]
+    return [*py, "serve", "--config", str(config), "--listen", listen, "--metrics-listen", metrics, *extra]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """The environment plus the provider keys gateway.yaml names (any value: nothing is called)."""
+    return {**os.environ, "OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y", **extra}
+
+
 def worker_status(stack: Stack) -> dict[str, Any]:
     r = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/status", timeout=5)
     assert r.status_code == 200
@@ -79,7 +90,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterato
 def test_check_accepts_one_endpoint_per_worker_and_names_a_missing_one(workers: tuple[Stack, Admin]) -> None:
     stack, _ = workers
     envoy = str(stack.workdir / "envoy.yaml")  # the stack's: two extproc endpoints
-    env = {**os.environ, "OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y"}
+    env = server_env()
     out = {}
     for n in (2, 3):
         server = {"workers": n, "worker_listen": "ports", "listen": f"127.0.0.1:{stack.ports.extproc}"}
@@ -205,20 +216,9 @@ def test_sigterm_stops_every_worker(tmp_path: Path, redis_url: str) -> None:
     """Also: a worker's death closes its pipe (no orphan keeps the port)."""
     config = write_config(tmp_path, redis=True, overrides={"server": {"workers": 2}})
     port, metrics = free_port(), free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y"}
+    env = server_env(REDIS_URL=redis_url)
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--metrics-listen",
-            f"127.0.0.1:{metrics}",
-        ],
+        serve_command(config, f"127.0.0.1:{port}", f"127.0.0.1:{metrics}"),
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -262,24 +262,12 @@ def test_workers_refused_where_they_cannot_work(
 ) -> None:
     config = write_config(tmp_path, redis=False, overrides=overrides)
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "extproc",
-            "serve",
-            "--config",
-            str(config),
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "off",
-            *args,
-        ],
+        serve_command(config, "127.0.0.1:0", "off", *args),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y"},
+        env=server_env(),
     )
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
@@ -295,23 +283,12 @@ def test_a_worker_that_cannot_start_stops_the_rest(tmp_path: Path, redis_url: st
     config = write_config(tmp_path, redis=True, overrides={"server": {"workers": 2}})
     try:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "extproc",
-                "serve",
-                "--config",
-                str(config),
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--metrics-listen",
-                "off",
-            ],
+            serve_command(config, f"127.0.0.1:{port}", "off"),
             capture_output=True,
             text=True,
             timeout=60,
             check=False,
-            env={**os.environ, "REDIS_URL": redis_url, "OPENAI_API_KEY": "x", "ANTHROPIC_API_KEY": "y"},
+            env=server_env(REDIS_URL=redis_url),
         )
     finally:
         blocker.close()
