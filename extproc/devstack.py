@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from . import envoyconf
 
@@ -75,6 +75,18 @@ def free_ports_run(n: int, host: str = "127.0.0.1") -> int:
             _GIVEN.update(range(first, first + n))
             return first
     raise OSError(f"no {n} consecutive free ports")
+
+
+def stop_process(proc: subprocess.Popen[Any] | None) -> None:
+    """SIGTERM, up to 10 s to exit, then SIGKILL; nothing for a process already gone."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def wait_until(what: str, check: Callable[[], bool], procs: Sequence[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -217,15 +229,7 @@ class Stack:
         return self
 
     def _stop(self, name: str) -> None:
-        proc = self.procs.pop(name, None)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(self.procs.pop(name, None))
 
     def stop(self) -> None:
         for name in list(self.procs):

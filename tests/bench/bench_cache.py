@@ -18,7 +18,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,9 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from extproc import envoyconf  # noqa: E402
-from extproc.devstack import free_port, http_ok, wait_until  # noqa: E402
-from tests.bench.bench_gateway import envoy_alone, start_redis, wrk  # noqa: E402
+from extproc.devstack import stop_process  # noqa: E402
+from tests.bench.bench_gateway import start_envoy_alone, start_redis, wrk  # noqa: E402
 from tests.bench.bench_pii import cpu_seconds  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
@@ -60,18 +58,9 @@ def main() -> None:
     plain, _ = admin.key("plain", "p")
     stack.start()
     pid = stack.procs["server"].pid
-    ports = stack.ports
-    alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=ports.extproc, mock=ports.mock)
-    alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
-    (work / "alone.yaml").write_text(envoyconf.dump(alone_cfg))
-    alone = subprocess.Popen(
-        [envoyconf.envoy_binary(), "-c", str(work / "alone.yaml"), "--concurrency", "2", "--disable-hot-restart"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    alone, alone_ports = start_envoy_alone(work, stack.ports.mock)
     rows: list[tuple[str, float, float, float, float, float]] = []
     try:
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
         envoy_url = f"http://127.0.0.1:{alone_ports.listener}/v1/chat/completions"
         gw_url = stack.base_url + "/v1/chat/completions"
         for name, body in (("JSON", JSON_BODY), ("stream (8 events)", STREAM_BODY)):
@@ -95,8 +84,7 @@ def main() -> None:
             e, m, h = (statistics.median(res[k]) for k in "EMH")
             rows.append((name, e, m, h, statistics.median(cpu["M"]), statistics.median(cpu["H"])))
     finally:
-        alone.terminate()
-        alone.wait(10)
+        stop_process(alone)
         stack.stop()
         redis.terminate()
         redis.wait(10)

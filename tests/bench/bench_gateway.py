@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import free_port, http_ok, tcp_open, wait_until  # noqa: E402
+from extproc.devstack import free_port, http_ok, stop_process, tcp_open, wait_until  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 CHAT = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
@@ -52,6 +52,27 @@ def envoy_alone(cfg: dict[str, Any]) -> dict[str, Any]:
         vh = hcm["route_config"]["virtual_hosts"][0]
         vh["routes"] = [{"match": {"prefix": "/"}, "route": {"cluster": "openai", "timeout": "0s"}}]
     return out
+
+
+ENVOY_ARGS = ("--concurrency", "2", "--disable-hot-restart", "-l", "warn")
+
+
+def start_envoy_alone(out: Path, mock_port: int) -> tuple[subprocess.Popen[bytes], envoyconf.LocalPorts]:
+    """Envoy alone (envoy_alone) in front of the mock, ready; config written to out/envoy-alone.yaml."""
+    ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), mock=mock_port)
+    cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), ports))
+    (out / "envoy-alone.yaml").write_text(envoyconf.dump(cfg))
+    proc = subprocess.Popen(
+        [envoyconf.envoy_binary(), "-c", str(out / "envoy-alone.yaml"), *ENVOY_ARGS],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{ports.admin}/ready"), [proc], 30)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, ports
 
 
 def wrk(url: str, body: str, connections: int, duration: int, extra_headers: dict[str, str]) -> dict[str, float]:
@@ -90,18 +111,8 @@ def main() -> None:
     stack, admin = make_stack(work, None)  # the shipped configs, embedded key store
     secret, _ = admin.key("bench", "wrk")
     stack.start()
-    ports = stack.ports
-    alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=ports.extproc, mock=ports.mock)
-    alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
-    (work / "alone.yaml").write_text(envoyconf.dump(alone_cfg))
-    envoy_args = ["--concurrency", "2", "--disable-hot-restart", "-l", "warn"]
-    alone = subprocess.Popen(
-        [envoyconf.envoy_binary(), "-c", str(work / "alone.yaml"), *envoy_args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    alone, alone_ports = start_envoy_alone(work, stack.ports.mock)
     try:
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
         targets = {"envoy": f"http://127.0.0.1:{alone_ports.listener}", "gateway": stack.base_url}
         sse = {"x-mock-output-tokens": "20"}
         conns = args.connections
@@ -130,8 +141,7 @@ def main() -> None:
                 f"(+{g['p50'] - e['p50']:.2f} ms p50)"
             )
     finally:
-        alone.terminate()
-        alone.wait(10)
+        stop_process(alone)
         stack.stop()
 
 

@@ -23,7 +23,6 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,9 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from extproc import envoyconf  # noqa: E402
-from extproc.devstack import free_port, http_ok, wait_until  # noqa: E402
-from tests.bench.bench_gateway import CHAT, envoy_alone, start_redis, wrk  # noqa: E402
+from extproc.devstack import stop_process  # noqa: E402
+from tests.bench.bench_gateway import CHAT, start_envoy_alone, start_redis, wrk  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -76,19 +74,10 @@ def main() -> None:
         assert done.returncode == 0, done.stderr
     stack.start()
     server_pid = stack.procs["server"].pid
-    ports = stack.ports
-    alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=ports.extproc, mock=ports.mock)
-    alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
-    (work / "alone.yaml").write_text(envoyconf.dump(alone_cfg))
-    alone = subprocess.Popen(
-        [envoyconf.envoy_binary(), "-c", str(work / "alone.yaml"), "--concurrency", "2", "-l", "warn"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    alone, alone_ports = start_envoy_alone(work, stack.ports.mock)
     url = stack.base_url + "/v1/chat/completions"
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{alone_ports.admin}/ready"), [alone], 30)
         alone_url = f"http://127.0.0.1:{alone_ports.listener}/v1/chat/completions"
         provider = PROVIDER_KEYS["OPENAI_API_KEY"]
         for conns in (1, 16):
@@ -107,8 +96,7 @@ def main() -> None:
         shown = admin.cli("limits", "show", "--key", limited_key.id)
         print(shown.stdout)
     finally:
-        alone.terminate()
-        alone.wait(10)
+        stop_process(alone)
         stack.stop()
         redis.terminate()
         redis.wait(10)

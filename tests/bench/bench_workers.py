@@ -43,10 +43,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import Stack, free_port, free_ports_run, http_ok, wait_until  # noqa: E402
-from tests.bench.bench_gateway import start_redis, wrk  # noqa: E402
+from extproc.devstack import Stack, free_port, free_ports_run, http_ok, stop_process, wait_until  # noqa: E402
+from tests.bench.bench_gateway import start_envoy_alone, start_redis, wrk  # noqa: E402
 from tests.bench.bench_pii import cpu_seconds  # noqa: E402
-from tests.bench.suite import BODY, OVERRIDES, PATH, orders, start_envoy_alone, stop_proc  # noqa: E402
+from tests.bench.suite import BODY, OVERRIDES, PATH, orders  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
 
@@ -185,7 +185,7 @@ def main() -> None:
         for s in stacks.values():
             s.stop()
         for p in procs:
-            stop_proc(p)
+            stop_process(p)
 
     def med(fig: str, n: str, key: str) -> float:
         return float(statistics.median(r[key] for r in results[fig][n]))

@@ -76,9 +76,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
-from extproc.devstack import Stack, free_port, http_ok, wait_until  # noqa: E402
+from extproc.devstack import Stack, free_port, http_ok, stop_process, wait_until  # noqa: E402
 from extproc.ledger.sqlite import TABLE as LEDGER_TABLE  # noqa: E402
-from tests.bench.bench_gateway import CHAT, STREAM, envoy_alone, start_redis, wrk  # noqa: E402
+from tests.bench.bench_gateway import CHAT, STREAM, start_envoy_alone, start_redis, wrk  # noqa: E402
 from tests.bench.bench_pii import cpu_seconds  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, make_stack  # noqa: E402
 
@@ -111,7 +111,6 @@ LABELS = {
     "C": "C LiteLLM proxy",
 }
 SHORT = {"U": "U", "A": "A", "B": "B", "BP": "B'", "C": "C"}
-ENVOY_ARGS = ("--concurrency", "2", "--disable-hot-restart", "-l", "warn")
 WRK_ERRORS = (RuntimeError, AssertionError, subprocess.CalledProcessError)
 
 
@@ -228,35 +227,6 @@ def envoy_version() -> str:
     out = subprocess.run([envoyconf.envoy_binary(), "--version"], capture_output=True, text=True, check=False)
     m = re.search(r"version: \S+/([\d.]+)", out.stdout)
     return m.group(1) if m else out.stdout.strip()[:80]
-
-
-def stop_proc(proc: subprocess.Popen[Any] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
-def start_envoy_alone(out: Path, mock_port: int) -> tuple[subprocess.Popen[bytes], envoyconf.LocalPorts]:
-    """Target A: the shipped envoy.yaml without ext_proc, in front of the mock; ready."""
-    ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), mock=mock_port)
-    cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), ports))
-    (out / "envoy-alone.yaml").write_text(envoyconf.dump(cfg))
-    proc = subprocess.Popen(
-        [envoyconf.envoy_binary(), "-c", str(out / "envoy-alone.yaml"), *ENVOY_ARGS],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until("envoy alone", lambda: http_ok(f"http://127.0.0.1:{ports.admin}/ready"), [proc], 30)
-    except BaseException:
-        stop_proc(proc)
-        raise
-    return proc, ports
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -613,7 +583,7 @@ def install_litellm(venv: Path, log: Path) -> Path:
                     print(f"  [{now:4.0f} s] {line.rstrip()[:100]}", flush=True)
             proc.wait(1800)
         finally:
-            stop_proc(proc)
+            stop_process(proc)
     if proc.returncode != 0 or not exe.exists():
         raise RuntimeError(f"pip install failed with code {proc.returncode}; see {log}")
     print(f"litellm: installed in {time.monotonic() - started:.0f} s")
@@ -663,7 +633,7 @@ def start_litellm(exe: Path, work: Path, mock_port: int) -> tuple[subprocess.Pop
     try:
         wait_until("litellm", lambda: http_ok(f"{url}/health/liveliness"), [proc], 180)
     except BaseException:
-        stop_proc(proc)
+        stop_process(proc)
         raise
     return proc, url, master_key, time.monotonic() - started
 
@@ -1082,7 +1052,7 @@ def main() -> None:
     cleanup = contextlib.ExitStack()
     try:
         redis, redis_url = start_redis()
-        cleanup.callback(stop_proc, redis)
+        cleanup.callback(stop_process, redis)
         stack, admin = make_stack(out / "stack", redis_url, overrides=OVERRIDES)
         key_b, _ = admin.key("bench", "suite")
         key_bp, _ = admin.key("bench-pii", "suite")
@@ -1091,7 +1061,7 @@ def main() -> None:
         server_pid = stack.procs["server"].pid
 
         alone, alone_ports = start_envoy_alone(out, stack.ports.mock)
-        cleanup.callback(stop_proc, alone)
+        cleanup.callback(stop_process, alone)
 
         provider = {"Authorization": f"Bearer {PROVIDER_KEYS['OPENAI_API_KEY']}"}
         targets = [
@@ -1105,7 +1075,7 @@ def main() -> None:
             print("litellm: starting the proxy...")
             try:
                 litellm, litellm_url, master_key, startup = start_litellm(litellm_exe, out, stack.ports.mock)
-                cleanup.callback(stop_proc, litellm)
+                cleanup.callback(stop_process, litellm)
                 info["litellm_startup_s"] = startup
                 print(f"litellm: answering after {startup:.1f} s")
                 targets.append(Target("C", litellm_url + PATH, {"Authorization": f"Bearer {master_key}"}))
