@@ -13,6 +13,11 @@ record's keys share a Cluster slot and the script can touch them all):
   p{t:T}:agg:<YYYY-MM-DD>:tenant       hash of counters (AGG_FIELDS), UTC day of the record's ts,
   p{t:T}:agg:<YYYY-MM-DD>:key:<key_id> EXPIRE 400 days after the last increment
   p{t:T}:agg:<YYYY-MM-DD>:model:<model>
+  p{t:T}:agg:<period>:tenant           the same counters' PERIOD_FIELDS summed over a week ("2026-W49") or
+  p{t:T}:agg:<period>:key:<key_id>     a month ("2026-12"), so a budget reads one field, not a field of
+                                       every day so far. Only once a budget check started one (from the
+                                       days, extproc.limits.redis; marked by field `__init`): a record adds
+                                       to a total that exists, never creates one; it expires after its period.
   p usage:streams                      set of every tenant stream name (the consumer reads it)
   p usage:dead                         stream of entries the consumer could not parse
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -54,6 +60,7 @@ from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend, tenant_tag
 from ..store.resp import ReplyError
 from ..throttle import LogThrottle
+from .periods import period_id
 from .record import TOKEN_FIELDS, UsageRecord
 from .spool import Spool, chunks, record_json
 
@@ -68,6 +75,8 @@ AGG_FIELDS: tuple[str, ...] = (
     "errors",
 )
 Scope = Literal["tenant", "key", "model"]
+# The counters budgets read (extproc.limits), also kept per week and month (see the module docstring).
+PERIOD_FIELDS: tuple[str, ...] = ("cost_pusd", "total_tokens")
 AggregateRow = tuple[str, str, str, str, Mapping[str, int]]
 
 PUSD_PER_USD = 10**12
@@ -173,10 +182,17 @@ def _day(ts: datetime) -> str:
 
 
 def aggregate_key(prefix: str, tenant: str, day: str | date, scope: Scope | str, id: str = "") -> str:
-    """The Redis hash of one (tenant, UTC day, scope, id) aggregate; `id` is ignored for "tenant".
-    Budgets (extproc.limits) read these keys in their own scripts."""
+    """The Redis hash of one (tenant, UTC day, scope, id) aggregate, or with a period id for `day`
+    ("2026-W49", "2026-12") of its period total; `id` is ignored for "tenant". Budgets
+    (extproc.limits) read these keys in their own scripts."""
     key = f"{prefix}{tenant_tag(tenant)}:agg:{utc_day(day)}:{scope}"
     return key if scope == "tenant" else f"{key}:{id or '_'}"
+
+
+@functools.lru_cache(maxsize=64)
+def periods_of(day: str) -> tuple[str, str]:
+    d = date.fromisoformat(day)
+    return period_id("week", d), period_id("month", d)
 
 
 def scope_ids(rec: UsageRecord) -> tuple[tuple[Scope, str], ...]:
@@ -246,12 +262,13 @@ class UsageSink(ABC):
 # Seconds between re-registrations of a stream in `usage:streams` by one process.
 STREAM_REFRESH = 30.0
 
-# One record, atomically. KEYS: seen, stream, the aggregate hashes, then `release` (pairs of a
-# budget's reservations hash and lease set, see extproc.limits.redis). ARGV: seen TTL, aggregate
-# TTL, stream MAXLEN (0 = never trim), record JSON, request id, the number of release keys, then
-# field/increment pairs. SET NX answers nil (Lua false) when the key exists: the record was applied
-# before. The request's budget reservations go in the same step as its spend arrives in the
-# aggregates budgets read: it is never counted twice, nor not at all.
+# One record, atomically. KEYS: seen, stream, the daily aggregate hashes, the period totals (week and
+# month of the tenant and of the key), then `release` (pairs of a budget's reservations hash and lease
+# set, see extproc.limits.redis). ARGV: seen TTL, aggregate TTL, stream MAXLEN (0 = never trim),
+# record JSON, request id, the number of release keys, the number of period totals, the increments of
+# PERIOD_FIELDS in their order, then field/increment pairs. SET NX answers nil (Lua false) when the
+# key exists: the record was applied before. The request's budget reservations go in the same step as
+# its spend arrives in the aggregates budgets read: it is never counted twice, nor not at all.
 RECORD_SCRIPT = """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
@@ -262,11 +279,20 @@ else
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'data', ARGV[4])
 end
 local rel = tonumber(ARGV[6])
-for k = 3, #KEYS - rel do
-  for i = 7, #ARGV, 2 do
+local last = #KEYS - rel - tonumber(ARGV[7])
+for k = 3, last do
+  for i = 10, #ARGV, 2 do
     redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
   end
   redis.call('EXPIRE', KEYS[k], ARGV[2])
+end
+if ARGV[8] ~= '0' or ARGV[9] ~= '0' then
+  for k = last + 1, #KEYS - rel do
+    if redis.call('EXISTS', KEYS[k]) == 1 then
+      if ARGV[8] ~= '0' then redis.call('HINCRBY', KEYS[k], 'cost_pusd', ARGV[8]) end
+      if ARGV[9] ~= '0' then redis.call('HINCRBY', KEYS[k], 'total_tokens', ARGV[9]) end
+    end
+  end
 end
 local rid = ARGV[5]
 for r = #KEYS - rel + 1, #KEYS, 2 do
@@ -281,6 +307,8 @@ return 1
 """
 
 _ScriptCall = tuple[list[str], list[str | int | bytes]]
+# Period totals per record: week and month, of the tenant and of the key (RedisUsageSink.keys).
+_PERIOD_TOTALS = 4
 
 
 class RedisUsageSink(UsageSink):
@@ -329,10 +357,16 @@ class RedisUsageSink(UsageSink):
     def keys(self, rec: UsageRecord) -> list[str]:
         base = f"{self.prefix}{tenant_tag(rec.tenant)}:"
         day = _day(rec.ts)
+        key_id = rec.key_id or "_"
         return [
             f"{base}usage:seen:{rec.request_id}",
             f"{base}usage",
             *(aggregate_key(self.prefix, rec.tenant, day, scope, sid) for scope, sid in scope_ids(rec)),
+            *(
+                aggregate_key(self.prefix, rec.tenant, period, scope, key_id)
+                for period in periods_of(day)
+                for scope in ("tenant", "key")
+            ),
         ]
 
     def stream_name(self, tenant: str) -> str:
@@ -346,8 +380,11 @@ class RedisUsageSink(UsageSink):
             record_json(rec),
             rec.request_id,
             len(release),
+            _PERIOD_TOTALS,
         ]
-        for name, v in increments(rec).items():
+        inc = increments(rec)
+        args += [inc.get(name, 0) for name in PERIOD_FIELDS]
+        for name, v in inc.items():
             args += (name, v)
         return [*self.keys(rec), *release], args
 

@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from ..accounting.periods import period_days, period_id, seconds_to_end
 from .engine import EPS_US, WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateState, Verdict, gcra, remaining
-from .periods import period_days, period_id, seconds_to_end
 from .spec import Rule
 
 # (rule, aggregate field, days of the period so far) -> spend in the field's unit.

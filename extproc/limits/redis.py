@@ -13,7 +13,12 @@ atomically, also on Redis Cluster. Layout (prefix `p`, tag `{t:T}`):
 
 The state scope contains the reset epoch (`extproc limits reset` starts new counters under a new
 name; the old ones expire), budgets' reservations and alerts do not (a reset keeps the spend history).
-Budgets read the accounting aggregates `p{t:T}:agg:<day>:tenant|key:<id>` (extproc.accounting.sink).
+Budgets read the accounting aggregates (extproc.accounting.sink): a daily budget its day's
+`p{t:T}:agg:<day>:tenant|key:<id>`, a weekly or monthly one the period total
+`p{t:T}:agg:<2026-W49|2026-12>:tenant|key:<id>`, one field either way. The first check of a period that
+finds no total starts it (START: the days so far, summed with HINCRBY so large sums stay exact, and
+`__init`); usage records add to it from then on, in the same script that adds to the days, so it
+stays equal to the sum of its days.
 
 Lua numbers are doubles: times in µs (~1.8e15) and amounts in pico-USD are exact below 2^53 (~9,000
 USD in one figure); above that a comparison may be off by a few pico-USD, which no budget notices.
@@ -25,20 +30,22 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 from typing import Any
 
-from ..accounting.sink import aggregate_key
+from ..accounting.periods import period_days, period_id, seconds_to_end
+from ..accounting.sink import PERIOD_FIELDS, aggregate_key
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend, tenant_tag
 from ..store.resp import ReplyError
 from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateState, Verdict, remaining
-from .periods import period_days, period_id, seconds_to_end
 
 # KEYS, per check in order: rate: TAT key; concurrency: slot set; budget: reservations, their
-# leases, then the aggregate keys of the period's days.
+# leases, the period's total (or its day's aggregate for a daily budget).
 # ARGV: request id, lease (µs), then per check: kind ('r' / 'c' / 'b') and its arguments:
-#   r: interval (µs per unit), cost            c: limit            b: field, budget, amount, days
+#   r: interval (µs per unit), cost    c: limit    b: field, budget, amount, '1' when the total must
+#   have been started (a week or a month) else '0'
 # Every check is evaluated (so a refusal can still report the rate limits' state). Returns
 # {1, 0, 0, 0, per check: x, y} when all passed and were charged, or {0, index of the first refusing
-# check (1-based), wait µs (-1: never passes by waiting), used, per check: x, y} with nothing charged.
+# check (1-based), wait µs (-1: never passes by waiting), used, per check: x, y} with nothing charged,
+# or {-1, index of a budget check whose period total has not been started} with nothing charged.
 # x, y per check: rate: units left and µs until full (after this request's charge when it passed);
 # concurrency: slots held before this request, 0; budget: used before this request, 0.
 ACQUIRE = """
@@ -89,8 +96,12 @@ while a <= #ARGV do
     state[#state + 1] = 0
     k, a = k + 1, a + 2
   else
-    local field, budget, amount, days = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
+    local field, budget, amount = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
     local res, resx = KEYS[k], KEYS[k + 1]
+    local spent = redis.call('HMGET', KEYS[k + 2], field, '__init')
+    if ARGV[a + 4] == '1' and not spent[2] then
+      return {-1, i}
+    end
     local stale = redis.call('ZRANGEBYSCORE', resx, '-inf', now)
     for _, r in ipairs(stale) do
       local amt = redis.call('HGET', res, r)
@@ -100,10 +111,7 @@ while a <= #ARGV do
       end
       redis.call('ZREM', resx, r)
     end
-    local used = tonumber(redis.call('HGET', res, '__total') or '0')
-    for d = 1, days do
-      used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
-    end
+    local used = tonumber(redis.call('HGET', res, '__total') or '0') + tonumber(spent[1] or '0')
     if used >= budget then
       refuse(-1, used)
     else
@@ -111,7 +119,7 @@ while a <= #ARGV do
     end
     state[#state + 1] = used
     state[#state + 1] = 0
-    k, a = k + 2 + days, a + 5
+    k, a = k + 3, a + 5
   end
 end
 -- Rate limits as they stand when nothing is charged, after the charge otherwise.
@@ -149,11 +157,12 @@ return out
 """
 
 # KEYS, per check: rate (tokens only): TAT key; concurrency: slot set; budget: reservations, leases,
-# the period's aggregate keys, then one alert key per threshold.
+# the period's total (as for ACQUIRE), then one alert key per threshold.
 # ARGV: request id, then per check: kind and its arguments:
 #   r: interval, units to add (negative: a refund)     c: (none)
-#   b: field, budget, days, alert TTL (ms), thresholds count, thresholds...
-# Returns the alerts sent: {check index, threshold index, used, ...}.
+#   b: field, budget, '1' / '0' (as for ACQUIRE), alert TTL (ms), thresholds count, thresholds...
+# Returns the alerts sent: {check index, threshold index, used, ...}. A period total not started (the
+# period began since this request's check) sends no alert now: the next request's settle does.
 SETTLE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -178,7 +187,7 @@ while a <= #ARGV do
     redis.call('ZREM', KEYS[k], rid)
     k, a = k + 1, a + 1
   else
-    local field, budget, days = ARGV[a + 1], tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    local field, budget, started = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
     local ttl, n = ARGV[a + 4], tonumber(ARGV[a + 5])
     local res, resx = KEYS[k], KEYS[k + 1]
     local amt = redis.call('HGET', res, rid)
@@ -189,23 +198,42 @@ while a <= #ARGV do
     end
     -- Also when the usage record took the reservation with it (it usually has): the spend it
     -- recorded may have crossed a threshold. Each alert is sent once per period (SET NX).
-    local used = 0
-    for d = 1, days do
-      used = used + tonumber(redis.call('HGET', KEYS[k + 1 + d], field) or '0')
-    end
-    for j = 1, n do
-      if used >= tonumber(ARGV[a + 5 + j]) * budget then
-        if redis.call('SET', KEYS[k + 1 + days + j], '1', 'NX', 'PX', ttl) then
-          out[#out + 1] = i
-          out[#out + 1] = j
-          out[#out + 1] = used
+    local spent = redis.call('HMGET', KEYS[k + 2], field, '__init')
+    if started == '0' or spent[2] then
+      local used = tonumber(spent[1] or '0')
+      for j = 1, n do
+        if used >= tonumber(ARGV[a + 5 + j]) * budget then
+          if redis.call('SET', KEYS[k + 2 + j], '1', 'NX', 'PX', ttl) then
+            out[#out + 1] = i
+            out[#out + 1] = j
+            out[#out + 1] = used
+          end
         end
       end
     end
-    k, a = k + 2 + days + n, a + 6 + n
+    k, a = k + 3 + n, a + 6 + n
   end
 end
 return out
+"""
+
+# Starts a period total. KEYS: the total, then the aggregate of each day of the period so far.
+# ARGV: TTL (ms), then the fields (PERIOD_FIELDS). Nothing when it exists (another replica started
+# it first: records have been adding to it since).
+START = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+for f = 2, #ARGV do
+  redis.call('HINCRBY', KEYS[1], ARGV[f], 0)
+  for d = 2, #KEYS do
+    local v = redis.call('HGET', KEYS[d], ARGV[f])
+    if v then redis.call('HINCRBY', KEYS[1], ARGV[f], v) end
+  end
+end
+redis.call('HSET', KEYS[1], '__init', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
 """
 
 # The response is complete (Limiter.ended). KEYS, per check: concurrency: slot set; budget:
@@ -258,6 +286,16 @@ class RedisLimiter(Limiter):
         kind = c.rule.kind
         return [aggregate_key(self.prefix, tenant, day, kind, c.rule.owner) for day in days]
 
+    def _total_key(self, tenant: str, c: Check, day: date) -> str:
+        """The period total a budget reads: for a daily budget its day's aggregate itself."""
+        return aggregate_key(self.prefix, tenant, period_id(c.rule.period, day), c.rule.kind, c.rule.owner)
+
+    async def _start_total(self, tenant: str, c: Check, day: date) -> None:
+        period = c.rule.period
+        ttl_ms = int((seconds_to_end(period, datetime.now(UTC)) + _ALERT_SLACK_DAYS * 86400) * 1000)
+        keys = [self._total_key(tenant, c, day), *self._day_keys(tenant, c, period_days(period, day))]
+        await self._run(START, keys, [ttl_ms, *PERIOD_FIELDS])
+
     async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self.backend.script(script, keys, args)
@@ -276,8 +314,8 @@ class RedisLimiter(Limiter):
             elif c.kind == "concurrency":
                 parts = ([self._state_key(tenant, c)], ["c", c.limit])
             else:
-                days = period_days(c.rule.period, day)
-                parts = ([*self._res_keys(tenant, c), *self._day_keys(tenant, c, days)], ["b", c.field, c.limit])
+                keys = [*self._res_keys(tenant, c), self._total_key(tenant, c, day)]
+                parts = (keys, ["b", c.field, c.limit])
             self._remember(ck, parts)
         return parts
 
@@ -298,8 +336,18 @@ class RedisLimiter(Limiter):
             elif c.kind == "concurrency":
                 args += ca
             else:
-                args += [*ca, c.cost, len(ck) - 2]
+                args += [*ca, c.cost, _started(c)]
         res = await self._run(ACQUIRE, keys, args)
+        starts = 0
+        while int(res[0]) == -1:
+            # The first check of a week or a month (here or on any replica): start its total.
+            starts += 1
+            if starts > len(demand.checks):
+                # Started once per check and gone again each time (evicted?): the budget cannot be
+                # counted. Fail safe, like an outage.
+                raise StoreUnavailable("redis: a budget's period total keeps disappearing")
+            await self._start_total(demand.tenant, demand.checks[int(res[1]) - 1], day)
+            res = await self._run(ACQUIRE, keys, args)
         allowed = int(res[0]) == 1
         verdict = Verdict(allowed)
         for i, c in enumerate(demand.checks):
@@ -378,18 +426,17 @@ class RedisLimiter(Limiter):
         ck = ("s", tenant, c.rule, c.what, day)
         parts = self._parts.get(ck)
         if parts is None:
-            days = period_days(c.rule.period, day)
             pid = period_id(c.rule.period, day)
             thresholds = c.rule.alert_at
             base = self._base(tenant)
             keys = [
                 *self._res_keys(tenant, c),
-                *self._day_keys(tenant, c, days),
+                self._total_key(tenant, c, day),
                 *(f"{base}alert:{c.rule.scope}:{c.what}:{pid}:{t:g}" for t in thresholds),
             ]
             # Until the period ends (computed once a day per scope: at most a day longer than needed).
             ttl_ms = int((seconds_to_end(c.rule.period, datetime.now(UTC)) + (_ALERT_SLACK_DAYS + 1) * 86400) * 1000)
-            args = ["b", c.field, c.limit, len(days), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
+            args = ["b", c.field, c.limit, _started(c), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
             parts = (keys, args)
             self._remember(ck, parts)
         return parts
@@ -439,3 +486,8 @@ class RedisLimiter(Limiter):
                 end = seconds_to_end(c.rule.period, datetime.now(UTC))
                 out.append(CheckStatus(c, used, max(0, c.limit - used), end))
         return out
+
+
+def _started(c: Check) -> str:
+    """'1' when the budget reads a period total that must have been started (a week or a month)."""
+    return "0" if c.rule.period == "day" else "1"

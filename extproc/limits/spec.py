@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-Period = Literal["day", "week", "month"]
+from ..accounting.periods import Period
+
 PERIODS: tuple[Period, ...] = ("day", "week", "month")
 # Money in the limiter is integer pico-USD, like the accounting aggregates it is compared with.
 PUSD_PER_USD = 10**12

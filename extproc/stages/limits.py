@@ -21,13 +21,13 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from ..accounting.periods import period_end, period_id
 from ..accounting.pricing import PriceTable
 from ..accounting.sink import cost_pusd
 from ..accounting.tokenizer import estimate_input_tokens
 from ..errors import ErrorKind, GatewayError, quote
 from ..limits.alerts import usd
 from ..limits.engine import Demand, RateState, Verdict, plan
-from ..limits.periods import period_end, period_id
 from ..limits.service import LimitsService, LimitsUnavailable
 from ..pipeline import Need, RequestContext, ResponseChunk, Stage
 from ..providers import ADAPTERS

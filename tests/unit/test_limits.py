@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from extproc.accounting.sink import aggregate_key
+from extproc.accounting.periods import period_days, period_end, period_id, period_start, seconds_to_end
+from extproc.accounting.sink import aggregate_key, periods_of
 from extproc.limits.engine import WINDOW_US, Check, Demand, Limiter, gcra, plan, remaining
 from extproc.limits.local import FallbackLimiter, LocalLimiter
-from extproc.limits.periods import period_days, period_end, period_id, period_start, seconds_to_end
 from extproc.limits.redis import RedisLimiter
 from extproc.limits.spec import Limits, LimitsError, Rule, parse_limits, rules_of
 from extproc.store.redis import RedisBackend
@@ -171,8 +171,15 @@ class Harness:
     async def set_spent(self, rule: Rule, field: str, value: int) -> None:
         today = datetime.now(UTC).date().isoformat()
         if self.backend is not None:
-            key = aggregate_key(self.backend.prefix, rule.tenant, today, rule.kind, rule.owner)
-            await self.backend.client.hset(key, field, str(value))
+            # As a usage record adds to the day (RECORD_SCRIPT): to the period totals that exist too.
+            prefix, client = self.backend.prefix, self.backend.client
+            key = aggregate_key(prefix, rule.tenant, today, rule.kind, rule.owner)
+            delta = value - int(await client.hget(key, field) or 0)
+            await client.hincrby(key, field, delta)
+            for period in periods_of(today):
+                total = aggregate_key(prefix, rule.tenant, period, rule.kind, rule.owner)
+                if await client.exists(total):
+                    await client.hincrby(total, field, delta)
         else:
             self.spend[(rule.kind, rule.owner, field, today)] = value
 
@@ -649,6 +656,92 @@ async def test_the_usage_record_takes_the_reservation_with_it(redis_url: str, tm
         assert after.allowed and after.budgets[0][1] == 55 * 10**10  # once: the spend, no reservation
         alerts = await limiter.settle(first, 100, 55 * 10**10)
         assert [(a.threshold, a.used) for a in alerts] == [(0.5, 55 * 10**10)]
+    finally:
+        await sink.close()
+        await backend.close()
+
+
+async def test_period_totals_start_from_the_days_and_follow_the_records(redis_url: str, tmp_path: Any) -> None:
+    """A weekly or monthly budget reads one period total instead of every day so far. The first
+    check of the period starts it from the days (exactly, also above 2^53 pico-USD, and once when
+    many checks race), usage records add to it from then on (never create it), and a total that
+    vanished (evicted) is started again from the days, so it always equals their sum."""
+    from extproc.accounting.record import UsageRecord
+    from extproc.accounting.sink import RedisUsageSink
+    from extproc.accounting.spool import Spool
+
+    backend = RedisBackend(redis_url, prefix=f"lim{uuid.uuid4().hex[:6]}:")
+    client = backend.client
+    sink = RedisUsageSink(backend, Spool(tmp_path / "spool", max_bytes=1 << 20), batch_window=0)
+    await sink.start()
+    try:
+        h = Harness(RedisLimiter(backend, lease_seconds=30), "redis", backend)
+        limiter = h.limiter
+        today = datetime.now(UTC).date()
+        month = h.rule(budget_pusd=10**21, period="month")
+        week = h.rule(owner="key_p", budget_tokens=10**15, period="week")
+        month_key = aggregate_key(backend.prefix, h.tenant, period_id("month", today), "tenant")
+        week_key = aggregate_key(backend.prefix, h.tenant, period_id("week", today), "key", "key_p")
+
+        def record(cost_usd: str, tokens: int) -> UsageRecord:
+            return UsageRecord(
+                request_id=uuid.uuid4().hex,
+                ts=datetime.now(UTC),
+                tenant=h.tenant,
+                key_id="key_p",
+                model="m",
+                input_tokens=tokens,
+                total_tokens=tokens,
+                cost_usd=cost_usd,
+                status=200,
+            )
+
+        # Before any check, records count per day only: no total is created by a record.
+        await sink.record(record("0.000001", 7))
+        assert not await client.exists(month_key) and not await client.exists(week_key)
+        # Earlier days of the period, large enough that a Lua double would round them.
+        big = 2**60 + 3
+        for day in period_days("month", today)[:-1]:
+            await client.hincrby(aggregate_key(backend.prefix, h.tenant, day, "tenant"), "cost_pusd", big)
+        for day in period_days("week", today)[:-1]:
+            await client.hincrby(aggregate_key(backend.prefix, h.tenant, day, "key", "key_p"), "total_tokens", 1000)
+
+        async def day_sum(key_kind: str, owner: str, field: str, period: Any) -> int:
+            days = period_days(period, today)
+            keys = [aggregate_key(backend.prefix, h.tenant, d, key_kind, owner) for d in days]
+            return sum([int(await client.hget(k, field) or 0) for k in keys])
+
+        async def check_totals() -> None:
+            assert int(await client.hget(month_key, "cost_pusd")) == await day_sum("tenant", "", "cost_pusd", "month")
+            assert int(await client.hget(week_key, "total_tokens")) == await day_sum(
+                "key", "key_p", "total_tokens", "week"
+            )
+
+        # Many checks race to start the totals (as replicas would): each is started once.
+        demands = [h.demand((month, week), tokens=1, pusd=1) for _ in range(10)]
+        verdicts = await asyncio.gather(*(limiter.acquire(d) for d in demands))
+        assert all(v.allowed for v in verdicts)
+        await check_totals()
+        assert await client.hget(month_key, "__init") == "1"
+        ttl = await client.pttl(month_key)
+        to_end = seconds_to_end("month", datetime.now(UTC))
+        assert to_end * 1000 < ttl <= (to_end + 2 * 86400 + 1) * 1000  # outlives its period by two days
+        for d in demands:
+            await limiter.settle(d, 0, 0)
+        # Records add to the totals now (spend and tokens).
+        for _ in range(3):
+            await sink.record(record("0.25", 40))
+        await check_totals()
+        v = await limiter.acquire(probe := h.demand((month, week), tokens=1, pusd=1))
+        want = await day_sum("tenant", "", "cost_pusd", "month")
+        assert v.allowed and v.budgets[0][1] == pytest.approx(want, rel=1e-12)
+        assert v.budgets[1][1] == await day_sum("key", "key_p", "total_tokens", "week")
+        await limiter.settle(probe, 0, 0)
+        # Evicted: started again from the days on the next check.
+        await client.delete(month_key, week_key)
+        await sink.record(record("0.5", 5))  # lands while no total exists
+        assert (await limiter.acquire(h.demand((month, week), tokens=1, pusd=1))).allowed
+        await check_totals()
     finally:
         await sink.close()
         await backend.close()

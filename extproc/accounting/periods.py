@@ -1,15 +1,17 @@
 """Budget periods: calendar day, ISO week (from Monday) or month, in UTC.
 
-A budget compares the accounting aggregates, which are kept per UTC day, with its amount: the spend
-of a period is the sum of its days so far.
+A budget compares the accounting aggregates with its amount. They are kept per UTC day and, for the
+weeks and months a budget reads, as period totals beside them (extproc.accounting.sink): the spend of a
+period is the sum of its days so far, or its total once a budget check has started one.
 """
 
 from __future__ import annotations
 
 import functools
 from datetime import UTC, date, datetime, timedelta
+from typing import Literal
 
-from .spec import Period
+Period = Literal["day", "week", "month"]
 
 
 def period_start(period: Period, day: date) -> date:
