@@ -259,6 +259,25 @@ class UsageSink(ABC):
         }
 
 
+# A budget reservation of extproc.limits.redis goes away (Lua, prepended to the scripts that drop
+# one; here because the usage record drops it too). A reservation hash maps request id -> amount:
+# the estimate while the request runs, "=<amount>" once its response ended (what it really used);
+# `__total` sums every amount, `__real` the ended ones. Returns whether it was there.
+DROP_RESERVATION_LUA = """
+local function drop_reservation(res, resx, rid)
+  local amt = redis.call('HGET', res, rid)
+  if not amt then return false end
+  redis.call('HDEL', res, rid)
+  redis.call('ZREM', resx, rid)
+  if string.byte(amt, 1) == 61 then
+    amt = string.sub(amt, 2)
+    if amt ~= '0' then redis.call('HINCRBY', res, '__real', '-' .. amt) end
+  end
+  if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
+  return true
+end
+"""
+
 # Seconds between re-registrations of a stream in `usage:streams` by one process.
 STREAM_REFRESH = 30.0
 
@@ -269,7 +288,9 @@ STREAM_REFRESH = 30.0
 # PERIOD_FIELDS in their order, then field/increment pairs. SET NX answers nil (Lua false) when the
 # key exists: the record was applied before. The request's budget reservations go in the same step as
 # its spend arrives in the aggregates budgets read: it is never counted twice, nor not at all.
-RECORD_SCRIPT = """
+RECORD_SCRIPT = (
+    DROP_RESERVATION_LUA
+    + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
   return 0
 end
@@ -296,15 +317,11 @@ if ARGV[8] ~= '0' or ARGV[9] ~= '0' then
 end
 local rid = ARGV[5]
 for r = #KEYS - rel + 1, #KEYS, 2 do
-  local amt = redis.call('HGET', KEYS[r], rid)
-  if amt then
-    redis.call('HDEL', KEYS[r], rid)
-    if amt ~= '0' then redis.call('HINCRBY', KEYS[r], '__total', '-' .. amt) end
-    redis.call('ZREM', KEYS[r + 1], rid)
-  end
+  drop_reservation(KEYS[r], KEYS[r + 1], rid)
 end
 return 1
 """
+)
 
 _ScriptCall = tuple[list[str], list[str | int | bytes]]
 # Period totals per record: week and month, of the tenant and of the key (RedisUsageSink.keys).

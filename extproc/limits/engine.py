@@ -89,6 +89,8 @@ class Demand:
     pusd: int = 0
     # The limiter that holds it (the failover may have used its local fallback).
     holder: Limiter | None = None
+    # (tokens, pico-USD) the holder settled at the end of the response (Limiter.ended), if it did.
+    ended: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -180,12 +182,13 @@ class Limiter(abc.ABC):
         keeps them elsewhere (in process)."""
         return ()
 
-    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         """The response is complete (the client is about to get its last bytes): free the
-        concurrency slots and turn the budget reservations into what the request used. `settle`
-        follows once the usage record is stored, and removes them. Until then the request counts
-        at its real cost, never at nothing (the record may not be in the aggregates yet)."""
-        return None
+        concurrency slots and turn the budget reservations into what the request used; return the
+        thresholds crossed, as settle does. `settle` follows once the usage record is stored. Until
+        then the request counts at its real cost, never at nothing (the record may not be in the
+        aggregates yet). A limiter that settled everything here sets `demand.ended`."""
+        return []
 
     @abc.abstractmethod
     async def refresh(self, demands: list[Demand]) -> None:

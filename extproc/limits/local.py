@@ -161,7 +161,7 @@ class LocalLimiter(Limiter):
 
     # -- settle -------------------------------------------------------------------------------------
 
-    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         for c in demand.checks:
             if c.kind == "concurrency":
                 held = self.slots.get((demand.tenant, c.rule.state_scope))
@@ -172,6 +172,7 @@ class LocalLimiter(Limiter):
                 entry = res.get(demand.request_id) if res is not None else None
                 if res is not None and entry is not None:
                     res[demand.request_id] = (pusd if c.what == "budget_usd" else tokens, entry[1])
+        return []
 
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         now = self.clock()

@@ -31,7 +31,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from ..accounting.periods import period_days, period_id, seconds_to_end
-from ..accounting.sink import PERIOD_FIELDS, aggregate_key
+from ..accounting.sink import DROP_RESERVATION_LUA, PERIOD_FIELDS, aggregate_key
 from ..store.errors import StoreUnavailable
 from ..store.redis import RedisBackend, tenant_tag
 from ..store.resp import ReplyError
@@ -48,7 +48,9 @@ from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateS
 # or {-1, index of a budget check whose period total has not been started} with nothing charged.
 # x, y per check: rate: units left and µs until full (after this request's charge when it passed);
 # concurrency: slots held before this request, 0; budget: used before this request, 0.
-ACQUIRE = """
+ACQUIRE = (
+    DROP_RESERVATION_LUA
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rid = ARGV[1]
@@ -104,12 +106,7 @@ while a <= #ARGV do
     end
     local stale = redis.call('ZRANGEBYSCORE', resx, '-inf', now)
     for _, r in ipairs(stale) do
-      local amt = redis.call('HGET', res, r)
-      if amt then
-        redis.call('HDEL', res, r)
-        if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
-      end
-      redis.call('ZREM', resx, r)
+      if not drop_reservation(res, resx, r) then redis.call('ZREM', resx, r) end
     end
     local used = tonumber(redis.call('HGET', res, '__total') or '0') + tonumber(spent[1] or '0')
     if used >= budget then
@@ -155,19 +152,29 @@ local out = {1, 0, 0, 0}
 for _, v in ipairs(state) do out[#out + 1] = v end
 return out
 """
+)
 
-# KEYS, per check: rate (tokens only): TAT key; concurrency: slot set; budget: reservations, leases,
-# the period's total (as for ACQUIRE), then one alert key per threshold.
-# ARGV: request id, then per check: kind and its arguments:
+# The end of a request. KEYS, per check: rate (tokens only): TAT key; concurrency: slot set; budget:
+# reservations, leases, the period's total (as for ACQUIRE), then one alert key per threshold.
+# ARGV: request id, mode, then per check: kind and its arguments:
 #   r: interval, units to add (negative: a refund)     c: (none)
-#   b: field, budget, '1' / '0' (as for ACQUIRE), alert TTL (ms), thresholds count, thresholds...
-# Returns the alerts sent: {check index, threshold index, used, ...}. A period total not started (the
-# period began since this request's check) sends no alert now: the next request's settle does.
-SETTLE = """
+#   b: amount used, field, budget, '1' / '0' (as for ACQUIRE), alert TTL (ms), thresholds count,
+#      thresholds...
+# Mode 'end' (the response is complete, its usage record not stored yet): the reservation becomes
+# "=<amount used>" (counted at its real cost until the record, which drops it, is in the aggregates).
+# Mode 'settle': the reservation is dropped (the record is stored, or there is none).
+# A budget's spend for its alerts is the period's total plus the amounts of the requests that ended
+# and whose records are not in it yet: every ended request is counted once, so the last one to end
+# sees the sum. Returns the alerts sent: {check index, threshold index, used, ...}. A period total not
+# started (the period began since this request's check) sends no alert now: the next request does.
+SETTLE = (
+    DROP_RESERVATION_LUA
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local rid = ARGV[1]
-local a, k, i = 2, 1, 0
+local ending = ARGV[2] == 'end'
+local a, k, i = 3, 1, 0
 local out = {}
 while a <= #ARGV do
   i = i + 1
@@ -187,22 +194,28 @@ while a <= #ARGV do
     redis.call('ZREM', KEYS[k], rid)
     k, a = k + 1, a + 1
   else
-    local field, budget, started = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3]
-    local ttl, n = ARGV[a + 4], tonumber(ARGV[a + 5])
+    local real, field, budget, started = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
+    local ttl, n = ARGV[a + 5], tonumber(ARGV[a + 6])
     local res, resx = KEYS[k], KEYS[k + 1]
-    local amt = redis.call('HGET', res, rid)
-    if amt then
-      redis.call('HDEL', res, rid)
-      if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
-      redis.call('ZREM', resx, rid)
+    if ending then
+      local amt = redis.call('HGET', res, rid)
+      -- Gone already (its lease ran out): it stays gone.
+      if amt and string.byte(amt, 1) ~= 61 then
+        redis.call('HSET', res, rid, '=' .. real)
+        if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
+        if real ~= '0' then
+          redis.call('HINCRBY', res, '__total', real)
+          redis.call('HINCRBY', res, '__real', real)
+        end
+      end
+    else
+      drop_reservation(res, resx, rid)
     end
-    -- Also when the usage record took the reservation with it (it usually has): the spend it
-    -- recorded may have crossed a threshold. Each alert is sent once per period (SET NX).
     local spent = redis.call('HMGET', KEYS[k + 2], field, '__init')
     if started == '0' or spent[2] then
-      local used = tonumber(spent[1] or '0')
+      local used = tonumber(spent[1] or '0') + tonumber(redis.call('HGET', res, '__real') or '0')
       for j = 1, n do
-        if used >= tonumber(ARGV[a + 5 + j]) * budget then
+        if used >= tonumber(ARGV[a + 6 + j]) * budget then
           if redis.call('SET', KEYS[k + 2 + j], '1', 'NX', 'PX', ttl) then
             out[#out + 1] = i
             out[#out + 1] = j
@@ -211,11 +224,12 @@ while a <= #ARGV do
         end
       end
     end
-    k, a = k + 3 + n, a + 6 + n
+    k, a = k + 3 + n, a + 7 + n
   end
 end
 return out
 """
+)
 
 # Starts a period total. KEYS: the total, then the aggregate of each day of the period so far.
 # ARGV: TTL (ms), then the fields (PERIOD_FIELDS). Nothing when it exists (another replica started
@@ -233,30 +247,6 @@ for f = 2, #ARGV do
 end
 redis.call('HSET', KEYS[1], '__init', '1')
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
-return 1
-"""
-
-# The response is complete (Limiter.ended). KEYS, per check: concurrency: slot set; budget:
-# reservations. ARGV: request id, then per check 'c', or 'b' and the amount used (an integer string).
-# A reservation already gone (settled, or its lease ran out) stays gone.
-ENDED = """
-local rid = ARGV[1]
-local a, k = 2, 1
-while a <= #ARGV do
-  if ARGV[a] == 'c' then
-    redis.call('ZREM', KEYS[k], rid)
-    k, a = k + 1, a + 1
-  else
-    local amt = redis.call('HGET', KEYS[k], rid)
-    local new = ARGV[a + 1]
-    if amt and amt ~= new then
-      redis.call('HSET', KEYS[k], rid, new)
-      if amt ~= '0' then redis.call('HINCRBY', KEYS[k], '__total', '-' .. amt) end
-      if new ~= '0' then redis.call('HINCRBY', KEYS[k], '__total', new) end
-    end
-    k, a = k + 1, a + 2
-  end
-end
 return 1
 """
 
@@ -376,39 +366,41 @@ class RedisLimiter(Limiter):
                 out += self._res_keys(demand.tenant, c)
         return tuple(out)
 
-    async def ended(self, demand: Demand, tokens: int, pusd: int) -> None:
-        keys: list[str] = []
-        args: list[Any] = [demand.request_id]
-        for c in demand.checks:
-            if c.kind == "concurrency":
-                keys.append(self._state_key(demand.tenant, c))
-                args.append("c")
-            elif c.kind == "budget":
-                keys.append(self._res_keys(demand.tenant, c)[0])
-                args += ["b", str(pusd if c.what == "budget_usd" else tokens)]
-        if keys:
-            await self._run(ENDED, keys, args)
+    async def ended(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
+        """Everything `settle` does but dropping the budget reservations: the usage record drops
+        them when its spend is in the aggregates. A settle with the same figures has nothing left."""
+        alerts = await self._settle(demand, tokens, pusd, "end")
+        demand.ended = (tokens, pusd)
+        return alerts
 
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
+        if demand.ended == (tokens, pusd):
+            return []
+        return await self._settle(demand, tokens, pusd, "settle")
+
+    async def _settle(self, demand: Demand, tokens: int, pusd: int, mode: str) -> list[Alert]:
         keys: list[str] = []
-        args: list[Any] = [demand.request_id]
+        args: list[Any] = [demand.request_id, mode]
         day = datetime.now(UTC).date()
+        # Tokens charged so far: the estimate, or what the end of the response counted.
+        charged = demand.ended[0] if demand.ended is not None else None
         # The checks passed to the script, in its numbering (a request slot needs no settling).
         passed: list[Check] = []
         for c in demand.checks:
             if c.what == "tokens":
-                if tokens == c.cost:
+                before = c.cost if charged is None else charged
+                if tokens == before:
                     continue
                 ck, ca = self._acquire_parts(demand.tenant, c, day)
                 keys += ck
-                args += [*ca, tokens - c.cost]
+                args += [*ca, tokens - before]
             elif c.kind == "concurrency":
                 keys.append(self._acquire_parts(demand.tenant, c, day)[0][0])
                 args.append("c")
             elif c.kind == "budget":
                 ck, ca = self._settle_parts(demand.tenant, c, day)
                 keys += ck
-                args += ca
+                args += ["b", pusd if c.what == "budget_usd" else tokens, *ca]
             else:
                 continue
             passed.append(c)
@@ -436,7 +428,7 @@ class RedisLimiter(Limiter):
             ]
             # Until the period ends (computed once a day per scope: at most a day longer than needed).
             ttl_ms = int((seconds_to_end(c.rule.period, datetime.now(UTC)) + (_ALERT_SLACK_DAYS + 1) * 86400) * 1000)
-            args = ["b", c.field, c.limit, _started(c), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
+            args = [c.field, c.limit, _started(c), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
             parts = (keys, args)
             self._remember(ck, parts)
         return parts

@@ -128,11 +128,14 @@ class LimitsService:
         if holder is None:
             return
         try:
-            await holder.ended(demand, tokens, pusd)
+            alerts = await holder.ended(demand, tokens, pusd)
         except StoreUnavailable:
             return
         except Exception:
             log.exception("releasing limits at the end of the response failed (request %s)", demand.request_id)
+            return
+        for alert in alerts:
+            self.alerts.emit(alert)
 
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> None:
         """Never raises (runs in finish)."""

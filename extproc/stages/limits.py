@@ -44,6 +44,8 @@ _UPSTREAM_PREFIX = "x-ratelimit-"
 class _Held:
     demand: Demand
     headers: dict[str, str]
+    # The end-of-response call (LimitsService.ended), while it may still run.
+    ending: asyncio.Future[None] | None = None
 
 
 def go_duration(seconds: float) -> str:
@@ -172,8 +174,9 @@ class LimitsStage(Stage):
             # Not awaited: the last chunk does not wait a Redis round trip. The call is written to
             # the limiter's one pipelined connection now, so Redis runs it before the ACQUIRE of any
             # request the client sends after seeing this end. A task: the client leaving cannot cut
-            # it short; settle in finish makes it a no-op if it ever ran late.
-            task = asyncio.ensure_future(self.service.ended(held.demand, *_figures(held.demand, ctx)))
+            # it short. It settles the request but for the budget reservations, which the usage
+            # record drops; finish settles whatever it did not.
+            task = held.ending = asyncio.ensure_future(self.service.ended(held.demand, *_figures(held.demand, ctx)))
             _ENDING.add(task)
             task.add_done_callback(_ENDING.discard)
 
@@ -181,6 +184,9 @@ class LimitsStage(Stage):
         held: _Held | None = ctx.state.pop(self.name, None)
         if held is None:
             return
+        if held.ending is not None:
+            # Settled there already when it succeeded with the same figures (one round trip, not two).
+            await held.ending
         await self.service.settle(held.demand, *_figures(held.demand, ctx))
 
 

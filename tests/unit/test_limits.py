@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from extproc.accounting.periods import period_days, period_end, period_id, period_start, seconds_to_end
-from extproc.accounting.sink import aggregate_key, periods_of
+from extproc.accounting.sink import DROP_RESERVATION_LUA, aggregate_key, periods_of
 from extproc.limits.engine import WINDOW_US, Check, Demand, Limiter, gcra, plan, remaining
 from extproc.limits.local import FallbackLimiter, LocalLimiter
 from extproc.limits.redis import RedisLimiter
@@ -183,6 +183,16 @@ class Harness:
         else:
             self.spend[(rule.kind, rule.owner, field, today)] = value
 
+    async def record_landed(self, demand: Demand, rule: Rule, field: str, value: int) -> None:
+        """What the usage record's script does: the spend arrives and, on Redis, the request's
+        reservations go in the same step."""
+        await self.set_spent(rule, field, value)
+        if self.backend is not None:
+            drop = DROP_RESERVATION_LUA + "drop_reservation(KEYS[1], KEYS[2], ARGV[1]) return 1"
+            keys = self.limiter.release_keys(demand)
+            for i in range(0, len(keys), 2):
+                await self.backend.script(drop, list(keys[i : i + 2]), [demand.request_id])
+
     async def spent(self, rule: Rule, field: str, days: list[str]) -> int:
         return sum(self.spend.get((rule.kind, rule.owner, field, d), 0) for d in days)
 
@@ -331,8 +341,9 @@ async def test_ended_frees_the_slot_and_counts_the_real_cost_until_settled(h: Ha
     assert v.allowed, "the finished request still held its slot or its estimate"
     assert v.budgets[0][1] == 15  # 10 spent + 5: its real cost, still reserved
     await h.limiter.settle(second, 0, 0)
-    # The record lands in the aggregates, then settle removes the reservation: counted once.
-    await h.set_spent(budget, "cost_pusd", 15)
+    # The record lands in the aggregates (on Redis dropping the reservation in the same step), then
+    # settle removes whatever is left: counted once.
+    await h.record_landed(first, budget, "cost_pusd", 15)
     await h.limiter.settle(first, 0, 5)
     third = h.demand((budget,), pusd=1)
     v = await h.limiter.acquire(third)
@@ -620,7 +631,8 @@ async def test_alert_webhook_is_retried_until_it_answers() -> None:
 async def test_the_usage_record_takes_the_reservation_with_it(redis_url: str, tmp_path: Any) -> None:
     """On Redis a request's spend arrives in the aggregates budgets read and its reservation goes
     in one script: there is no moment at which it is counted twice (a refusal too early) or not
-    at all (an overspend); settle afterwards still sends the alert the recorded spend crossed."""
+    at all (an overspend). The end of the response settles the rest and sends the alert its spend
+    crossed; settle afterwards has nothing left to do."""
     from extproc.accounting.record import UsageRecord
     from extproc.accounting.sink import RedisUsageSink
     from extproc.accounting.spool import Spool
@@ -635,7 +647,10 @@ async def test_the_usage_record_takes_the_reservation_with_it(redis_url: str, tm
         rule = h.rule(budget_pusd=10**12, alert_at=(0.5,))  # 1 USD
         first = h.demand((rule,), pusd=6 * 10**11)  # an estimate of 0.60 USD
         assert (await limiter.acquire(first)).allowed
-        await limiter.ended(first, 100, 55 * 10**10)  # it used 0.55 USD
+        # It used 0.55 USD: the end of the response counts that (with the requests that ended before
+        # it and whose records are not stored yet) and sends the 50% alert.
+        crossed = await limiter.ended(first, 100, 55 * 10**10)
+        assert [(a.threshold, a.used) for a in crossed] == [(0.5, 55 * 10**10)]
         probe = h.demand((rule,), pusd=1)
         v = await limiter.acquire(probe)
         assert v.allowed and v.budgets[0][1] == 55 * 10**10  # counted at its real cost
@@ -654,8 +669,9 @@ async def test_the_usage_record_takes_the_reservation_with_it(redis_url: str, tm
         await sink.record(rec, limiter.release_keys(first))
         after = await limiter.acquire(h.demand((rule,), pusd=1))
         assert after.allowed and after.budgets[0][1] == 55 * 10**10  # once: the spend, no reservation
-        alerts = await limiter.settle(first, 100, 55 * 10**10)
-        assert [(a.threshold, a.used) for a in alerts] == [(0.5, 55 * 10**10)]
+        # Settled at the end already: nothing left to do, no second alert.
+        assert await limiter.settle(first, 100, 55 * 10**10) == []
+        assert after.budgets[0][1] == 55 * 10**10
     finally:
         await sink.close()
         await backend.close()
@@ -712,8 +728,10 @@ async def test_period_totals_start_from_the_days_and_follow_the_records(redis_ur
             return sum([int(await client.hget(k, field) or 0) for k in keys])
 
         async def check_totals() -> None:
-            assert int(await client.hget(month_key, "cost_pusd")) == await day_sum("tenant", "", "cost_pusd", "month")
-            assert int(await client.hget(week_key, "total_tokens")) == await day_sum(
+            assert int(await client.hget(month_key, "cost_pusd") or -1) == await day_sum(
+                "tenant", "", "cost_pusd", "month"
+            )
+            assert int(await client.hget(week_key, "total_tokens") or -1) == await day_sum(
                 "key", "key_p", "total_tokens", "week"
             )
 
@@ -745,3 +763,71 @@ async def test_period_totals_start_from_the_days_and_follow_the_records(redis_ur
     finally:
         await sink.close()
         await backend.close()
+
+
+@pytest.fixture
+async def rh(redis_url: str) -> AsyncIterator[Harness]:
+    backend = RedisBackend(redis_url, prefix=f"lim{uuid.uuid4().hex[:6]}:")
+    yield Harness(RedisLimiter(backend, lease_seconds=0.3), "redis", backend)
+    await backend.close()
+
+
+async def test_alerts_at_the_end_count_ended_requests_not_estimates(rh: Harness) -> None:
+    """Budget alerts are decided when a response ends, before its record is stored: the spend is the
+    period's total plus what the requests that ended already really used. So two requests that end
+    before either record lands still cross a threshold together (the second one sends it), and the
+    estimate of a request still running never sends one."""
+    h = rh
+    budget = h.rule(budget_pusd=1000, alert_at=(0.5,))
+    big = h.demand((budget,), pusd=450)  # still running: a large estimate
+    a, b = h.demand((budget,), pusd=40), h.demand((budget,), pusd=40)
+    for d in (big, a, b):
+        assert (await h.limiter.acquire(d)).allowed
+    assert await h.limiter.ended(a, 0, 260) == []  # 260 used: under 500, whatever `big` reserved
+    crossed = await h.limiter.ended(b, 0, 260)
+    assert [(x.threshold, x.used) for x in crossed] == [(0.5, 520)]
+    # The records land (the spend arrives, the reservations go); settling sends nothing twice.
+    await h.record_landed(a, budget, "cost_pusd", 260)
+    await h.record_landed(b, budget, "cost_pusd", 520)
+    assert await h.limiter.settle(a, 0, 260) == [] and await h.limiter.settle(b, 0, 260) == []
+    assert h.backend is not None
+    res = h.limiter.release_keys(a)[0]
+    assert await h.backend.client.hget(res, "__real") == "0"
+    assert await h.backend.client.hget(res, "__total") == "450"  # only `big`'s estimate is left
+    await h.limiter.settle(big, 0, 0)
+
+
+async def test_settle_after_the_end_with_other_figures_charges_the_difference(rh: Harness) -> None:
+    """When the figures finish settles on differ from the ones the end of the response counted
+    (the record changed them), settle charges the difference from those, not from the estimate."""
+    h = rh
+    rule = h.rule(tpm=1000, budget_pusd=10**6)
+    d = h.demand((rule,), tokens=100, pusd=100)
+    assert (await h.limiter.acquire(d)).allowed
+    await h.limiter.ended(d, 60, 60)
+    await h.limiter.settle(d, 80, 80)  # the record said 80
+    v = await h.limiter.acquire(probe := h.demand((rule,), tokens=0, pusd=0))
+    state = v.tightest("tokens")
+    assert state is not None and 918 <= state.remaining <= 920  # 80 charged (plus a little refill)
+    assert v.budgets[0][1] == 0  # no record in this test: its reservation is gone at settle
+    await h.limiter.settle(probe, 0, 0)
+
+
+async def test_an_ended_reservation_whose_record_never_came_expires(rh: Harness) -> None:
+    """A request that ended but whose record was never stored (spooled, or the process died)
+    counts at its real cost until its lease runs out, then not at all; the sums stay right."""
+    h = rh
+    budget = h.rule(budget_pusd=1000)
+    d = h.demand((budget,), pusd=500)
+    assert (await h.limiter.acquire(d)).allowed
+    await h.limiter.ended(d, 0, 70)
+    v = await h.limiter.acquire(probe := h.demand((budget,), pusd=1))
+    assert v.budgets[0][1] == 70
+    await h.limiter.settle(probe, 0, 0)
+    await asyncio.sleep(0.4)  # the 0.3 s lease runs out (nothing refreshes it)
+    v = await h.limiter.acquire(probe := h.demand((budget,), pusd=1))
+    assert v.budgets[0][1] == 0
+    await h.limiter.settle(probe, 0, 0)
+    assert h.backend is not None
+    res = h.limiter.release_keys(d)[0]
+    assert await h.backend.client.hget(res, "__real") == "0" and await h.backend.client.hget(res, "__total") == "0"
