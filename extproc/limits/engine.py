@@ -36,6 +36,16 @@ What = Literal["requests", "tokens", "concurrency", "budget_usd", "budget_tokens
 BUDGET_FIELDS: dict[str, str] = {"budget_usd": "cost_pusd", "budget_tokens": "total_tokens"}
 
 
+Kind = Literal["rate", "concurrency", "budget"]
+_KINDS: dict[str, Kind] = {
+    "requests": "rate",
+    "tokens": "rate",
+    "concurrency": "concurrency",
+    "budget_usd": "budget",
+    "budget_tokens": "budget",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     what: What
@@ -43,12 +53,11 @@ class Check:
     limit: int
     # Units charged: 1 request, the estimated tokens, 1 slot, the reserved amount (pico-USD or tokens).
     cost: int
+    # From `what`; an attribute, not a property: the limiters ask ~30 times per request.
+    kind: Kind = field(init=False, compare=False)
 
-    @property
-    def kind(self) -> Literal["rate", "concurrency", "budget"]:
-        if self.what in ("requests", "tokens"):
-            return "rate"
-        return "concurrency" if self.what == "concurrency" else "budget"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", _KINDS[self.what])
 
     @property
     def interval(self) -> float:

@@ -12,7 +12,7 @@ rules for the models matching its glob, counted together for that tenant or key.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
 from typing import Any, Literal
@@ -162,6 +162,14 @@ class Rule:
     budget_tokens: int | None = None
     period: Period = "month"
     alert_at: tuple[float, ...] = ()
+    # Rules are dictionary keys on the request path (the limiters' caches): hashed once.
+    _hash: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(tuple(getattr(self, f.name) for f in fields(self) if f.compare)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def scope(self) -> str:
