@@ -445,3 +445,50 @@ def test_many_findings_are_all_kept_in_order() -> None:
     assert all(f.type == "EMAIL" for f in found)
     assert all(a.end < b.start for a, b in itertools.pairwise(found))
     assert text[found[-1].start : found[-1].end] == "user19999@acme-corp.io"
+
+
+_SECRETS = [
+    "sk-ant-api03-" + "Ab3dE5fG7hJ9kL1mN3pQ5rS7",
+    "sk-proj-" + "Zx8Cv6Bn4Mm2Ll0Kk9Jj7Hh5",
+    "sk-" + "T3BlbkFJq8Zx7Cv6Bn5Mm4Ll",
+    "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc",
+    "rk_test_" + "51H8aF2eZvKYlo2C9xQ3",
+    "AKIA" + "Z7Q3X9V2L5K8M1N4",
+    "AIza" + "SyD8x7C6v5B4n3M2l1K0j9H8g7F6d5S4a3Q",
+    "ghp_" + "aB3dE5fG7hJ9kL1mN3pQ5rS7tU9vW1xY3zA5",
+    "glpat-" + "Xy7Wv5Ut3Sr1Qp9On7Ml",
+    "xoxb-" + "123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+]
+
+
+@pytest.mark.parametrize("secret", _SECRETS)
+@pytest.mark.parametrize("where", ["alone", "start", "middle", "end", "glued before"])
+def test_each_secret_kind_at_the_edges_of_the_text(secret: str, where: str) -> None:
+    """The scan finds a secret where its prefix starts the text, ends it or sits in prose, and not
+    when it is part of a longer token (one pass per group of prefixes; each must start at a hit)."""
+    from extproc.pii.detect import default_detector
+
+    text = {
+        "alone": secret,
+        "start": secret + " is the key",
+        "middle": "the key " + secret + " works",
+        "end": "the key is " + secret,
+        "glued before": "x" + secret + " is not one",
+    }[where]
+    found = [(f.type, text[f.start : f.end]) for f in default_detector().find(text) if f.type == "SECRET"]
+    if where == "glued before":
+        assert found == [], found
+    else:
+        assert found == [("SECRET", secret)]
+
+
+@pytest.mark.parametrize("text", ["Bearer {t}", "auth: bearer {t}", "BEARER {t} done", "Authorization: Bearer {t}"])
+def test_bearer_tokens_in_every_case_and_at_the_start(text: str) -> None:
+    from extproc.pii.detect import default_detector
+
+    token = "mF_9.B5f-4.1JqM3xYz8Wq2Lr7Tp0"
+    text = text.format(t=token)
+    found = [text[f.start : f.end] for f in default_detector().find(text) if f.type == "SECRET"]
+    assert found == [token]
+    assert default_detector().find(text.replace("earer", "earers").replace("EARER", "EARERS")) == []
