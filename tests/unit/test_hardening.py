@@ -123,6 +123,14 @@ def test_deep_bodies_that_need_the_exact_check_are_refused_not_crashed() -> None
         (b'{"s":"123456789012345678901234567890"}', False),  # digits in a string
         (b'{"f":1234567890123456789012.5}', False),  # a float stays a float
         (b'{"a":1}', False),
+        (b'{"x": [ 18446744073709551616 ]}', True),  # whitespace, first in an array
+        (b'{"x":[1,\n  -9223372036854775809]}', True),
+        (b"18446744073709551616", True),
+        (b'{"s":"card, 4111111111111111111 and: 1234567890123456789012"}', False),  # in a string, after ',' / ':'
+        # Large bodies: the digit-run check first, then the exact one.
+        (b'{"s":"' + b"x" * 300_000 + b'","seed":18446744073709551616}', True),
+        (b'{"s":"' + b"x" * 300_000 + b'","seed":18446744073709551615}', False),
+        (b'{"s":"' + b"x" * 300_000 + b'","seed":1}', False),
     ],
 )
 def test_lossy_integers(body: bytes, lossy: bool) -> None:
