@@ -492,3 +492,36 @@ def test_bearer_tokens_in_every_case_and_at_the_start(text: str) -> None:
     found = [text[f.start : f.end] for f in default_detector().find(text) if f.type == "SECRET"]
     assert found == [token]
     assert default_detector().find(text.replace("earer", "earers").replace("EARER", "EARERS")) == []
+
+
+def test_context_windows_match_as_the_case_insensitive_patterns_do() -> None:
+    """The context words near a number are looked for in a lowercased window with their word
+    boundaries moved after the first letter (detect._Near): for every window, at every offset of
+    the labeled corpora and this README, the answer is the one the (?i) pattern gives on the text."""
+    import random
+    import re
+    from pathlib import Path
+
+    from extproc.pii import detect
+
+    root = Path(__file__).resolve().parents[2]
+    texts = [(root / "README.md").read_text()]
+    for corpus in ("tests/pii_corpus", "tests/pii_holdout"):
+        for path in sorted((root / corpus).glob("*.jsonl")):
+            texts += [orjson.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    text = "\n".join(texts)
+    text += " Tel: 1 TEL. Call/SMS Ring, SSN: ss# SocSec iTIN TIN; Téléphone Número de Seguro Social NUMER 1"
+    rng = random.Random(5)
+    digits = [m.start() for m in re.finditer(r"\d[\d -]{6,}", text)]  # where numbers start: the windows asked about
+    offsets = sorted({rng.randrange(len(text)) for _ in range(1500)} | set(rng.sample(digits, min(1500, len(digits)))))
+    nears = [(detect._SSN_CONTEXT, 300, 80), (detect._PHONE_CONTEXT, 60, 0), (detect._NOT_PHONE_BEFORE, 24, 0)]
+    nears += [(detect._VERSION_BEFORE, 16, 0), (detect._IBAN_NEAR, 40, 0)]
+    for near, before, after in nears:
+        plain = re.compile(near.pattern)
+        hits = 0
+        for at in offsets:
+            a, b = max(0, at - before), min(len(text), at + after)
+            want = plain.search(text, a, b) is not None
+            assert near.search(text, a, b) is want, (near.pattern[:40], text[a:b])
+            hits += want
+        assert hits > 0, near.pattern[:40]  # the comparison saw matches, not only misses
