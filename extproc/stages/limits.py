@@ -186,7 +186,8 @@ class LimitsStage(Stage):
             return
         if held.ending is not None:
             # Settled there already when it succeeded with the same figures (one round trip, not two).
-            await held.ending
+            # wait(), not await: an end call cancelled at shutdown must not stop this settle.
+            await asyncio.wait([held.ending])
         await self.service.settle(held.demand, *_figures(held.demand, ctx))
 
 

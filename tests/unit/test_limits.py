@@ -831,3 +831,26 @@ async def test_an_ended_reservation_whose_record_never_came_expires(rh: Harness)
     assert h.backend is not None
     res = h.limiter.release_keys(d)[0]
     assert await h.backend.client.hget(res, "__real") == "0" and await h.backend.client.hget(res, "__total") == "0"
+
+
+async def test_finish_settles_when_the_end_call_was_cancelled() -> None:
+    """The end-of-response call runs as a task; one cancelled (the server shutting down) must not
+    stop finish from settling the request (its slot and estimate would wait for the lease)."""
+    from extproc.accounting.pricing import PriceTable
+    from extproc.pipeline import RequestContext
+    from extproc.stages.limits import LimitsStage, _Held
+
+    settled: list[tuple[str, int, int]] = []
+
+    class Service:
+        async def settle(self, demand: Demand, tokens: int, pusd: int) -> None:
+            settled.append((demand.request_id, tokens, pusd))
+
+    stage = LimitsStage(Service(), PriceTable({}))  # type: ignore[arg-type]
+    ctx = RequestContext()
+    demand = Demand("r1", "t", (), 7, 9)
+    ending: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ending.cancel()
+    ctx.state[stage.name] = _Held(demand, {}, ending)
+    await stage.finish(ctx)
+    assert settled == [("r1", 7, 9)]  # no usage record: the estimate stays charged
