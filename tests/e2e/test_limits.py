@@ -61,6 +61,8 @@ class Pair:
     b: Stack
     admin: Admin
     webhook: Webhook
+    redis_url: str = ""
+    prefix: str = ""
 
     def key(self, tenant: str | None = None) -> tuple[str, str, str]:
         """(secret, key id, tenant) of a new key in a new tenant."""
@@ -83,7 +85,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[P
     b, _ = make_stack(tmp_path_factory.mktemp("replica-b"), redis_url, prefix=prefix, overrides=overrides)
     a.start()
     b.start()
-    yield Pair(a, b, admin, webhook)
+    yield Pair(a, b, admin, webhook, redis_url, prefix)
     a.stop()
     b.stop()
     webhook.close()
@@ -321,6 +323,56 @@ def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> 
     alerts = pair.webhook.for_tenant(tenant)
     assert sorted(a["threshold"] for a in alerts) == [0.8, 1.0], alerts
     assert all(a["budget"] == "usd" and a["limit"] == "0.006" and a["period"] == "day" for a in alerts)
+
+
+def test_a_monthly_budget_reads_its_period_total_and_leaves_no_reservation(pair: Pair) -> None:
+    """A monthly budget across two replicas: the first check starts the month's total, every record
+    adds to it in step with its day, the budget stops the tenant where the spend says, and when the
+    traffic is over nothing is reserved any more (estimates and ended requests' real costs alike)."""
+    from datetime import UTC, datetime
+
+    from redis import Redis
+
+    from extproc.accounting.periods import period_days, period_id
+    from extproc.accounting.sink import aggregate_key
+
+    key, _, tenant = pair.key()
+    pair.limits("--tenant", tenant, "--budget-usd", "0.004", "--period", "month")
+    served = 0
+    for i in range(30):
+        c = openai_client(pair.a if i % 2 else pair.b, key)
+        try:
+            if i % 3 == 0:
+                for _ in c.chat.completions.create(
+                    model="gpt-5.4-mini", messages=MSGS, stream=True, extra_headers={"x-mock-output-tokens": "150"}
+                ):
+                    pass
+            else:
+                c.chat.completions.create(
+                    model="gpt-5.4-mini", messages=MSGS, extra_headers={"x-mock-output-tokens": "150"}
+                )
+            served += 1
+        except openai.RateLimitError as err:
+            assert err.code == "insufficient_quota"
+            break
+    else:
+        pytest.fail("the monthly budget never stopped the tenant")
+    assert 5 <= served <= 7  # ~0.000676 USD each: the 6th crosses 0.004
+    r = Redis.from_url(pair.redis_url, decode_responses=True)
+    today = datetime.now(UTC).date()
+    total = aggregate_key(pair.prefix, tenant, period_id("month", today), "tenant")
+    days = [aggregate_key(pair.prefix, tenant, d, "tenant") for d in period_days("month", today)]
+    deadline = time.monotonic() + 10
+    while True:
+        res = r.hgetall(f"{pair.prefix}{{t:{tenant}}}:res:tenant:budget_usd")
+        if int(res.get("__total", 0)) == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert r.hget(total, "__init") == "1"
+    spent = sum(int(r.hget(d, "cost_pusd") or 0) for d in days)
+    assert spent >= 4 * 10**9 and int(r.hget(total, "cost_pusd") or -1) == spent
+    assert int(res.get("__total", 0)) == 0 and int(res.get("__real", 0)) == 0, res
+    assert [f for f in res if not f.startswith("__")] == [], res
 
 
 def test_cli_refuses_bad_input_and_writes_nothing(pair: Pair) -> None:
