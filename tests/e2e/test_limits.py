@@ -364,7 +364,7 @@ def test_a_monthly_budget_reads_its_period_total_and_leaves_no_reservation(pair:
     days = [aggregate_key(pair.prefix, tenant, d, "tenant") for d in period_days("month", today)]
     deadline = time.monotonic() + 10
     while True:
-        res = r.hgetall(f"{pair.prefix}{{t:{tenant}}}:res:tenant:budget_usd")
+        res: dict[str, str] = r.hgetall(f"{pair.prefix}{{t:{tenant}}}:res:tenant:budget_usd")  # type: ignore[assignment]
         if int(res.get("__total", 0)) == 0 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
