@@ -284,15 +284,12 @@ def test_max_tokens_beyond_the_whole_minute_is_refused_clearly(pair: Pair) -> No
     assert "retry-after" not in info.value.response.headers
 
 
-def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> None:
-    key, _, tenant = pair.key()
-    # gpt-5.4-mini: 4.50 USD per 1M output tokens; 150 output tokens ~ 0.000675 USD a request.
-    pair.limits("--tenant", tenant, "--budget-usd", "0.006", "--period", "day", "--alert-at", "0.8", "1.0")
-    client = openai_client(pair.a, key)
-    other = openai_client(pair.b, key)
-    served = 0
-    for i in range(40):
-        c = client if i % 2 else other
+def spend_until_refused(pair: Pair, key: str, most: int) -> tuple[int, openai.RateLimitError]:
+    """Requests of 150 output tokens (~0.000676 USD on gpt-5.4-mini), alternating replicas, every
+    third one streamed, until one is refused: (how many were served, the refusal)."""
+    clients = [openai_client(pair.b, key), openai_client(pair.a, key)]
+    for i in range(most):
+        c = clients[i % 2]
         try:
             if i % 3 == 0:
                 for _ in c.chat.completions.create(
@@ -303,15 +300,20 @@ def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> 
                 c.chat.completions.create(
                     model="gpt-5.4-mini", messages=MSGS, extra_headers={"x-mock-output-tokens": "150"}
                 )
-            served += 1
         except openai.RateLimitError as err:
-            # The first refusal is the budget used up: a finished request counts at its real cost
-            # from its last chunk on, and exactly once (its record takes its reservation along).
-            assert err.code == "insufficient_quota"
-            assert "0.006 USD" in err.message
-            break
-    else:
-        pytest.fail("the budget never stopped the tenant")
+            return i, err
+    pytest.fail(f"{most} requests and the budget never stopped the tenant")
+
+
+def test_usd_budget_stops_a_tenant_and_alerts_once_per_threshold(pair: Pair) -> None:
+    key, _, tenant = pair.key()
+    # gpt-5.4-mini: 4.50 USD per 1M output tokens; 150 output tokens ~ 0.000675 USD a request.
+    pair.limits("--tenant", tenant, "--budget-usd", "0.006", "--period", "day", "--alert-at", "0.8", "1.0")
+    served, err = spend_until_refused(pair, key, 40)
+    # The first refusal is the budget used up: a finished request counts at its real cost from its
+    # last chunk on, and exactly once (its record takes its reservation along).
+    assert err.code == "insufficient_quota"
+    assert "0.006 USD" in err.message
     assert 8 <= served <= 10  # ~0.000676 USD each: the 9th crosses 0.006
     shown = pair.admin.cli("limits", "show", "--tenant", tenant, "--json")
     status = json.loads(shown.stdout)["status"][0]
@@ -338,25 +340,8 @@ def test_a_monthly_budget_reads_its_period_total_and_leaves_no_reservation(pair:
 
     key, _, tenant = pair.key()
     pair.limits("--tenant", tenant, "--budget-usd", "0.004", "--period", "month")
-    served = 0
-    for i in range(30):
-        c = openai_client(pair.a if i % 2 else pair.b, key)
-        try:
-            if i % 3 == 0:
-                for _ in c.chat.completions.create(
-                    model="gpt-5.4-mini", messages=MSGS, stream=True, extra_headers={"x-mock-output-tokens": "150"}
-                ):
-                    pass
-            else:
-                c.chat.completions.create(
-                    model="gpt-5.4-mini", messages=MSGS, extra_headers={"x-mock-output-tokens": "150"}
-                )
-            served += 1
-        except openai.RateLimitError as err:
-            assert err.code == "insufficient_quota"
-            break
-    else:
-        pytest.fail("the monthly budget never stopped the tenant")
+    served, err = spend_until_refused(pair, key, 30)
+    assert err.code == "insufficient_quota"
     assert 5 <= served <= 7  # ~0.000676 USD each: the 6th crosses 0.004
     r = Redis.from_url(pair.redis_url, decode_responses=True)
     today = datetime.now(UTC).date()
