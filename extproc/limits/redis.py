@@ -260,6 +260,8 @@ class RedisLimiter(Limiter):
         self.client = backend.client
         self.prefix = backend.prefix
         self.lease_us = int(lease_seconds * 1e6)
+        # Arguments go to Redis as text; hiredis converts numbers slower than str() once.
+        self._lease = str(self.lease_us)
         self._parts: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
 
     def _base(self, tenant: str) -> str:
@@ -302,10 +304,10 @@ class RedisLimiter(Limiter):
             if c.kind == "rate":
                 parts = ([self._state_key(tenant, c)], ["r", repr(c.interval)])
             elif c.kind == "concurrency":
-                parts = ([self._state_key(tenant, c)], ["c", c.limit])
+                parts = ([self._state_key(tenant, c)], ["c", str(c.limit)])
             else:
                 keys = [*self._res_keys(tenant, c), self._total_key(tenant, c, day)]
-                parts = (keys, ["b", c.field, c.limit])
+                parts = (keys, ["b", c.field, str(c.limit)])
             self._remember(ck, parts)
         return parts
 
@@ -316,7 +318,7 @@ class RedisLimiter(Limiter):
 
     async def acquire(self, demand: Demand) -> Verdict:
         keys: list[str] = []
-        args: list[Any] = [demand.request_id, self.lease_us]
+        args: list[Any] = [demand.request_id, self._lease]
         day = datetime.now(UTC).date()
         for c in demand.checks:
             ck, ca = self._acquire_parts(demand.tenant, c, day)
@@ -428,7 +430,8 @@ class RedisLimiter(Limiter):
             ]
             # Until the period ends (computed once a day per scope: at most a day longer than needed).
             ttl_ms = int((seconds_to_end(c.rule.period, datetime.now(UTC)) + (_ALERT_SLACK_DAYS + 1) * 86400) * 1000)
-            args = [c.field, c.limit, _started(c), ttl_ms, len(thresholds), *(repr(t) for t in thresholds)]
+            args = [c.field, str(c.limit), _started(c), str(ttl_ms), str(len(thresholds))]
+            args += [repr(t) for t in thresholds]
             parts = (keys, args)
             self._remember(ck, parts)
         return parts

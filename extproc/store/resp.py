@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+from collections.abc import Awaitable
 from typing import Any, cast
 
 import hiredis
@@ -173,13 +174,24 @@ class RespConnection:
     async def _send(self, proto: _Protocol, args: tuple[Any, ...]) -> Any:
         if proto.transport is None:
             raise StoreUnavailable("redis: connection lost")
+        return await self._queue(proto, args)
+
+    @staticmethod
+    def _queue(proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         proto.send(hiredis.pack_command(args), fut, loop.time())
-        return await fut
+        return fut
 
-    async def call(self, *args: Any) -> Any:
-        """One command's reply. Raises ReplyError (Redis said no) or StoreUnavailable."""
+    def call(self, *args: Any) -> Awaitable[Any]:
+        """One command's reply. Raises ReplyError (Redis said no) or StoreUnavailable. While the
+        connection is up, the reply's future itself (no coroutine frames on the request path)."""
+        proto = self._protocol
+        if proto is not None and proto.transport is not None:
+            return self._queue(proto, args)
+        return self._call_connecting(args)
+
+    async def _call_connecting(self, args: tuple[Any, ...]) -> Any:
         return await self._send(await self._ready(), args)
 
     async def close(self) -> None:
