@@ -13,14 +13,13 @@ from dataclasses import asdict
 from typing import Any
 
 from .cache.store import TenantStats, open_cache_store
+from .cli_config import load_or_exit
 from .config import ConfigError, GatewayConfig
 from .store import StoreUnavailable, open_backend
 
 
 def _config(args: argparse.Namespace) -> GatewayConfig:
-    from .cli import _load  # the one place --config / $EXTPROC_CONFIG is resolved
-
-    return _load(args.config)
+    return load_or_exit(args.config)
 
 
 async def _with_store(config: GatewayConfig, op: Any) -> Any:

@@ -9,22 +9,12 @@ import sys
 from pathlib import Path
 
 from . import envoyconf
-from .config import ConfigError, GatewayConfig, load_config
+from .cli_config import DEFAULT_CONFIG
+from .cli_config import config_path as _config_path
+from .cli_config import load_or_exit as _load
+from .config import ConfigError, GatewayConfig
 
-DEFAULT_CONFIG = "gateway.yaml"
 DEFAULT_ENVOY = "envoy/envoy.yaml"
-
-
-def _config_path(arg: str | None) -> str:
-    return arg or os.environ.get("EXTPROC_CONFIG") or DEFAULT_CONFIG
-
-
-def _load(arg: str | None) -> GatewayConfig:
-    try:
-        return load_config(_config_path(arg))
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

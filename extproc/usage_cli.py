@@ -19,6 +19,7 @@ from typing import Any
 
 from .accounting.record import TOKEN_FIELDS, UsageRecord, format_ts, parse_ts
 from .auth.keys import parse_duration
+from .cli_config import load_or_exit
 from .config import ConfigError
 from .ledger import GROUP_BY, Ledger, LedgerSchemaError, LedgerUnavailable, ReportRow, open_ledger
 from .ledger.base import Filters, total_of
@@ -57,10 +58,8 @@ def _positive(text: str) -> int:
 def _run(args: argparse.Namespace, op: Op, *, check_schema: bool = True) -> int:
     """Open the ledger, run one operation, close it; errors become a line on stderr and an exit
     code (1: refused, 2: config, 3: ledger unreachable), as in `extproc keys`."""
-    from .cli import _load  # the one place --config / $EXTPROC_CONFIG is resolved
-
     try:
-        ledger = open_ledger(_load(args.config))
+        ledger = open_ledger(load_or_exit(args.config))
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
