@@ -323,6 +323,9 @@ return 1
 """
 )
 
+# RECORD_SCRIPT names the period fields itself (ARGV 8 and 9, in this order).
+assert PERIOD_FIELDS == ("cost_pusd", "total_tokens")
+
 _ScriptCall = tuple[list[str], list[str | int | bytes]]
 # Period totals per record: week and month, of the tenant and of the key (RedisUsageSink.keys).
 _PERIOD_TOTALS = 4

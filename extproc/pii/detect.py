@@ -361,12 +361,11 @@ def _numbers(text: str, found: list[Finding], types: frozenset[str]) -> None:
     want_iban = "IBAN" in types
     skip_to = 0
     for m in _NUM.finditer(text):
-        base = m.start()
-        if m.group(1) is not None:
-            base -= 2
+        iban_branch = m.group(1) is not None
+        base = m.start() - 2 if iban_branch else m.start()
         if base < skip_to:
             continue  # inside an IBAN: its digits are not a card or phone number
-        if m.group(1) is not None:
+        if iban_branch:
             # A country code and check digits (the same pass finds them: one scan instead of two).
             end = _iban_at(text, base, found) if want_iban and (base == 0 or not text[base - 1].isalnum()) else -1
             if end == -1:
