@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from ..observability.metrics import GatewayMetrics
 from ..observability.otlp_env import caller_sampled
-from ..observability.tracing import SpanData, Tracing
+from ..observability.tracing import AttributeValue, SpanData, Tracing
 from ..pipeline import Outcome, RequestContext, Stage
 
 log = logging.getLogger("extproc.observability")
@@ -114,7 +113,7 @@ class ObservabilityStage(Stage):
         tracing = self.tracing
         assert tracing is not None
         route, identity, usage = ctx.route, ctx.identity, ctx.usage
-        attrs: dict[str, Any] = {
+        attrs: dict[str, AttributeValue] = {
             "gateway.request_id": ctx.request_id,
             "gateway.outcome": ctx.outcome.value if ctx.outcome else "",
         }
