@@ -135,6 +135,10 @@ class Stack:
     # consecutive ports from ports.extproc (gateway.yaml server.worker_listen: ports).
     workers: int | str = 1
     extproc_endpoints: int = 1
+    # A command to run a process under, by process name ("envoy", "server"): valgrind, for the
+    # instruction-count bench. Readiness waits scale by `slowdown`.
+    wrap: dict[str, list[str]] = field(default_factory=dict)
+    slowdown: float = 1.0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -162,6 +166,7 @@ class Stack:
         log = self._open_log(name)
         out = self._open_log(stdout_log) if stdout_log else log
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
+        args = [*self.wrap.get(name, ()), *args]
         proc = subprocess.Popen(args, stdout=out, stderr=log, stdin=subprocess.DEVNULL, env=full_env)
         self.procs[name] = proc
         return proc
@@ -175,7 +180,8 @@ class Stack:
         ports = [*range(self.ports.extproc, self.ports.extproc + self.extproc_endpoints)]
         if self.metrics and self.ports.metrics:
             ports.append(self.ports.metrics)  # with workers, the supervisor's opens once all started
-        wait_until("ext_proc server", lambda: all(tcp_open(p) for p in ports), list(self.procs.values()), 30)
+        ready = lambda: all(tcp_open(p) for p in ports)  # noqa: E731
+        wait_until("ext_proc server", ready, list(self.procs.values()), 30 * self.slowdown)
 
     def stop_server(self) -> None:
         self._stop("server")
@@ -220,7 +226,8 @@ class Stack:
                 stdout_log="access",
             )
             procs = list(self.procs.values())
-            wait_until("envoy", lambda: http_ok(f"http://{self.ports.host}:{self.ports.admin}/ready"), procs, timeout)
+            envoy_ready = f"http://{self.ports.host}:{self.ports.admin}/ready"
+            wait_until("envoy", lambda: http_ok(envoy_ready), procs, timeout * self.slowdown)
             if self.with_mock:
                 wait_until("mock provider", lambda: http_ok(f"{self.mock_url}/_mock/health"), procs, timeout)
         except BaseException:

@@ -5,8 +5,8 @@ Written by hand because it is the hot path: with grpc.aio, gRPC itself was ~97% 
 its poller thread). Serving Envoy's ext_proc client directly on the event loop costs a third of that
 (measured: tests/bench/bench_transport.py, README "Performance"). It is no general gRPC server: one
 service, one bidirectional method, prior-knowledge h2c from one well-behaved client (Envoy), which
-keeps it small. HPACK decoding is the `hpack` library's; what we send is HPACK literals (our
-response headers never change).
+keeps it small. HPACK decoding is `hpack_decoder` (the `hpack` library's tables, decoded a byte at a
+time); what we send is HPACK literals (our response headers never change).
 
 What it does, per RFC 9113 and the gRPC over HTTP/2 protocol:
 - Connection: the client preface, SETTINGS (ours: MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE,
@@ -37,12 +37,12 @@ import socket
 from collections.abc import Callable
 from typing import Any, cast
 
-import hpack
 from grpc_health.v1 import health_pb2
 
 from ..pipeline import Pipeline
 from ..processor import PHASE_METADATA, run_stream
 from ..wire import external_processor_pb2 as ep
+from .hpack_decoder import Decoder
 
 _PHASE = PHASE_METADATA.encode()
 
@@ -138,8 +138,7 @@ class H2Protocol(asyncio.Protocol):
         self.server = server
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.decoder = hpack.Decoder()
-        self.decoder.max_header_list_size = MAX_HEADER_BLOCK
+        self.decoder = Decoder(MAX_HEADER_BLOCK)
         self.buf = bytearray()
         self.preface = False
         self.out: list[bytes] = []
@@ -478,7 +477,7 @@ class H2Protocol(asyncio.Protocol):
         self.hdr_sid, self.hdr_parts = 0, []
         try:
             # HPACK state is per connection: every block is decoded, also those we then ignore.
-            headers = self.decoder.decode(parts[0] if len(parts) == 1 else b"".join(parts), raw=True)
+            headers = self.decoder.decode(parts[0] if len(parts) == 1 else b"".join(parts))
         except Exception:
             raise ProtocolError(COMPRESSION_ERROR, "HPACK") from None
         st = self.streams.get(sid)
