@@ -4,15 +4,14 @@ by 4-8% with identical configs (bench_observability.py's OO control), as much as
 floors are about; instruction counts of the same requests repeat to ~1%.
 
 Each variant is the observability bench's stack (`start_variant`: O, M, T01, T1, E01, OO) with
-Envoy (one worker thread) and the server run under callgrind, instrumented only while --requests
-sequential chat requests are served plus a 6 s tail (so the span exporter's 5 s batch is
-included; every variant gets the same tail). Redis, the mock provider and the OTLP sink run
-natively and are not counted. Envoy's binary is stripped: totals only, no functions.
+Envoy and the server run under callgrind, counted while --requests sequential chat requests are
+served plus a 6 s tail (so the span exporter's 5 s batch is included), less what 10 s with no
+request cost them (timers, health checks) scaled to the window's length. Redis, the mock provider
+and the OTLP sink run natively and are not counted. Envoy's binary is stripped: totals only.
 
     .venv/bin/python tests/bench/instructions.py [--variants T01,M] [--requests 400]
 
-Reads: instructions per request of Envoy, of the server, and their sum against O's. Fixed costs
-while idle (timers) are part of each figure; they shrink as --requests grows.
+Reads: instructions per request of Envoy, of the server, and their sum against O's.
 """
 
 from __future__ import annotations
@@ -35,41 +34,61 @@ from tests.bench.bench_observability import LABELS, SINK, VARIANTS, otlp_env, st
 
 BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello there, how are you today?"}]}
 TAIL_S = 6.0
+IDLE_S = 10.0
 
 
 def callgrind(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
 
 
-def total(out: Path) -> int:
-    """The instruction count of callgrind's dumps of one process (`callgrind_control -d`)."""
-    best = 0
-    for f in out.parent.glob(out.name + "*"):
+def dumps(out: Path) -> list[int]:
+    """Instruction counts of one process's callgrind dumps (`callgrind_control -d`), in order."""
+    counts = []
+    for f in sorted(out.parent.glob(out.name + ".*"), key=lambda f: int(f.name.rsplit(".", 1)[1])):
         for line in f.read_text(errors="replace").splitlines():
             if line.startswith(("summary:", "totals:")):
-                best = max(best, int(line.split()[1]))
-    return best
+                counts.append(int(line.split()[1]))
+                break
+    return counts
 
 
 def measure(name: str, work: Path, redis_url: str, otel: dict[str, str], requests: int) -> tuple[float, float]:
+    """Per request: (the window's count - the idle rate x the window's length) / requests, where
+    the idle rate is counted over IDLE_S with no request (timers, health checks): under valgrind a
+    request takes ~50 ms, so a fixed cost per second would otherwise show as a cost per request."""
     outs = {proc: work / f"{name}-{proc}.cg" for proc in ("envoy", "server")}
     stack, key = start_variant(
         name, work / name, redis_url, otel, wrap={p: callgrind(o) for p, o in outs.items()}, slowdown=20
     )
+    pids = [str(stack.procs[p].pid) for p in outs]
+
+    def control(*args: str) -> None:
+        subprocess.run(["callgrind_control", *args, *pids], check=True, capture_output=True)
+
     try:
-        pids = [str(stack.procs[p].pid) for p in outs]
         headers = {"authorization": f"Bearer {key}"}
         with httpx.Client(base_url=stack.base_url, timeout=120) as client:
             for _ in range(30):  # warm-up: connections, caches, first-use imports
                 client.post("/v1/chat/completions", json=BODY, headers=headers).raise_for_status()
             time.sleep(TAIL_S)  # a warm-up span batch goes out before counting starts
-            subprocess.run(["callgrind_control", "-i", "on", *pids], check=True, capture_output=True)
+            control("-i", "on")
+            time.sleep(IDLE_S)
+            control("-d")  # dump 1: idle
+            started = time.monotonic()
             for _ in range(requests):
                 client.post("/v1/chat/completions", json=BODY, headers=headers).raise_for_status()
             time.sleep(TAIL_S)
-            subprocess.run(["callgrind_control", "-i", "off", *pids], check=True, capture_output=True)
-            subprocess.run(["callgrind_control", "-d", *pids], check=True, capture_output=True)
-        return total(outs["envoy"]) / requests, total(outs["server"]) / requests
+            control("-d")  # dump 2: the requests
+            window = time.monotonic() - started
+            control("-i", "off")
+        per_request = []
+        for proc, out in outs.items():
+            counts = dumps(out)
+            if len(counts) != 2:
+                raise RuntimeError(f"{proc}: expected two callgrind dumps in {out.parent}, found {len(counts)}")
+            idle, busy = counts
+            per_request.append((busy - idle / IDLE_S * window) / requests)
+        return per_request[0], per_request[1]
     finally:
         stack.stop()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -80,7 +81,9 @@ def test_dev_command_serves_a_first_curl(tmp_path: Path) -> None:
     ports = {n: free_port() for n in ("port", "admin-port", "extproc-port", "mock-port")}
     args = [sys.executable, "-m", "extproc", "dev", "--config", str(config), *[f"--{k}={v}" for k, v in ports.items()]]
     env = {k: v for k, v in os.environ.items() if k not in PROVIDER_KEYS}
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True
+    )
     try:
         assert proc.stdout is not None
         lines = []
@@ -103,5 +106,10 @@ def test_dev_command_serves_a_first_curl(tmp_path: Path) -> None:
         assert httpx.post(url, json=body).status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+        try:
+            proc.wait(20)
+        finally:
+            # Never leave its Envoy, server and mock running (they hold ports later tests use).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
