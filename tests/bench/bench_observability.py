@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from extproc import envoyconf  # noqa: E402
 from extproc.devstack import Stack, free_port, tcp_open, wait_until  # noqa: E402
-from tests.bench.bench_gateway import CHAT, wrk  # noqa: E402
+from tests.bench.bench_gateway import CHAT, start_redis, wrk  # noqa: E402
 from tests.bench.bench_limits import cpu_seconds  # noqa: E402
 from tests.e2e.conftest import make_stack  # noqa: E402
 
@@ -106,6 +106,21 @@ def start_variant(
     return stack, key
 
 
+def start_redis_and_sink() -> tuple[list[subprocess.Popen[bytes]], str, dict[str, str]]:
+    """A redis-server and an OTLP sink of the bench's own, ready: ([redis, sink], Redis URL, the
+    OTEL_* variables pointing at the sink)."""
+    redis, redis_url = start_redis()
+    sink_port = free_port()
+    sink = subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)])
+    try:
+        wait_until("otlp sink", lambda: tcp_open(sink_port), [sink], 10)
+    except BaseException:
+        for p in (redis, sink):
+            p.terminate()
+        raise
+    return [redis, sink], redis_url, otlp_env(sink_port)
+
+
 def machine_busy_seconds() -> float:
     """CPU time all processes used (user, nice, system, irq, softirq; not idle, iowait or steal)."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
@@ -130,19 +145,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     work = Path(tempfile.mkdtemp(prefix="bench-obs-"))
-    redis_port, sink_port = free_port(), free_port()
-    procs = [
-        subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)]),
-    ]
-    wait_until("redis", lambda: tcp_open(redis_port), procs, 10)
-    wait_until("otlp sink", lambda: tcp_open(sink_port), procs, 10)
-    otel = otlp_env(sink_port)
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    procs, redis_url, otel = start_redis_and_sink()
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     sink_cpu = 0.0
 

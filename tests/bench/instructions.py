@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from extproc.devstack import free_port, tcp_open, wait_until  # noqa: E402
-from tests.bench.bench_observability import LABELS, SINK, VARIANTS, otlp_env, start_variant  # noqa: E402
+from tests.bench.bench_observability import LABELS, VARIANTS, start_redis_and_sink, start_variant  # noqa: E402
 
 BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello there, how are you today?"}]}
 TAIL_S = 6.0
@@ -102,21 +101,11 @@ def main() -> None:
         raise SystemExit("valgrind not found: apt-get install valgrind")
     variants = tuple(v for v in VARIANTS if v == "O" or v in args.variants.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-instr-"))
-    redis_port, sink_port = free_port(), free_port()
-    procs = [
-        subprocess.Popen(
-            ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ),
-        subprocess.Popen([sys.executable, "-c", SINK, str(sink_port)]),
-    ]
+    procs, redis_url, otel = start_redis_and_sink()
     results: dict[str, tuple[float, float]] = {}
     try:
-        wait_until("redis", lambda: tcp_open(redis_port), procs, 10)
-        wait_until("otlp sink", lambda: tcp_open(sink_port), procs, 10)
         for name in variants:
-            results[name] = measure(name, work, f"redis://127.0.0.1:{redis_port}/0", otlp_env(sink_port), args.requests)
+            results[name] = measure(name, work, redis_url, otel, args.requests)
     finally:
         for p in procs:
             p.terminate()
