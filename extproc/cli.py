@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,17 +12,14 @@ from .cli_config import DEFAULT_CONFIG
 from .cli_config import config_path as _config_path
 from .cli_config import load_or_exit as _load
 from .config import ConfigError, GatewayConfig
+from .logsetup import configure_logging
 
 DEFAULT_ENVOY = "envoy/envoy.yaml"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.server.log_level, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     from . import workers
     from .server import run
 

@@ -45,6 +45,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from . import __version__
 from .config import ConfigError, GatewayConfig
+from .logsetup import configure_logging
 from .observability.aggregate import merge
 
 log = logging.getLogger("extproc.workers")
@@ -108,11 +109,7 @@ def _worker_main(
     config: GatewayConfig, index: int, listen: str, reuse_port: bool, metrics: str, conn: Connection
 ) -> None:
     """A worker process (spawned): one whole server, announcing itself on `conn`."""
-    logging.basicConfig(
-        level=config.server.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.server.log_level, f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
 
     def watch_parent() -> None:
         # The supervisor never writes: recv returns only at EOF, when it is gone.
