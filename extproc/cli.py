@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import envoyconf
 from .cli_config import DEFAULT_CONFIG
@@ -13,6 +17,9 @@ from .cli_config import config_path as _config_path
 from .cli_config import load_or_exit as _load
 from .config import ConfigError, GatewayConfig
 from .logsetup import configure_logging
+
+if TYPE_CHECKING:
+    from .devstack import Stack
 
 DEFAULT_ENVOY = "envoy/envoy.yaml"
 
@@ -156,7 +163,47 @@ def cmd_dev(args: argparse.Namespace) -> int:
         env=env,
         sampling_ratio=ratio,
     )
-    stack.start()
+    # `kill`, a closed terminal or a supervisor stopping dev must stop its Envoy, server and mock
+    # too, exactly as Ctrl-C does; before this, SIGTERM ended dev alone and orphaned all three.
+    with _signals_interrupt(signal.SIGTERM, signal.SIGHUP):
+        try:
+            stack.start()
+            _print_dev_banner(stack, config, real, demo_key)
+            return stack.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            # A second signal while stopping must not cut the cleanup short.
+            with _signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                stack.stop()
+
+
+@contextlib.contextmanager
+def _signals_interrupt(*signums: signal.Signals) -> Iterator[None]:
+    """Deliver these signals as KeyboardInterrupt (what Ctrl-C raises) for the block's duration."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _signals_ignored(*signums: signal.Signals) -> Iterator[None]:
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _print_dev_banner(stack: Stack, config: GatewayConfig, real: frozenset[str], demo_key: str) -> None:
     models = [m for m in config.models if not m.is_wildcard]
 
     def example(schema: str) -> str:
@@ -189,12 +236,6 @@ gateway ready on {url}   (logs in {stack.workdir}; Ctrl-C stops everything)
 """,
         flush=True,
     )
-    try:
-        return stack.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stack.stop()
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:

@@ -75,8 +75,13 @@ def test_server_restart_recovers(tmp_path: Path) -> None:
         s.stop()
 
 
-def test_dev_command_serves_a_first_curl(tmp_path: Path) -> None:
-    """What a newcomer does: `extproc dev`, then paste the printed key into a curl."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_dev_command_serves_a_first_curl(tmp_path: Path, stop_signal: signal.Signals) -> None:
+    """What a newcomer does: `extproc dev`, then paste the printed key into a curl.
+
+    Stopping it, by Ctrl-C or by a SIGTERM sent to dev alone (`kill`, a supervisor), stops its
+    Envoy, server and mock too: nothing is left in its process group.
+    """
     config = write_config(tmp_path, redis=False)
     ports = {n: free_port() for n in ("port", "admin-port", "extproc-port", "mock-port")}
     args = [sys.executable, "-m", "extproc", "dev", "--config", str(config), *[f"--{k}={v}" for k, v in ports.items()]]
@@ -105,11 +110,18 @@ def test_dev_command_serves_a_first_curl(tmp_path: Path) -> None:
         # The mock only accepts the made-up provider key the dev stack gave the server.
         assert httpx.post(url, json=body).status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         try:
             proc.wait(20)
+            time.sleep(0.2)  # an orphan would still be running; a stopped child is already reaped
+            left_behind = True
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                left_behind = False
         finally:
             # Never leave its Envoy, server and mock running (they hold ports later tests use).
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
+    assert not left_behind, "dev exited and left processes of its stack running"
