@@ -26,6 +26,9 @@ Labels = tuple[str, ...]
 
 
 class Counter:
+    """Per label set one cell, a one-element list: the observability stage keeps references to the
+    cells an exchange adds to (by one lookup of the exchange's labels), not a key tuple per metric."""
+
     __slots__ = ("doc", "labels", "max_series", "name", "overflow", "series")
 
     def __init__(self, name: str, doc: str, labels: Labels, max_series: int) -> None:
@@ -33,30 +36,38 @@ class Counter:
         self.doc = doc
         self.labels = labels
         self.max_series = max_series
-        self.series: dict[Labels, float] = {}
+        self.series: dict[Labels, list[float]] = {}
         self.overflow: Labels = (OVERFLOW,) * len(labels)
 
+    def cell(self, key: Labels) -> list[float]:
+        """The cell of `key`, made at 0 (the overflow cell once the family holds max_series)."""
+        cell = self.series.get(key)
+        if cell is None:
+            if len(self.series) >= self.max_series:
+                key = self.overflow
+                cell = self.series.get(key)
+            if cell is None:
+                cell = self.series[key] = [0.0]
+        return cell
+
     def inc(self, key: Labels, amount: float = 1.0) -> None:
-        series = self.series
-        if key in series:
-            series[key] += amount
-        elif len(series) < self.max_series:
-            series[key] = amount
-        else:
-            series[self.overflow] = series.get(self.overflow, 0.0) + amount
+        (self.series.get(key) or self.cell(key))[0] += amount
 
     def value(self, key: Labels) -> float:
-        return self.series.get(key, 0.0)
+        cell = self.series.get(key)
+        return cell[0] if cell else 0.0
 
     def family(self) -> Metric:
         fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-        for key, value in self.series.items():
+        for key, (value,) in self.series.items():
             fam.add_metric(key, value)
         return fam
 
 
 class Histogram:
-    """Per label set: one count per bucket (not cumulative; summed at scrape), then sum, then count."""
+    """Per label set a row: one count per bucket, +Inf's last (not cumulative: summed at scrape),
+    then the sum of observations. The count is the buckets' total, also summed at scrape: one update
+    fewer per observation."""
 
     __slots__ = ("bounds", "by_value", "doc", "labels", "max_series", "name", "overflow", "series")
 
@@ -71,41 +82,41 @@ class Histogram:
         # One-label families (`observe_each`): the row of each label value, without its key tuple.
         self.by_value: dict[str, list[float]] = {}
 
-    def _row(self, key: Labels) -> list[float]:
+    def row(self, key: Labels) -> list[float]:
+        """The row of `key`, made empty (the overflow row once the family holds max_series)."""
         row = self.series.get(key)
         if row is None:
             if len(self.series) >= self.max_series:
                 key = self.overflow
                 row = self.series.get(key)
             if row is None:
-                row = self.series[key] = [0.0] * (len(self.bounds) + 3)
+                row = self.series[key] = [0.0] * (len(self.bounds) + 2)
         return row
 
     def observe(self, key: Labels, value: float) -> None:
-        row = self.series.get(key) or self._row(key)
+        row = self.series.get(key) or self.row(key)
         # Prometheus buckets are "less than or equal": bisect_left finds the first bound >= value.
         row[bisect_left(self.bounds, value)] += 1
-        row[-2] += value
-        row[-1] += 1
+        row[-1] += value
 
     def observe_each(self, values: dict[str, float]) -> None:
         """One observation per entry of a one-label family ({label value: observation}): the
         per-stage times of an exchange, a dozen a request, in one call and no key tuples (half the
-        cost of `observe` in a loop)."""
+        cost of `observe` in a loop). Finding the rows by the whole sequence of labels instead
+        measured slower: hashing the tuple costs what the lookups it saves do."""
         rows, bounds = self.by_value, self.bounds
         for label, value in values.items():
             row = rows.get(label)
             if row is None:
-                row = self._row((label,))
+                row = self.row((label,))
                 if len(rows) < self.max_series:
                     rows[label] = row  # an overflowed label's row is the overflow row: right too
             row[bisect_left(bounds, value)] += 1
-            row[-2] += value
-            row[-1] += 1
+            row[-1] += value
 
     def count(self, key: Labels) -> float:
         row = self.series.get(key)
-        return row[-1] if row else 0.0
+        return sum(row[:-1]) if row else 0.0
 
     def family(self) -> Metric:
         fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
@@ -117,7 +128,7 @@ class Histogram:
                 total += row[i]
                 buckets.append((_le(self.bounds[i]), total))
             buckets.append(("+Inf", total + row[n]))
-            fam.add_metric(key, buckets, row[-2])
+            fam.add_metric(key, buckets, row[-1])
         return fam
 
 

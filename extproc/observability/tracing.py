@@ -59,6 +59,22 @@ def parse_traceparent(value: str | None) -> SpanContext | None:
     return SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 0xFF))
 
 
+class _FixedResource(Resource):
+    """The process's resource, hashed once. The SDK's encoder groups each batch's spans by resource
+    and so hashes the resource once per span, which Resource does by JSON-encoding its attributes
+    (~9% of encoding a span here); this one never changes after start."""
+
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(dict(resource.attributes), resource.schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return super().__eq__(other)
+
+
 @dataclass(slots=True)
 class SpanData:
     name: str
@@ -75,7 +91,7 @@ class Tracing:
         resource_attrs: dict[str, str] = {"service.version": version}
         if not os.environ.get("OTEL_SERVICE_NAME"):
             resource_attrs["service.name"] = config.service_name
-        self.resource = Resource.create(resource_attrs)
+        self.resource = _FixedResource(Resource.create(resource_attrs))
         self.scope = InstrumentationScope("extproc", version)
         self.processor = BatchSpanProcessor(exporter if exporter is not None else _exporter())
         self.root_sampler = TraceIdRatioBased(config.sampling_ratio)

@@ -9,7 +9,13 @@ served plus a 6 s tail (so the span exporter's 5 s batch is included), less what
 request cost them (timers, health checks) scaled to the window's length. Redis, the mock provider
 and the OTLP sink run natively and are not counted. Envoy's binary is stripped: totals only.
 
-    .venv/bin/python tests/bench/instructions.py [--variants T01,M] [--requests 400]
+    .venv/bin/python tests/bench/instructions.py [--variants T01,M] [--requests 400] [--full-batches]
+
+Under valgrind requests run at ~15/s, so the server's span exporter sends a batch of a few dozen
+spans every 5 s, and each batch's fixed cost (an HTTP POST) lands on few requests. At production
+rates (>= ~100 sampled requests/s) the SDK sends full batches of 512 instead. --full-batches makes
+the server do that here (it exports only when 512 spans are queued): with T1 and --requests 512
+each window holds one full batch, so T1 - M is one sampled span's cost at production batching.
 
 Reads: instructions per request of Envoy, of the server, and their sum against O's.
 """
@@ -96,12 +102,19 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", default="T01", help="comma-separated, besides O (always run)")
     parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument(
+        "--full-batches",
+        action="store_true",
+        help="the server's exporter sends only full 512-span batches (see the module docstring)",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: apt-get install valgrind")
     variants = tuple(v for v in VARIANTS if v == "O" or v in args.variants.split(","))
     work = Path(tempfile.mkdtemp(prefix="bench-instr-"))
     procs, redis_url, otel = start_redis_and_sink()
+    if args.full_batches:
+        otel["OTEL_BSP_SCHEDULE_DELAY"] = "3600000"  # ms: a batch leaves only when 512 spans wait
     results: dict[str, tuple[float, float]] = {}
     try:
         for name in variants:
