@@ -79,8 +79,9 @@ class UsageRecord:
 
 
 def format_ts(ts: datetime) -> str:
-    """ISO 8601 in UTC with milliseconds and a Z: sorts as text, parses everywhere."""
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    """ISO 8601 in UTC with milliseconds and a Z: sorts as text, parses everywhere. isoformat, not
+    strftime: ~1 µs less per usage record, and four-digit years always (glibc's %Y writes 999)."""
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_ts(text: str) -> datetime:

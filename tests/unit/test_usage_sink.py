@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any, cast
@@ -26,7 +26,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from extproc.accounting.consumer import LedgerConsumer
-from extproc.accounting.record import TOKEN_FIELDS, UsageRecord
+from extproc.accounting.record import TOKEN_FIELDS, UsageRecord, format_ts, parse_ts
 from extproc.accounting.sink import (
     AGG_FIELDS,
     EmbeddedUsageSink,
@@ -931,3 +931,18 @@ async def wait_until_ledger_has(ledger: FakeLedger, ids: set[str], within: float
             return
         assert time.monotonic() < deadline, f"ledger misses {len(ids - have)} of {len(ids)} records"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (datetime(2026, 12, 7, 3, 4, 5, 678901, tzinfo=UTC), "2026-12-07T03:04:05.678Z"),
+        (datetime(2026, 12, 7, 3, 4, 5, 999999, tzinfo=UTC), "2026-12-07T03:04:05.999Z"),  # cut, not rounded
+        (datetime(2026, 12, 7, 3, 4, 5, tzinfo=UTC), "2026-12-07T03:04:05.000Z"),
+        (datetime(2026, 1, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))), "2025-12-31T23:30:00.000Z"),
+        (datetime(999, 1, 2, 3, 4, 5, 1000, tzinfo=UTC), "0999-01-02T03:04:05.001Z"),
+    ],
+)
+def test_record_timestamps_are_utc_with_milliseconds_and_z(ts: datetime, text: str) -> None:
+    assert format_ts(ts) == text
+    assert parse_ts(text) == ts.replace(microsecond=ts.microsecond // 1000 * 1000)
