@@ -7,6 +7,7 @@ keeps a lookup that raced with an invalidation from caching stale data.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -66,16 +67,22 @@ class KeyService:
         self.ttl = config.auth.cache_ttl_seconds
         self.static_keys, self.static_tenants = _static_layer(config)
         self._cache: dict[str, _Entry] = {}
+        # Store lookups in flight, by key hash: requests for a key the cache lacks share one.
+        self._pending: dict[str, asyncio.Future[_Entry]] = {}
         self._generation = 0
         store.on_invalidate(self._invalidate)
 
     def _invalidate(self, hashes: list[str] | None) -> None:
         self._generation += 1
+        # A lookup in flight may have read the store before the change: requests arriving from
+        # now on start their own (the generation keeps the old one out of the cache).
         if hashes is None:
             self._cache.clear()
+            self._pending.clear()
         else:
             for h in hashes:
                 self._cache.pop(h, None)
+                self._pending.pop(h, None)
 
     async def tenant(self, name: str) -> Tenant | None:
         static = self.static_tenants.get(name)
@@ -98,14 +105,7 @@ class KeyService:
         now = time.time()
         entry = self._cache.get(h)
         if entry is None or entry.expires <= now or not self.store.live:
-            generation = self._generation
-            key = self.static_keys.get(h) or await self.store.find_by_hash(h)
-            identity = Identity.of(key, await self.tenant(key.tenant)) if key else None
-            entry = _Entry(now + self.ttl, key, identity)
-            if self.store.live and generation == self._generation:
-                if len(self._cache) >= _MAX_CACHE:
-                    self._cache.clear()  # a flood of random keys must not grow memory without bound
-                self._cache[h] = entry
+            entry = await self._lookup(h)
         key = entry.key
         if key is None or entry.identity is None:
             raise AuthFailure("invalid_api_key")
@@ -113,6 +113,36 @@ class KeyService:
         if status != "active":
             raise AuthFailure(f"{status}_api_key", key)
         return entry.identity
+
+    async def _lookup(self, h: str) -> _Entry:
+        """One store lookup per key at a time. A burst of requests with a key the cache lacks (a
+        start, an expired entry, an invalidation) used to send one lookup each: 5,000 at once took
+        every connection of the Redis pool and 109 requests were refused `auth_unavailable`. Now
+        they wait for one answer (its failure too). Shielded: a client that leaves does not cancel
+        the lookup the others wait for."""
+        pending = self._pending.get(h)
+        if pending is None:
+            pending = self._pending[h] = asyncio.ensure_future(self._fetch(h))
+
+            def done(fut: asyncio.Future[_Entry]) -> None:
+                if self._pending.get(h) is fut:
+                    del self._pending[h]
+                if not fut.cancelled():
+                    fut.exception()  # retrieved even when every waiter has left
+
+            pending.add_done_callback(done)
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, h: str) -> _Entry:
+        generation = self._generation
+        key = self.static_keys.get(h) or await self.store.find_by_hash(h)
+        identity = Identity.of(key, await self.tenant(key.tenant)) if key else None
+        entry = _Entry(time.time() + self.ttl, key, identity)
+        if self.store.live and generation == self._generation:
+            if len(self._cache) >= _MAX_CACHE:
+                self._cache.clear()  # a flood of random keys must not grow memory without bound
+            self._cache[h] = entry
+        return entry
 
     # -- management (CLI) -------------------------------------------------------------------------
 

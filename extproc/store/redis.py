@@ -37,7 +37,14 @@ def tenant_tag(tenant: str) -> str:
 class RedisBackend:
     kind = "redis"
 
-    def __init__(self, url: str, prefix: str = "gw:", timeout: float = 0.5, state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "gw:",
+        timeout: float = 0.5,
+        state_dir: Path | None = None,
+        max_connections: int = 256,
+    ) -> None:
         self.url = url
         self.prefix = prefix
         self.timeout = timeout
@@ -51,14 +58,19 @@ class RedisBackend:
         self.script_loads = 0
         # Calls that failed because Redis did not answer or refused (a metric).
         self.errors = 0
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
+        # A blocking pool: past max_connections a command waits (up to `timeout`) for a connection
+        # to come back, where the default pool fails at once (MaxConnectionsError) and a burst of
+        # requests got 503s from a healthy Redis.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=10,
-            max_connections=256,
+            max_connections=max_connections,
+            timeout=timeout,
             decode_responses=True,
         )
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # closes the pool with the client
 
     async def call(self, coro: Awaitable[T]) -> T:
         try:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
 from extproc.auth.keys import VirtualKey, hash_key, mint
 from extproc.auth.service import AdminError, AuthFailure, KeyService
+from extproc.auth.store import StoreUnavailable
 from extproc.config import parse_config
 from tests.memstore import CountingStore
 
@@ -95,6 +97,67 @@ async def test_lookup_racing_an_invalidation_is_not_cached() -> None:
     await svc.authenticate(secret)
     store.find_by_hash = original  # type: ignore[method-assign]
     await svc.authenticate(secret)
+    assert store.lookups == 2
+
+
+def _slow_lookups(store: CountingStore) -> asyncio.Event:
+    """The store answers once the returned event is set: lookups pile up meanwhile, as in a burst."""
+    release = asyncio.Event()
+    original = store.find_by_hash
+
+    async def slow(h: str) -> VirtualKey | None:
+        await release.wait()
+        return await original(h)
+
+    store.find_by_hash = slow  # type: ignore[method-assign]
+    return release
+
+
+async def test_a_burst_for_a_key_not_in_the_cache_makes_one_lookup() -> None:
+    """5,000 requests at once with a cold cache took every Redis connection (109 refused)."""
+    store, svc, secret, key = await setup()
+    release = _slow_lookups(store)
+    burst = [asyncio.ensure_future(svc.authenticate(secret)) for _ in range(200)]
+    ghosts = [asyncio.ensure_future(svc.authenticate("sk-gw-" + "g" * 32)) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    burst[0].cancel()  # the client that started the lookup leaves: the others still get the answer
+    release.set()
+    assert {i.key_id for i in await asyncio.gather(*burst[1:])} == {key.id}
+    assert burst[0].cancelled()
+    for failed in await asyncio.gather(*ghosts, return_exceptions=True):
+        assert isinstance(failed, AuthFailure) and failed.code == "invalid_api_key"
+    assert store.lookups == 2  # one per key
+    assert not svc._pending
+
+
+async def test_a_failed_shared_lookup_fails_its_waiters_and_is_not_kept() -> None:
+    store, svc, secret, _ = await setup()
+    release = _slow_lookups(store)
+    store.down = True
+    waiting = [asyncio.ensure_future(svc.authenticate(secret)) for _ in range(20)]
+    await asyncio.sleep(0.01)
+    release.set()
+    for failed in await asyncio.gather(*waiting, return_exceptions=True):
+        assert isinstance(failed, StoreUnavailable)
+    assert store.lookups == 1
+    store.down = False
+    assert (await svc.authenticate(secret)).tenant == "acme"  # tried again, not a kept failure
+    assert store.lookups == 2
+
+
+async def test_a_request_after_an_invalidation_does_not_join_the_older_lookup() -> None:
+    """A revocation while a lookup is in flight: requests arriving after it start their own."""
+    store, svc, secret, key = await setup()
+    release = _slow_lookups(store)
+    before = asyncio.ensure_future(svc.authenticate(secret))
+    await asyncio.sleep(0.01)
+    await svc.revoke_key(key.id)
+    after = asyncio.ensure_future(svc.authenticate(secret))
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(before, return_exceptions=True)  # either answer is fair for it
+    with pytest.raises(AuthFailure, match="revoked_api_key"):
+        await after
     assert store.lookups == 2
 
 

@@ -115,3 +115,23 @@ def test_auth_and_database_from_the_url(redis_url: str) -> None:
         await on0.close()
 
     uvloop.run(go())
+
+
+def test_more_commands_at_once_than_pool_connections_wait_for_one(redis_url: str) -> None:
+    """The backend's redis-py pool blocks past max_connections instead of failing: a burst of
+    requests got MaxConnectionsError (503s) from a healthy Redis."""
+
+    async def go() -> None:
+        backend = RedisBackend(redis_url, prefix="t:", max_connections=4)
+        key = f"t:pool:{uuid.uuid4().hex}"
+        await backend.call(backend.client.set(key, "v"))
+        # BLPOP holds its connection for 50 ms: 12 of them take three rounds of the four
+        # connections, well within the backend's 0.5 s timeout; 200 GETs wait their turn.
+        got = await asyncio.gather(
+            *(backend.call(backend.client.blpop([key + ":list"], timeout=0.05)) for _ in range(12)),
+            *(backend.call(backend.client.get(key)) for _ in range(200)),
+        )
+        assert got[:12] == [None] * 12 and got[12:] == ["v"] * 200
+        await backend.close()
+
+    asyncio.run(go())
