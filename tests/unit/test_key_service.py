@@ -109,7 +109,7 @@ def _slow_lookups(store: CountingStore) -> asyncio.Event:
         await release.wait()
         return await original(h)
 
-    store.find_by_hash = slow  # type: ignore[method-assign]
+    store.find_by_hash = slow  # type: ignore[method-assign,assignment]
     return release
 
 
