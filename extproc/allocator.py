@@ -28,8 +28,10 @@ M_ARENA_MAX = -8
 
 MMAP_THRESHOLD = 1024 * 1024
 TRIM_THRESHOLD = 4 * 1024 * 1024
-# Bodies in flight (at their peak since the last check) after which a trim is worth its cost.
+# Bodies in flight, or open streams, at their peak since the last check, after which a trim is
+# worth its cost (a few ms in a worker thread).
 TRIM_AFTER_BYTES = 8 * 1024 * 1024
+TRIM_AFTER_STREAMS = 1000
 # grpc's threads each get an arena by default (8 x cores): two keep fragmentation down.
 ARENA_MAX = 2
 
@@ -80,12 +82,14 @@ def trim() -> bool:
     return True
 
 
-async def trim_after_large_bodies(peak_bytes: Callable[[], int], interval: float = 5.0) -> None:
-    """Large request bodies pass through gRPC's buffers in many small pieces, which glibc keeps
-    in its arenas after they are freed (the soak's 16 MiB uploads left ~50 MB behind). Once the
-    bodies are gone (`peak_bytes` says how many were in flight at most since the last call, and
-    resets), trim in a worker thread."""
+async def trim_after_peaks(peaks: Callable[[], tuple[int, int]], interval: float = 5.0) -> None:
+    """Large request bodies pass through the transport's buffers in many small pieces, and a burst
+    of thousands of requests leaves as many contexts, parsed bodies and replies behind: glibc keeps
+    their space in its arenas after they are freed (the soak's 16 MiB uploads left ~50 MB behind,
+    its burst of 5,000 requests ~70 MB). Once a peak has passed (`peaks` says how many body bytes
+    and streams were in flight at most since the last call, and restarts), trim in a worker thread."""
     while True:
         await asyncio.sleep(interval)
-        if peak_bytes() >= TRIM_AFTER_BYTES:
+        body_bytes, streams = peaks()
+        if body_bytes >= TRIM_AFTER_BYTES or streams >= TRIM_AFTER_STREAMS:
             await asyncio.to_thread(trim)

@@ -198,7 +198,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     closers.append(health.close)
     export_counters(gateway_metrics, sink, accounting, pii, backend, ledger, admission)
     export_limits(gateway_metrics, limits)
-    trimmer = asyncio.create_task(allocator.trim_after_large_bodies(admission.counters.take_peak))
+    trimmer = asyncio.create_task(allocator.trim_after_peaks(admission.counters.take_peak))
 
     async def stop_trimmer() -> None:
         trimmer.cancel()

@@ -27,11 +27,14 @@ class AdmissionCounters:
     body_bytes: int = 0
     refused_streams: int = 0
     refused_bytes: int = 0
-    # The most body bytes in flight since `take_peak` was last called.
+    # The most body bytes in flight and the most open streams since `take_peak` was last called.
     peak_body_bytes: int = 0
+    peak_streams: int = 0
 
-    def take_peak(self) -> int:
-        peak, self.peak_body_bytes = self.peak_body_bytes, self.body_bytes
+    def take_peak(self) -> tuple[int, int]:
+        """(body bytes, streams) at their most since the last call; both restart from now."""
+        peak = (self.peak_body_bytes, self.peak_streams)
+        self.peak_body_bytes, self.peak_streams = self.body_bytes, self.streams
         return peak
 
 
@@ -64,6 +67,7 @@ class AdmissionStage(Stage):
             c.refused_streams += 1
             self._refuse("too many open requests")
         c.streams += 1
+        c.peak_streams = max(c.peak_streams, c.streams)
         ctx.state[self.name] = 0  # admitted; bytes reserved so far
         declared = ctx.headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and len(declared) < 19:

@@ -3,6 +3,7 @@ the upstream header allow-list, admission (load shedding) and the config rules b
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc import envoyconf
+from extproc import allocator, envoyconf
 from extproc.config import ConfigError, is_credential_header, parse_config
 from extproc.errors import GatewayError, quote
 from extproc.pipeline import RequestContext, count_json_keys, has_lossy_integers, parse_request_json
@@ -282,6 +283,53 @@ async def test_admission_bounds_streams_and_bytes_and_releases_everything() -> N
     await stage.finish(chunked)
     assert (stage.counters.streams, stage.counters.body_bytes) == (0, 0)
     assert (stage.counters.refused_streams, stage.counters.refused_bytes) == (1, 1)
+
+
+async def test_peaks_of_streams_and_bytes_are_taken_and_restart_from_now() -> None:
+    stage = AdmissionStage(max_streams=10, max_body_bytes=1000)
+    ctxs = [ctx_with(100) for _ in range(4)]
+    for ctx in ctxs:
+        await stage.request_headers(ctx)
+    for ctx in ctxs[1:]:
+        await stage.finish(ctx)
+    assert stage.counters.take_peak() == (400, 4)
+    assert stage.counters.take_peak() == (100, 1)  # what is still in flight
+    await stage.finish(ctxs[0])
+    assert stage.counters.take_peak() == (100, 1) and stage.counters.take_peak() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("peaks", "trims"),
+    [
+        ([(0, 0), (0, 999), (8 * 2**20 - 1, 0)], 0),  # below both thresholds: never
+        ([(0, 1000)], 1),  # a burst of streams has passed
+        ([(8 * 2**20, 3)], 1),  # large bodies have passed
+        ([(0, 5000), (0, 0), (2**30, 5000)], 2),
+    ],
+)
+async def test_the_heap_is_trimmed_after_a_peak(
+    monkeypatch: pytest.MonkeyPatch, peaks: list[tuple[int, int]], trims: int
+) -> None:
+    """The soak's burst of 5,000 small requests left ~70 MB in glibc's arenas: peaks of streams
+    trigger the trim too, not only peaks of body bytes."""
+    done: list[int] = []
+
+    def trim() -> bool:
+        done.append(1)
+        return True
+
+    monkeypatch.setattr(allocator, "trim", trim)
+    pending = iter(peaks)
+
+    def take() -> tuple[int, int]:
+        try:
+            return next(pending)
+        except StopIteration:
+            raise asyncio.CancelledError from None
+
+    with pytest.raises(asyncio.CancelledError):
+        await allocator.trim_after_peaks(take, interval=0)
+    assert len(done) == trims
 
 
 # -- config ---------------------------------------------------------------------------------------
