@@ -184,9 +184,10 @@ class LimitsStage(Stage):
         held: _Held | None = ctx.state.pop(self.name, None)
         if held is None:
             return
-        if held.ending is not None:
+        if held.ending is not None and not held.ending.done():
             # Settled there already when it succeeded with the same figures (one round trip, not two).
-            # wait(), not await: an end call cancelled at shutdown must not stop this settle.
+            # wait(), not await: an end call cancelled at shutdown must not stop this settle. (By
+            # finish it has usually answered: then no wait at all.)
             await asyncio.wait([held.ending])
         await self.service.settle(held.demand, *_figures(held.demand, ctx))
 
