@@ -41,14 +41,7 @@ class Counter:
 
     def cell(self, key: Labels) -> list[float]:
         """The cell of `key`, made at 0 (the overflow cell once the family holds max_series)."""
-        cell = self.series.get(key)
-        if cell is None:
-            if len(self.series) >= self.max_series:
-                key = self.overflow
-                cell = self.series.get(key)
-            if cell is None:
-                cell = self.series[key] = [0.0]
-        return cell
+        return _slot(self.series, key, self.max_series, self.overflow, 1)
 
     def inc(self, key: Labels, amount: float = 1.0) -> None:
         (self.series.get(key) or self.cell(key))[0] += amount
@@ -84,14 +77,7 @@ class Histogram:
 
     def row(self, key: Labels) -> list[float]:
         """The row of `key`, made empty (the overflow row once the family holds max_series)."""
-        row = self.series.get(key)
-        if row is None:
-            if len(self.series) >= self.max_series:
-                key = self.overflow
-                row = self.series.get(key)
-            if row is None:
-                row = self.series[key] = [0.0] * (len(self.bounds) + 2)
-        return row
+        return _slot(self.series, key, self.max_series, self.overflow, len(self.bounds) + 2)
 
     def observe(self, key: Labels, value: float) -> None:
         row = self.series.get(key) or self.row(key)
@@ -130,6 +116,18 @@ class Histogram:
             buckets.append(("+Inf", total + row[n]))
             fam.add_metric(key, buckets, row[-1])
         return fam
+
+
+def _slot(series: dict[Labels, list[float]], key: Labels, max_series: int, overflow: Labels, size: int) -> list[float]:
+    """The values of `key` in `series`, made at zeros; past max_series label sets, the overflow's."""
+    slot = series.get(key)
+    if slot is None:
+        if len(series) >= max_series:
+            key = overflow
+            slot = series.get(key)
+        if slot is None:
+            slot = series[key] = [0.0] * size
+    return slot
 
 
 def _le(bound: float) -> str:
