@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -165,7 +165,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     )
     # `kill`, a closed terminal or a supervisor stopping dev must stop its Envoy, server and mock
     # too, exactly as Ctrl-C does; before this, SIGTERM ended dev alone and orphaned all three.
-    with _signals_interrupt(signal.SIGTERM, signal.SIGHUP):
+    with _signal_handlers(_interrupt, signal.SIGTERM, signal.SIGHUP):
         try:
             stack.start()
             _print_dev_banner(stack, config, real, demo_key)
@@ -174,33 +174,26 @@ def cmd_dev(args: argparse.Namespace) -> int:
             return 0
         finally:
             # A second signal while stopping must not cut the cleanup short.
-            with _signals_ignored(signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            with _signal_handlers(signal.SIG_IGN, signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 stack.stop()
 
 
-@contextlib.contextmanager
-def _signals_interrupt(*signums: signal.Signals) -> Iterator[None]:
-    """Deliver these signals as KeyboardInterrupt (what Ctrl-C raises) for the block's duration."""
+_Handler = Callable[[int, object], None] | signal.Handlers
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
 
-    previous = {s: signal.signal(s, interrupt) for s in signums}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # what Ctrl-C raises
 
 
 @contextlib.contextmanager
-def _signals_ignored(*signums: signal.Signals) -> Iterator[None]:
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in signums}
+def _signal_handlers(handler: _Handler, *signums: signal.Signals) -> Iterator[None]:
+    """`handler` for these signals for the block's duration; the previous handlers after it."""
+    previous = {s: signal.signal(s, handler) for s in signums}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def _print_dev_banner(stack: Stack, config: GatewayConfig, real: frozenset[str], demo_key: str) -> None:

@@ -80,7 +80,10 @@ class Histogram:
         return _slot(self.series, key, self.max_series, self.overflow, len(self.bounds) + 2)
 
     def observe(self, key: Labels, value: float) -> None:
-        row = self.series.get(key) or self.row(key)
+        self.add(self.series.get(key) or self.row(key), value)
+
+    def add(self, row: list[float], value: float) -> None:
+        """One observation into a row of this family (the observability stage keeps its rows)."""
         # Prometheus buckets are "less than or equal": bisect_left finds the first bound >= value.
         row[bisect_left(self.bounds, value)] += 1
         row[-1] += value
@@ -88,8 +91,9 @@ class Histogram:
     def observe_each(self, values: dict[str, float]) -> None:
         """One observation per entry of a one-label family ({label value: observation}): the
         per-stage times of an exchange, a dozen a request, in one call and no key tuples (half the
-        cost of `observe` in a loop). Finding the rows by the whole sequence of labels instead
-        measured slower: hashing the tuple costs what the lookups it saves do."""
+        cost of `observe` in a loop; `add` is written out in the loop for the same reason). Finding
+        the rows by the whole sequence of labels instead measured slower: hashing the tuple costs
+        what the lookups it saves do."""
         rows, bounds = self.by_value, self.bounds
         for label, value in values.items():
             row = rows.get(label)

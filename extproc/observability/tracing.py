@@ -71,9 +71,6 @@ class _FixedResource(Resource):
     def __hash__(self) -> int:
         return self._hash
 
-    def __eq__(self, other: object) -> bool:
-        return super().__eq__(other)
-
 
 @dataclass(slots=True)
 class SpanData:

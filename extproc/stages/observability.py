@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left
 from dataclasses import dataclass, field
 
 from ..observability.metrics import GatewayMetrics
@@ -128,32 +127,20 @@ class ObservabilityStage(Stage):
             m.translations.inc((pair,))
         ended = ctx.response_ended_at or time.monotonic()
         if route is not None and ctx.outcome in _FORWARDED:
-            # Histogram rows: one count in the bucket (Prometheus' "le": the first bound >= value),
-            # then the sum (Histogram's layout), written out here rather than a call per metric.
             duration = ended - ctx.started_at
-            row = rows.duration or _set(rows, "duration", m.duration.row((*rows.labels, code)))
-            row[bisect_left(m.duration.bounds, duration)] += 1
-            row[-1] += duration
+            m.duration.add(rows.duration or _set(rows, "duration", m.duration.row((*rows.labels, code))), duration)
             if usage is not None:
-                bounds = m.token_usage.bounds
-                n = usage.input_tokens
-                row = rows.tokens_in or _set(rows, "tokens_in", m.token_usage.row(("input", *rows.labels)))
-                row[bisect_left(bounds, n)] += 1
-                row[-1] += n
-                n = usage.output_tokens
-                row = rows.tokens_out or _set(rows, "tokens_out", m.token_usage.row(("output", *rows.labels)))
-                row[bisect_left(bounds, n)] += 1
-                row[-1] += n
+                tu = m.token_usage
+                row = rows.tokens_in or _set(rows, "tokens_in", tu.row(("input", *rows.labels)))
+                tu.add(row, usage.input_tokens)
+                row = rows.tokens_out or _set(rows, "tokens_out", tu.row(("output", *rows.labels)))
+                tu.add(row, usage.output_tokens)
                 if usage.ttft_ms is not None and usage.stream:
                     ttft = usage.ttft_ms / 1000
-                    row = rows.ttft or _set(rows, "ttft", m.ttft.row(rows.labels))
-                    row[bisect_left(m.ttft.bounds, ttft)] += 1
-                    row[-1] += ttft
+                    m.ttft.add(rows.ttft or _set(rows, "ttft", m.ttft.row(rows.labels)), ttft)
                     if usage.output_tokens > 1 and not code:
                         tpot = max(duration - ttft, 0.0) / (usage.output_tokens - 1)
-                        row = rows.tpot or _set(rows, "tpot", m.tpot.row(rows.labels))
-                        row[bisect_left(m.tpot.bounds, tpot)] += 1
-                        row[-1] += tpot
+                        m.tpot.add(rows.tpot or _set(rows, "tpot", m.tpot.row(rows.labels)), tpot)
         if usage is not None:
             cells = rows.tokens
             for i, (token_type, attr) in enumerate(_TOKEN_TYPES):
