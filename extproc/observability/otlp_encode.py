@@ -60,6 +60,8 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 _T1, _T2, _T3, _T4, _T5 = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x2a"
 _KEY_CACHE_MAX = 4096
 _keys: dict[str, bytes] = {}
+_PAIRS_MAX = 4096
+_pairs: dict[tuple[bytes, str, str], bytes] = {}
 
 
 def _key(key: str) -> bytes:
@@ -101,21 +103,28 @@ def _key_value(key: str, value: Any) -> bytes:
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
-    """Repeated KeyValue fields; short strings (most values) written inline."""
+    """Repeated KeyValue fields. A span's string attributes mostly repeat from span to span (model,
+    provider, tenant, operation): each such pair is encoded once and kept, up to _PAIRS_MAX pairs
+    (then the cache starts over, so unique values such as request ids cannot crowd it out for good)."""
     if not attributes:
         return b""
     out = []
+    pairs = _pairs
     for k, v in attributes.items():
-        key = _keys.get(k) or _key(k)
         if type(v) is str:
-            b = v.encode()
-            n = len(b)
-            # Below 124 bytes both lengths fit one byte.
-            value = b"\x12" + _LEN[n + 2] + b"\x0a" + _LEN[n] + b if n < 124 else _field(_T2, _field(_T1, b))
+            field = pairs.get((tag, k, v))
+            if field is None:
+                b = v.encode()
+                n = len(b)
+                # Below 124 bytes both lengths fit one byte.
+                value = b"\x12" + _LEN[n + 2] + b"\x0a" + _LEN[n] + b if n < 124 else _field(_T2, _field(_T1, b))
+                field = _field(tag, _key(k) + value)
+                if len(pairs) >= _PAIRS_MAX:
+                    pairs.clear()
+                pairs[(tag, k, v)] = field
+            out.append(field)
         else:
-            value = _field(_T2, _any_value(v))
-        n = len(key) + len(value)
-        out.append(tag + (_LEN[n] if n < 0x80 else _varint(n)) + key + value)
+            out.append(_field(tag, _key(k) + _field(_T2, _any_value(v))))
     return b"".join(out)
 
 

@@ -187,3 +187,15 @@ def test_the_exporters_encode_with_it(monkeypatch: pytest.MonkeyPatch, protocol:
             assert vars(http_module)["encode_spans"] is otlp_encode.encode_spans
     finally:
         exporter.shutdown()
+
+
+def test_the_pair_cache_starts_over_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With room for a few pairs the cache fills and is cleared many times within a batch; every
+    span still encodes as the SDK's does (a stale or misplaced pair would show)."""
+    monkeypatch.setattr(otlp_encode, "_PAIRS_MAX", 5)
+    monkeypatch.setattr(otlp_encode, "_pairs", {})
+    for seed in range(100, 110):
+        spans = _spans(seed)
+        _same(spans)
+        _same(spans)  # the second time from the cache where it still holds them
+        assert len(otlp_encode._pairs) <= 5
