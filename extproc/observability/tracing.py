@@ -10,11 +10,12 @@ A finished span goes straight to the batch processor as the SDK's ReadableSpan, 
 `Tracer.start_span` / `end`: the sampling decision is already made (Envoy's, or the ratio for a
 span without a parent), and the attributes are ours, built from typed fields. The SDK's path spent
 45 µs a span on this machine's event loop, most of it re-validating each attribute value; this
-one 8.6 µs. Encoding and export stay the SDK's, on its thread.
+one 8.6 µs.
 
 Export is the SDK's: a BatchSpanProcessor hands finished spans to a background thread that sends
 them with the OTLP exporter the standard variables choose (OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT,
 OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL = grpc | http/protobuf, headers, timeouts). No endpoint: off.
+The exporter encodes with `otlp_encode` (the same request as the SDK's encoder, ~4x cheaper).
 """
 
 from __future__ import annotations
