@@ -3,10 +3,10 @@
 The SDK's encoder builds a protobuf object per span, per attribute and per attribute value in
 Python (~100 µs a span of ~18 attributes on this machine: nearly all the instructions a sampled
 span costs the server). This one writes the same protobuf wire bytes directly, with each attribute
-key's bytes encoded once per process, and lets the C protobuf runtime parse them into the request
-the exporter sends. The result is the SDK's request, field for field: a test holds the two equal on
-random spans. Written by hand because it is the one place tracing costs measurable CPU at
-production rates (issue 17's floor: ≤ 5% throughput at sampling 0.1).
+key, and each string attribute that repeats, encoded once per process, and lets the C protobuf
+runtime parse them into the request the exporter sends. The result is the SDK's request, field for
+field: a test holds the two equal on random spans. Written by hand because it is the one place
+tracing costs measurable CPU at production rates (issue 17's floor: ≤ 5% throughput at 0.1).
 
 Spans with events or links, or attribute values of another type than the SDK's (str, bool, int,
 float, bytes, sequences and mappings of them), fall back to the SDK's encoder for the whole batch:
@@ -20,10 +20,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as sdk_encode_spans
-
-__all__ = ["encode_spans", "sdk_encode_spans"]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import ReadableSpan
+
+__all__ = ["encode_spans", "sdk_encode_spans"]
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _HAS_IS_REMOTE, _IS_REMOTE = 0x100, 0x200  # SpanFlags: the parent's is_remote is known / set
@@ -57,7 +57,7 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 
 # Tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
-_T1, _T2, _T3, _T4, _T5 = b"\x0a", b"\x12", b"\x1a", b"\x22", b"\x2a"
+_T1, _T2, _T3, _T5 = b"\x0a", b"\x12", b"\x1a", b"\x2a"
 _KEY_CACHE_MAX = 4096
 _keys: dict[str, bytes] = {}
 _PAIRS_MAX = 4096
@@ -114,17 +114,13 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         if type(v) is str:
             field = pairs.get((tag, k, v))
             if field is None:
-                b = v.encode()
-                n = len(b)
-                # Below 124 bytes both lengths fit one byte.
-                value = b"\x12" + _LEN[n + 2] + b"\x0a" + _LEN[n] + b if n < 124 else _field(_T2, _field(_T1, b))
-                field = _field(tag, _key(k) + value)
+                field = _field(tag, _key_value(k, v))
                 if len(pairs) >= _PAIRS_MAX:
                     pairs.clear()
                 pairs[(tag, k, v)] = field
             out.append(field)
         else:
-            out.append(_field(tag, _key(k) + _field(_T2, _any_value(v))))
+            out.append(_field(tag, _key_value(k, v)))
     return b"".join(out)
 
 
@@ -179,19 +175,16 @@ def _request(spans: Sequence[ReadableSpan]) -> bytes:
     for resource, scopes in groups.items():
         scope_spans = []
         for scope, encoded in scopes.items():
-            head = b""
+            body, tail = b"", b""
             if scope is not None:
-                body = b""
                 if scope.name:
                     body += _field(_T1, scope.name.encode())
                 if scope.version:
                     body += _field(_T2, scope.version.encode())
                 body += _attributes(_T3, scope.attributes)
-                head = _field(_T1, body)
-            else:
-                head = _field(_T1, b"")
-            tail = _field(_T3, scope.schema_url.encode()) if scope is not None and scope.schema_url else b""
-            scope_spans.append(_field(_T2, head + b"".join(encoded) + tail))
+                if scope.schema_url:
+                    tail = _field(_T3, scope.schema_url.encode())
+            scope_spans.append(_field(_T2, _field(_T1, body) + b"".join(encoded) + tail))
         body = _field(_T1, _attributes(_T1, resource.attributes)) + b"".join(scope_spans)
         if resource.schema_url:
             body += _field(_T3, resource.schema_url.encode())
