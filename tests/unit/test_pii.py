@@ -525,3 +525,76 @@ def test_context_windows_match_as_the_case_insensitive_patterns_do() -> None:
             assert near.search(text, a, b) is want, (near.pattern[:40], text[a:b])
             hits += want
         assert hits > 0, near.pattern[:40]  # the comparison saw matches, not only misses
+
+
+def _ibans() -> list[str]:
+    """Candidates of every registered country: valid ones (random BBANs of the registered format,
+    check digits computed), and each mutated the ways a typo, a wrong format or odd digits would."""
+    import random
+    import re
+    from importlib import resources
+
+    from stdnum import iban as stdnum_iban
+
+    rng = random.Random(97)
+    pools = {"n": "0123456789", "a": "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "c": "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+    out: list[str] = []
+    registry = resources.files("stdnum").joinpath("iban.dat").read_text(encoding="utf-8")
+    for country, bban_format in re.findall(r'^([A-Z]{2}) .*bban="([^"]+)"', registry, re.M):
+        for _ in range(6):
+            parts = re.findall(r"(\d+)!([nac])", bban_format)
+            bban = "".join(rng.choice(pools[kind]) for count, kind in parts for _ in range(int(count)))
+            valid = country + stdnum_iban.calc_check_digits(country + "00" + bban) + bban
+            out.append(valid)
+            k = rng.randrange(4, len(valid))
+            flipped = "7" if valid[k] != "7" else "3"
+            out += [
+                valid[:k] + flipped + valid[k + 1 :],  # a typo (a digit where a letter was: a format error)
+                valid[:2] + valid[3] + valid[2] + valid[4:],  # check digits swapped
+                valid[:4] + valid[5] + valid[4] + valid[6:],  # two characters swapped
+                valid[:-1],  # one short
+                valid + "0",  # one long
+                valid[:4] + "X" + valid[5:],  # a letter where the format may want a digit
+                valid[:2] + "\u0661" + valid[3:],  # an Arabic-Indic digit among the check digits
+                valid[:6] + "\u0663" + valid[7:],  # ... and in the BBAN
+                valid[:5] + "\u00c9" + valid[6:],  # a non-ASCII letter
+                "ZZ" + valid[2:],  # no such country
+            ]
+    return out
+
+
+def test_the_iban_check_answers_as_python_stdnum_does() -> None:
+    """The detector's own IBAN check (a fast path) against python-stdnum's, on every registered country."""
+    from stdnum import iban as stdnum_iban
+
+    from extproc.pii import detect
+
+    candidates = [c for c in _ibans() if c.upper() == c]
+    answers = [(c, detect.iban_valid(c), stdnum_iban.is_valid(c, check_country=False)) for c in candidates]
+    assert [a for a in answers if a[1] != a[2]] == []
+    # The table exercises both answers, for many countries.
+    assert sum(a[1] for a in answers) > 500 and sum(not a[1] for a in answers) > 3000
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_phone_digit_normalizer_answers_as_libphonenumbers_own(keep: bool) -> None:
+    """The detector replaces libphonenumber's digit normalizer (a fast path for ASCII); parse must
+    still see exactly what the library's own would give it."""
+    from phonenumbers import phonenumberutil
+
+    from extproc.pii import detect
+
+    assert phonenumberutil.normalize_digits_only is detect._normalize_digits_only
+    samples = [
+        "".join(chr(c) for c in range(128)),
+        "+1 (415) 555-0132 ext. 7",
+        "0049 30 123456-78",
+        "",
+        "\u0660\u0661\u0662-\u0663\u0664",  # Arabic-Indic digits
+        "\uff10\uff11\uff12 \uff13",  # fullwidth digits
+        "12\u00b3 4\u00b2",  # superscripts: digits to unicodedata, not decimals
+        "\u0967\u0968\u0969 4567",  # Devanagari
+        "tel: 030\u00a012345",
+    ]
+    for text in samples:
+        assert detect._normalize_digits_only(text, keep) == detect._ORIGINAL_DIGITS_ONLY(text, keep), text
