@@ -3,9 +3,11 @@
 Each entity type is a candidate scan (a regex compiled once, by hand: this is the hot path) followed
 by a validator that cuts false positives with the real rules, from well-kept libraries where they
 exist: `phonenumbers` (Google's libphonenumber metadata) decides whether digits are a phone number of
-some country, `python-stdnum` checks IBANs (country length and format, mod 97), Luhn and US SSN
-rules, `ipaddress` parses addresses. Scans are skipped outright when the text lacks what every
-candidate of the type needs (an "@", a digit, a ":"), so plain prose costs a few passes of C code.
+some country, `python-stdnum`'s IBAN registry gives each country's length and format, `ipaddress`
+parses addresses. The IBAN, Luhn and US SSN checks are written here (every candidate pays for them,
+and stdnum's are 5-10x slower) and tested against stdnum's as the oracle. Scans are skipped outright
+when the text lacks what every candidate of the type needs (an "@", a digit, a ":"), so plain prose
+costs a few passes of C code.
 
 Overlaps are settled by specificity: a secret or a card number wins over a phone number made of the
 same digits, an IBAN over the digits inside it, an e-mail over an IP address in its domain.
@@ -26,8 +28,6 @@ from typing import Final
 import phonenumbers
 from phonenumbers import phonenumberutil as _phone_util
 from phonenumbers import re_util as _phone_re_util
-from stdnum import luhn
-from stdnum.us import ssn as stdnum_ssn
 
 ENTITY_TYPES: Final = ("EMAIL", "PHONE", "CREDIT_CARD", "IBAN", "US_SSN", "IP_ADDRESS", "SECRET")
 # Higher wins when two findings overlap.
@@ -177,12 +177,24 @@ def _card_brand_ok(digits: str) -> bool:
 _CARD_GROUPS = re.compile(r"\d{4}(?:([ \-\u00a0])\d{4}(?:\1\d{4}){0,2}\1\d{1,5}|([ \-\u00a0])\d{6}\2\d{4,5})")
 
 
+# A digit in an even place from the right counts as the digit sum of its double.
+_LUHN_DOUBLED: Final = str.maketrans("0123456789", "0246813579")
+
+
+def luhn_valid(digits: str) -> bool:
+    """`stdnum.luhn.is_valid(digits)` in ~1.5 µs instead of ~9 (it looks each digit up in its
+    alphabet with str.index and sums divmods): every number with a card's shape is checked."""
+    if not digits or not digits.isascii() or not digits.isdigit():
+        return False
+    return sum(map(int, digits[-1::-2] + digits[-2::-2].translate(_LUHN_DOUBLED))) % 10 == 0
+
+
 def _is_card(raw: str, digits: str) -> bool:
     if not 13 <= len(digits) <= 19:
         return False
     if raw != digits and _CARD_GROUPS.fullmatch(raw) is None:
         return False
-    return _card_brand_ok(digits) and luhn.is_valid(digits)
+    return _card_brand_ok(digits) and luhn_valid(digits)
 
 
 class _Near:
@@ -219,9 +231,24 @@ _SSN_CONTEXT = _Near(
 )
 
 
+# Numbers the SSA voided after they were printed in advertising and examples (python-stdnum's list).
+_SSN_VOID: Final = frozenset(("078051120", "457555462", "219099999"))
+
+
+def ssn_valid(number: str) -> bool:
+    """`stdnum.us.ssn.is_valid(number)` for nine characters without separators, in ~0.5 µs instead
+    of ~5 (a regex, three groups and exceptions): the same rules, no area 000, 666 or 9xx, no
+    group 00, no serial 0000, none of the voided numbers."""
+    if len(number) != 9 or not number.isascii() or not number.isdigit():
+        return False
+    if number.startswith(("000", "666", "9")) or number[3:5] == "00" or number.endswith("0000"):
+        return False
+    return number not in _SSN_VOID
+
+
 def _is_ssn(text: str, start: int, raw: str) -> bool:
     m = _SSN_SHAPE.fullmatch(raw)
-    if m is None or not stdnum_ssn.is_valid(m.group(1) + m.group(3) + m.group(4)):
+    if m is None or not ssn_valid(m.group(1) + m.group(3) + m.group(4)):
         return False
     # Nine bare digits are an SSN only where the text says so.
     if m.group(2):

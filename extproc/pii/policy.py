@@ -108,14 +108,16 @@ def _import_validator(path: str) -> Callable[[str], bool]:
 
 
 def _builtin_validator(name: str) -> Callable[[str], bool]:
-    from stdnum import iban, luhn
+    # Values as a custom pattern matched them (separators and all): stdnum's own checks, which clean
+    # them first; the detector's fast ones take only bare candidates.
+    from stdnum import iban
     from stdnum.us import ssn
 
-    from .detect import _parse_phone
+    from .detect import _parse_phone, luhn_valid
 
     digits = re.compile(r"\D")
     if name == "luhn":
-        return lambda s: luhn.is_valid(digits.sub("", s))
+        return lambda s: luhn_valid(digits.sub("", s))
     if name == "iban":
         return lambda s: bool(iban.is_valid(s))
     if name == "us_ssn":

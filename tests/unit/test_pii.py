@@ -598,3 +598,37 @@ def test_the_phone_digit_normalizer_answers_as_libphonenumbers_own(keep: bool) -
     ]
     for text in samples:
         assert detect._normalize_digits_only(text, keep) == detect._ORIGINAL_DIGITS_ONLY(text, keep), text
+
+
+def _digit_strings() -> list[str]:
+    """Card- and SSN-length digit strings: random, Luhn-valid, edge values and non-ASCII digits."""
+    import random
+
+    from stdnum import luhn
+
+    rng = random.Random(10)
+    out = ["", "0", "00", "79927398713", "4111111111111111", "4111111111111112", "078051120", "457555462"]
+    out += ["219099999", "000123456", "666123456", "900123456", "123001234", "123450000", "123456789"]
+    for n in (8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19):
+        for _ in range(150):
+            body = "".join(rng.choice("0123456789") for _ in range(n - 1))
+            out += [body + rng.choice("0123456789"), body + luhn.calc_check_digit(body)]
+    out += [s[:3] + "\u0663" + s[4:] for s in out[20:200]]  # an Arabic-Indic digit
+    out += [s[:2] + "\uff15" + s[3:] for s in out[20:60]]  # a fullwidth digit
+    out += ["12345678a", "1234 5678", "-12345678"]
+    return out
+
+
+def test_the_luhn_and_ssn_checks_answer_as_python_stdnum_does() -> None:
+    from stdnum import luhn
+    from stdnum.us import ssn
+
+    from extproc.pii import detect
+
+    samples = _digit_strings()
+    assert [s for s in samples if detect.luhn_valid(s) != luhn.is_valid(s)] == []
+    nine = [s for s in samples if len(s) == 9]
+    assert [s for s in nine if detect.ssn_valid(s) != ssn.is_valid(s)] == []
+    # Both answers occur, and the voided numbers are stdnum's.
+    assert sum(map(detect.luhn_valid, samples)) > 1000 and sum(map(detect.ssn_valid, nine)) > 100
+    assert {n[:3] + "-" + n[3:5] + "-" + n[5:] for n in detect._SSN_VOID} == ssn._ssn_blacklist
