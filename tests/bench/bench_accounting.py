@@ -32,7 +32,8 @@ work still used are reported per row ("other load").
 
 Run by hand (not part of the test suite); needs wrk (apt-get install wrk); ~6 minutes full:
 
-    .venv/bin/python tests/bench/bench_accounting.py [--quick] [--out report.json] [--profile "B'"]
+    .venv/bin/python tests/bench/bench_accounting.py [--quick] [--only json|streams] [--out report.json]
+        [--profile "B'"]
 
 --profile NAME runs one more window of that configuration at --streams under py-spy
 (.venv/bin/pip install py-spy) and prints where the server's CPU goes, per thread.
@@ -1089,6 +1090,7 @@ def main() -> None:
         "--quiet-budget", type=float, default=120, help="seconds at most spent waiting for quiet / repeating runs"
     )
     parser.add_argument("--profile", metavar="CONFIG", help="profile the server under CONFIG at --streams (py-spy)")
+    parser.add_argument("--only", choices=("streams", "json"), help="run only the stream or the non-streamed part")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.window, args.wrk_duration, args.quiet_budget = 1, 2.0, 2, 20
@@ -1125,7 +1127,7 @@ def main() -> None:
     try:
         targets, up_port, up_pid = bench.start()
         report["configs"] = {n: t.description for n, t in targets.items()}
-        stream_names = list(STREAM_CONFIGS)
+        stream_names = list(STREAM_CONFIGS) if args.only != "json" else []
         levels = [(1, args.interval_ms_1), (args.streams, args.interval_ms_64)]
 
         quiet = Quiet(args.max_others, args.quiet_budget)
@@ -1134,7 +1136,7 @@ def main() -> None:
             t = targets[name]
             _run_loop(stream_run(t, up_port, bench.meter(t, up_pid), args.streams, args.interval_ms_64, 0.5))
         stream_runs: list[dict[str, Any]] = []
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if stream_names else 0):
             for n_streams, interval in levels:
                 # Rotate the order each repeat: drift on a shared box does not favour one config.
                 order = stream_names[rep % len(stream_names) :] + stream_names[: rep % len(stream_names)]
@@ -1159,7 +1161,7 @@ def main() -> None:
         report["stream_runs"] = stream_runs
 
         json_runs: list[dict[str, Any]] = []
-        for rep in range(args.repeats):
+        for rep in range(args.repeats if args.only != "streams" else 0):
             for name in JSON_CONFIGS if rep % 2 == 0 else JSON_CONFIGS[::-1]:
                 t = targets[name]
                 meter = bench.meter(t, up_pid)
@@ -1325,7 +1327,6 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
             for n in levels
         },
     }
-    many = max(levels)
     floors = []
     for name in ("B", "B'"):
         for n in levels:
@@ -1338,7 +1339,8 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                     "met": v <= 0.5,
                 }
             )
-    for name in ("B", "B'"):
+    for name in ("B", "B'") if levels else ():
+        many = max(levels)
         v = stream[f"{name}@{many}"]["server_cpu_us_per_chunk"]
         floors.append(
             {
@@ -1348,14 +1350,15 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 "met": v <= 80,
             }
         )
-    floors.append(
-        {
-            "floor": "non-streamed: accounting adds <= 0.2 ms server CPU per request (B - B0)",
-            "value": round(added_cpu, 1),
-            "unit": "us",
-            "met": added_cpu <= 200,
-        }
-    )
+    if report["json_runs"]:
+        floors.append(
+            {
+                "floor": "non-streamed: accounting adds <= 0.2 ms server CPU per request (B - B0)",
+                "value": round(added_cpu, 1),
+                "unit": "us",
+                "met": added_cpu <= 200,
+            }
+        )
     return {
         "stream": stream,
         "json": json_rows,
@@ -1373,67 +1376,69 @@ def print_tables(report: dict[str, Any], args: argparse.Namespace) -> None:
     def f(v: Any, fmt: str = ".3f") -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
-    print()
-    print(
-        f"### SSE, {EVENTS} events per stream, one event per chunk "
-        f"(spacing {args.interval_ms_1:g} ms at 1 stream, {args.interval_ms_64:g} ms at {args.streams}); "
-        f"median of {args.repeats} run(s) of {args.window:g} s"
-    )
-    print()
-    print(
-        "| config | streams | event p50 ms | event p99 ms | added p50 ms | added p99 ms | TTFB p50 ms | added TTFB ms "
-        "| server CPU µs/chunk | (loop / gRPC threads / to_thread pool) | server busy | Envoy CPU µs/chunk "
-        "| upstream CPU µs/chunk | events/HTTP chunk | other load (cores) | ok |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
-    for n in levels:
-        for name in STREAM_CONFIGS:
-            r = st[f"{name}@{n}"]
-            base = name in ("U", "A")
-            split = (
-                " / ".join(f(r.get(f"server.{k}_cpu_us_per_chunk"), ".0f") for k in ("loop", "grpc", "pool"))
-                if "server_cpu_us_per_chunk" in r
-                else "-"
-            )
-            print(
-                f"| {name} | {n} | {f(r['event_p50_ms'])} | {f(r['event_p99_ms'])} "
-                f"| {'-' if base else f(r['added_p50_ms'])} | {'-' if base else f(r['added_p99_ms'])} "
-                f"| {f(r['ttfb_p50_ms'], '.2f')} | {'-' if base else f(r['added_ttfb_ms'], '.2f')} "
-                f"| {f(r.get('server_cpu_us_per_chunk'), '.0f')} | {split} | {f(r.get('server_busy'), '.0%')} "
-                f"| {f(r.get('envoy_cpu_us_per_chunk'), '.0f')} | {f(r.get('upstream_cpu_us_per_chunk'), '.1f')} "
-                f"| {f(r['events_per_http_chunk'], '.2f')} | {f(r['others_cores'], '.2f')} "
-                f"| {'yes' if r['checks_ok'] else 'NO'} |"
-            )
-    u = st[f"U@{levels[-1]}"]
-    worst_lag = max(st[f"{c}@{levels[-1]}"]["upstream_lag_p99_ms"] for c in STREAM_CONFIGS[1:])
-    print()
-    print(
-        f"Upstream at {levels[-1]} streams: {f(u.get('upstream_cpu_us_per_chunk'), '.1f')} µs CPU per chunk, "
-        f"{f(u.get('upstream_busy'), '.0%')} of a core, scheduling lag p99 {f(u['upstream_lag_p99_ms'], '.2f')} ms "
-        f"(worst over configs: {f(worst_lag, '.2f')} ms)."
-    )
-    print()
-    print(
-        f"### Non-streamed chat JSON, wrk {args.wrk_connections} connections, "
-        f"median of {args.repeats} x {args.wrk_duration} s"
-    )
-    print()
-    print(
-        "| config | req/s | p50 ms | p99 ms | server CPU µs/req | (loop / gRPC threads / to_thread pool) "
-        "| Envoy CPU µs/req | other load (cores) |"
-    )
-    print("|---|---:|---:|---:|---:|---|---:|---:|")
-    for name, r in s["json"].items():
+    if levels:
+        print()
         print(
-            f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
-            f"| {f(r['server_cpu_us_per_request'], '.0f')} | "
-            + " / ".join(f(r[f"server_{k}_cpu_us_per_request"], ".0f") for k in ("loop", "grpc", "pool"))
-            + f" | {f(r['envoy_cpu_us_per_request'], '.0f')} | {f(r['others_cores'], '.2f')} |"
+            f"### SSE, {EVENTS} events per stream, one event per chunk "
+            f"(spacing {args.interval_ms_1:g} ms at 1 stream, {args.interval_ms_64:g} ms at {args.streams}); "
+            f"median of {args.repeats} run(s) of {args.window:g} s"
         )
-    print(
-        f"\nAccounting adds {s['json_added_server_cpu_us']:.0f} µs server CPU per non-streamed request "
-        "(B - B0, paired by repeat)."
-    )
+        print()
+        print(
+            "| config | streams | event p50 ms | event p99 ms | added p50 ms | added p99 ms | TTFB p50 ms "
+            "| added TTFB ms | server CPU µs/chunk | (loop / gRPC threads / to_thread pool) | server busy "
+            "| Envoy CPU µs/chunk | upstream CPU µs/chunk | events/HTTP chunk | other load (cores) | ok |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|")
+        for n in levels:
+            for name in STREAM_CONFIGS:
+                r = st[f"{name}@{n}"]
+                base = name in ("U", "A")
+                split = (
+                    " / ".join(f(r.get(f"server.{k}_cpu_us_per_chunk"), ".0f") for k in ("loop", "grpc", "pool"))
+                    if "server_cpu_us_per_chunk" in r
+                    else "-"
+                )
+                print(
+                    f"| {name} | {n} | {f(r['event_p50_ms'])} | {f(r['event_p99_ms'])} "
+                    f"| {'-' if base else f(r['added_p50_ms'])} | {'-' if base else f(r['added_p99_ms'])} "
+                    f"| {f(r['ttfb_p50_ms'], '.2f')} | {'-' if base else f(r['added_ttfb_ms'], '.2f')} "
+                    f"| {f(r.get('server_cpu_us_per_chunk'), '.0f')} | {split} | {f(r.get('server_busy'), '.0%')} "
+                    f"| {f(r.get('envoy_cpu_us_per_chunk'), '.0f')} | {f(r.get('upstream_cpu_us_per_chunk'), '.1f')} "
+                    f"| {f(r['events_per_http_chunk'], '.2f')} | {f(r['others_cores'], '.2f')} "
+                    f"| {'yes' if r['checks_ok'] else 'NO'} |"
+                )
+        u = st[f"U@{levels[-1]}"]
+        worst_lag = max(st[f"{c}@{levels[-1]}"]["upstream_lag_p99_ms"] for c in STREAM_CONFIGS[1:])
+        print()
+        print(
+            f"Upstream at {levels[-1]} streams: {f(u.get('upstream_cpu_us_per_chunk'), '.1f')} µs CPU per chunk, "
+            f"{f(u.get('upstream_busy'), '.0%')} of a core, scheduling lag p99 {f(u['upstream_lag_p99_ms'], '.2f')} ms "
+            f"(worst over configs: {f(worst_lag, '.2f')} ms)."
+        )
+    if s["json"]:
+        print()
+        print(
+            f"### Non-streamed chat JSON, wrk {args.wrk_connections} connections, "
+            f"median of {args.repeats} x {args.wrk_duration} s"
+        )
+        print()
+        print(
+            "| config | req/s | p50 ms | p99 ms | server CPU µs/req | (loop / gRPC threads / to_thread pool) "
+            "| Envoy CPU µs/req | other load (cores) |"
+        )
+        print("|---|---:|---:|---:|---:|---|---:|---:|")
+        for name, r in s["json"].items():
+            print(
+                f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
+                f"| {f(r['server_cpu_us_per_request'], '.0f')} | "
+                + " / ".join(f(r[f"server_{k}_cpu_us_per_request"], ".0f") for k in ("loop", "grpc", "pool"))
+                + f" | {f(r['envoy_cpu_us_per_request'], '.0f')} | {f(r['others_cores'], '.2f')} |"
+            )
+        print(
+            f"\nAccounting adds {s['json_added_server_cpu_us']:.0f} µs server CPU per non-streamed request "
+            "(B - B0, paired by repeat)."
+        )
     print()
     print("### Where the server CPU added by accounting goes (paired medians)")
     print()
