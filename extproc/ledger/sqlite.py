@@ -170,6 +170,9 @@ class SqliteLedger(Ledger):
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=self._busy_timeout, isolation_level=None)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
+                # Every commit on disk before it returns (the WAL synced): the embedded sink's
+                # records go straight here, and `record` returning means stored.
+                conn.execute("PRAGMA synchronous=FULL")
                 # typeshed types aggregates as int -> int; text in, text out is what SQLite allows.
                 conn.create_aggregate("decimal_sum", 1, _DecimalSum)  # type: ignore[arg-type]
                 # A local file has no operator step between install and use: migrate on open.

@@ -63,6 +63,8 @@ class FakeLedger:
         self.conn = sqlite3.connect(path, check_same_thread=False)
         self.conn.execute("CREATE TABLE usage (request_id TEXT PRIMARY KEY, data TEXT NOT NULL)")
         self.down = False
+        # Seconds each insert stalls before it runs (a database that hangs).
+        self.stall = 0.0
         self.attempts = 0
         self._lock = threading.Lock()
 
@@ -71,6 +73,8 @@ class FakeLedger:
 
     def _insert(self, records: list[UsageRecord]) -> int:
         self.attempts += 1
+        if self.stall:
+            time.sleep(self.stall)
         if self.down:
             raise FakeLedgerUnavailable("ledger down")
         for r in records:
@@ -829,6 +833,64 @@ async def test_embedded_sink_moves_every_record_into_the_ledger_once(ledger: Fak
         got = await sink.aggregates(tenant, day, scope, sid)  # type: ignore[arg-type]
         assert {k: got[k] for k in AGG_FIELDS} == counters
     await sink.close()
+
+
+async def test_embedded_records_are_in_the_ledger_when_record_returns(ledger: FakeLedger, tmp_path: Path) -> None:
+    """The usual path: one group commit into the ledger, nothing written to the spool."""
+    sink = embedded(tmp_path, ledger)
+    await sink.start()
+    records = random_records(200, seed=5)
+    before = ledger.attempts
+    await asyncio.gather(*(sink.record(r) for r in records))
+    assert ledger.ids() == sorted(r.request_id for r in records)
+    assert ledger.attempts - before < 20, "grouped, not a transaction per record"
+    assert sink.counters.written == 200 and sink.counters.spooled == 0 and sink.counters.failed == 0
+    assert not spool_segments(tmp_path / "spool")
+    # A caller that gives up does not take the commit of the others with it.
+    more = [make_record(1000 + i) for i in range(10)]
+    tasks = [asyncio.ensure_future(sink.record(r)) for r in more]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    await asyncio.gather(*tasks[1:])
+    await eventually(lambda: _true(len(ledger.ids()) == 210), what="all ten inserted")
+    await sink.close()
+
+
+async def test_embedded_sink_spools_what_a_hanging_ledger_does_not_take_in_time(
+    ledger: FakeLedger, tmp_path: Path
+) -> None:
+    ledger.stall = 0.5
+    spool = Spool(tmp_path / "spool", max_bytes=16 * MIB)
+    sink = EmbeddedUsageSink(
+        EmbeddedBackend(tmp_path / "state.db"), ledger, spool, flush_interval=0.05, insert_timeout=0.1
+    )
+    _OPEN.append(sink)
+    await sink.start()
+    records = [make_record(i) for i in range(30)]
+    started = time.monotonic()
+    await asyncio.gather(*(sink.record(r) for r in records))
+    assert time.monotonic() - started < 0.45, "waited for the timeout, not for the ledger"
+    assert sink.counters.spooled == 30
+    ledger.stall = 0.0
+    # The timed-out insert commits late and the replay brings the same records: each row once.
+    await eventually(lambda: spool_empty(tmp_path / "spool"), what="spool replayed")
+    assert ledger.ids() == sorted(r.request_id for r in records)
+    # Back to the direct path once the back-off is over.
+    await asyncio.sleep(0.15)
+    await sink.record(last := make_record(99))
+    assert last.request_id in ledger.ids()
+    await sink.close()
+
+
+async def test_embedded_close_waits_for_the_commit_in_flight(ledger: FakeLedger, tmp_path: Path) -> None:
+    ledger.stall = 0.2
+    sink = embedded(tmp_path, ledger)
+    await sink.start()
+    task = asyncio.ensure_future(sink.record(rec := make_record(7)))
+    await asyncio.sleep(0.05)
+    await sink.close()
+    assert rec.request_id in ledger.ids()
+    await task
 
 
 async def test_embedded_sink_keeps_records_while_the_ledger_is_down(ledger: FakeLedger, tmp_path: Path) -> None:
