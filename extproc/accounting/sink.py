@@ -725,10 +725,15 @@ class EmbeddedUsageSink(UsageSink):
             except Exception:
                 self.counters.failed += len(recs)
                 log.exception("usage sink: cannot record %d usage records", len(recs))
-            finally:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
+            except BaseException:
+                # Cancelled (the loop is shutting down without close()): nobody is told "stored".
+                for _, fut in batch + self._direct:
+                    fut.cancel()
+                self._direct = []
+                raise
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _insert_direct(self, recs: list[UsageRecord]) -> None:
         try:
@@ -826,7 +831,7 @@ class EmbeddedUsageSink(UsageSink):
 
     async def close(self) -> None:
         """One last move into the ledger; what the ledger cannot take stays in the spool."""
-        if self._committer is not None:
+        while self._committer is not None and not self._committer.done():
             await asyncio.wait({self._committer})
         self._closing = True
         if self._flusher is not None:

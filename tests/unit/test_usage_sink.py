@@ -1008,3 +1008,19 @@ async def wait_until_ledger_has(ledger: FakeLedger, ids: set[str], within: float
 def test_record_timestamps_are_utc_with_milliseconds_and_z(ts: datetime, text: str) -> None:
     assert format_ts(ts) == text
     assert parse_ts(text) == ts.replace(microsecond=ts.microsecond // 1000 * 1000)
+
+
+async def test_embedded_records_of_a_cancelled_commit_are_not_reported_stored(
+    ledger: FakeLedger, tmp_path: Path
+) -> None:
+    """A commit cut short by cancellation (a loop shut down without close) tells its callers so."""
+    ledger.stall = 0.3
+    sink = embedded(tmp_path, ledger)
+    await sink.start()
+    tasks = [asyncio.ensure_future(sink.record(make_record(i))) for i in range(3)]
+    await asyncio.sleep(0.05)
+    assert sink._committer is not None
+    sink._committer.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    assert sink.counters.written == 0
