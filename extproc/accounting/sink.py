@@ -702,9 +702,6 @@ class EmbeddedUsageSink(UsageSink):
                 self._add(rec.tenant, _day(rec.ts), scope_ids(rec), increments(rec))
             else:
                 self.counters.duplicates += 1
-            if time.monotonic() < self._spool_until:
-                await self._spool([rec])
-                return
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._direct.append((rec, fut))
             if self._committer is None or self._committer.done():
@@ -744,7 +741,7 @@ class EmbeddedUsageSink(UsageSink):
 
     async def _insert_direct(self, recs: list[UsageRecord]) -> None:
         try:
-            n, refused = await asyncio.wait_for(insert_setting_aside(self.ledger, recs), self.insert_timeout)
+            await asyncio.wait_for(self._store(recs), self.insert_timeout)
         except Exception as err:
             # Down, locked, or too slow: the spool keeps them until the ledger is back (a timed-out
             # insert that still commits makes the replay's rows duplicates, which the ledger skips).
@@ -755,11 +752,6 @@ class EmbeddedUsageSink(UsageSink):
             await self._spool(recs)
             return
         self._direct_backoff = 0.0
-        if refused:
-            await self.spool.set_aside([(recs[i], str(err)) for i, err in refused])
-            self.counters.refused += len(refused)
-        self.counters.written += n
-        self.counters.duplicates += len(recs) - n - len(refused)
 
     async def _spool(self, recs: Sequence[UsageRecord]) -> None:
         kept = await asyncio.gather(*(self.spool.append(rec) for rec in recs))
@@ -790,7 +782,8 @@ class EmbeddedUsageSink(UsageSink):
         sid = "" if scope == "tenant" else id or "_"
         return self._agg.get((tenant or "_", day, scope, sid), {}).get(name, 0)
 
-    async def _insert(self, recs: list[UsageRecord]) -> None:
+    async def _store(self, recs: list[UsageRecord]) -> None:
+        """Insert into the ledger; what it refuses as invalid is set aside in the spool's dead file."""
         n, refused = await insert_setting_aside(self.ledger, recs)
         if refused:
             # Durably set aside before the segment holding them can be deleted.
@@ -798,6 +791,10 @@ class EmbeddedUsageSink(UsageSink):
             self.counters.refused += len(refused)
         self.counters.written += n
         self.counters.duplicates += len(recs) - n - len(refused)
+
+    async def _insert(self, recs: list[UsageRecord]) -> None:
+        """The spool replay's step."""
+        await self._store(recs)
         self.counters.replayed += len(recs)
 
     async def _flush_once(self) -> None:
