@@ -1127,7 +1127,8 @@ def main() -> None:
     try:
         targets, up_port, up_pid = bench.start()
         report["configs"] = {n: t.description for n, t in targets.items()}
-        stream_names = list(STREAM_CONFIGS) if args.only != "json" else []
+        run_streams, run_json = args.only != "json", args.only != "streams"
+        stream_names = list(STREAM_CONFIGS) if run_streams else []
         levels = [(1, args.interval_ms_1), (args.streams, args.interval_ms_64)]
 
         quiet = Quiet(args.max_others, args.quiet_budget)
@@ -1136,7 +1137,7 @@ def main() -> None:
             t = targets[name]
             _run_loop(stream_run(t, up_port, bench.meter(t, up_pid), args.streams, args.interval_ms_64, 0.5))
         stream_runs: list[dict[str, Any]] = []
-        for rep in range(args.repeats if stream_names else 0):
+        for rep in range(args.repeats if run_streams else 0):
             for n_streams, interval in levels:
                 # Rotate the order each repeat: drift on a shared box does not favour one config.
                 order = stream_names[rep % len(stream_names) :] + stream_names[: rep % len(stream_names)]
@@ -1161,7 +1162,7 @@ def main() -> None:
         report["stream_runs"] = stream_runs
 
         json_runs: list[dict[str, Any]] = []
-        for rep in range(args.repeats if args.only != "streams" else 0):
+        for rep in range(args.repeats if run_json else 0):
             for name in JSON_CONFIGS if rep % 2 == 0 else JSON_CONFIGS[::-1]:
                 t = targets[name]
                 meter = bench.meter(t, up_pid)
