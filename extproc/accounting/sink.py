@@ -490,7 +490,7 @@ class RedisUsageSink(UsageSink):
         waits: list[Awaitable[Any]] = []
         if streams:
             waits.append(fast.fast.call("SADD", self.streams_key, *streams))
-        waits += [fast.script(RECORD_SCRIPT, keys, args, defer=True) for keys, args in calls]
+        waits += [fast.script(RECORD_SCRIPT, keys, args) for keys, args in calls]
         results = list(await asyncio.gather(*waits, return_exceptions=True))
         for r in results:
             if isinstance(r, StoreUnavailable):

@@ -288,9 +288,9 @@ class RedisLimiter(Limiter):
         keys = [self._total_key(tenant, c, day), *self._day_keys(tenant, c, period_days(period, day))]
         await self._run(START, keys, [ttl_ms, *PERIOD_FIELDS])
 
-    async def _run(self, script: str, keys: list[str], args: list[Any], defer: bool = False) -> Any:
+    async def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            return await self.backend.script(script, keys, args, defer=defer)
+            return await self.backend.script(script, keys, args)
         except ReplyError as err:
             # A reply, not an outage: a bug in the script or a key of the wrong type. Fail safe.
             raise StoreUnavailable(f"redis refused the limits script: {str(err)[:200]}") from None
@@ -408,9 +408,7 @@ class RedisLimiter(Limiter):
             passed.append(c)
         if not passed:
             return []
-        # Nobody waits for it: it shares the write of the next command somebody waits for (which
-        # it precedes on the connection, so a later ACQUIRE still finds this request ended).
-        res = await self._run(SETTLE, keys, args, defer=True)
+        res = await self._run(SETTLE, keys, args)
         alerts: list[Alert] = []
         for j in range(0, len(res), 3):
             c = passed[int(res[j]) - 1]

@@ -171,9 +171,8 @@ class LimitsStage(Stage):
             return
         held: _Held | None = ctx.state.get(self.name)
         if held is not None:
-            # Not awaited: the last chunk does not wait a Redis round trip. The call is queued on
-            # the limiter's one pipelined connection now (it goes out with the next command someone
-            # waits for, or within a millisecond), so Redis runs it before the ACQUIRE of any
+            # Not awaited: the last chunk does not wait a Redis round trip. The call is written to
+            # the limiter's one pipelined connection now, so Redis runs it before the ACQUIRE of any
             # request the client sends after seeing this end. A task: the client leaving cannot cut
             # it short. It settles the request but for the budget reservations, which the usage
             # record drops; finish settles whatever it did not.

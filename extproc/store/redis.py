@@ -82,15 +82,15 @@ class RedisBackend:
     async def ping(self) -> None:
         await self.call(self.client.ping())
 
-    async def script(self, source: str, keys: list[str], args: list[Any], *, defer: bool = False) -> Any:
+    async def script(self, source: str, keys: list[str], args: list[Any]) -> Any:
         """Run a Lua script by its SHA on the fast connection, loading it once when Redis does not
         know it (first use, or after a restart). Raises StoreUnavailable, or ReplyError when the
-        script itself failed. `defer`: nobody on the request path waits for it (RespConnection)."""
+        script itself failed."""
         try:
             sha = self._shas.get(source)
             if sha is not None:
                 try:
-                    return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args, defer=defer)
+                    return await self.fast.call("EVALSHA", sha, len(keys), *keys, *args)
                 except ReplyError as err:
                     if not str(err).startswith("NOSCRIPT"):
                         raise

@@ -8,12 +8,7 @@ parsed by hiredis and matched to callers in order (RESP replies come back in the
 were sent): ~15-25 µs per call, and concurrent requests share the connection and its round trips.
 
 It does only that: send a command, await its reply. Commands made in one event-loop iteration go out
-in one write, and one watchdog per connection (not a timer per call) enforces the timeout. A command
-nobody waits for on the request path (`defer=True`: the end-of-response settle, usage records) waits
-up to `defer_window` for one that somebody does wait for and goes out in its write, ahead of it:
-under load a request then costs one write and one read instead of two (each write on a loopback
-socket is ~15-25 µs of this process's CPU, most of it the kernel delivering to Redis), and the order
-of commands on the connection is still the order they were made in.
+in one write, and one watchdog per connection (not a timer per call) enforces the timeout.
 Everything else (pub/sub, streams, admin) stays on redis-py through RedisBackend. It speaks RESP2
 with AUTH and SELECT from the same URL, over TCP, TLS (`rediss://`) or a unix socket. Any failure
 (refused, reset, a reply later than the timeout) closes the connection and fails every call waiting
@@ -50,31 +45,23 @@ class _Protocol(asyncio.Protocol):
         # Commands of this loop iteration, written together (one syscall for many callers).
         self.out: list[bytes] = []
         self.flush_scheduled = False
-        # The flush of deferred commands, when only deferred ones are waiting.
-        self.deferred_flush: asyncio.TimerHandle | None = None
         self.watchdog: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods.
         self.transport = cast(asyncio.Transport, transport)
 
-    def send(self, packed: bytes, fut: asyncio.Future[Any], now: float, defer: bool = False) -> None:
+    def send(self, packed: bytes, fut: asyncio.Future[Any], now: float) -> None:
         self.waiting.append((fut, now))
         self.out.append(packed)
         if not self.flush_scheduled:
-            if not defer:
-                self.flush_scheduled = True
-                fut.get_loop().call_soon(self.flush)
-            elif self.deferred_flush is None:
-                self.deferred_flush = fut.get_loop().call_later(self.owner.defer_window, self.flush)
+            self.flush_scheduled = True
+            fut.get_loop().call_soon(self.flush)
         if self.watchdog is None:
             self.watchdog = fut.get_loop().call_later(self.owner.timeout, self.check)
 
     def flush(self) -> None:
         self.flush_scheduled = False
-        if self.deferred_flush is not None:
-            self.deferred_flush.cancel()
-            self.deferred_flush = None
         if self.transport is not None and self.out:
             self.transport.write(b"".join(self.out) if len(self.out) > 1 else self.out[0])
         self.out = []
@@ -120,9 +107,6 @@ class _Protocol(asyncio.Protocol):
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
-        if self.deferred_flush is not None:
-            self.deferred_flush.cancel()
-            self.deferred_flush = None
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
@@ -136,9 +120,8 @@ class _Protocol(asyncio.Protocol):
 
 
 class RespConnection:
-    def __init__(self, url: str, timeout: float = 0.5, defer_window: float = 0.001) -> None:
+    def __init__(self, url: str, timeout: float = 0.5) -> None:
         self.timeout = timeout
-        self.defer_window = defer_window
         opts: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._path: str | None = opts.get("path")
         self._host: str = opts.get("host", "localhost")
@@ -194,26 +177,22 @@ class RespConnection:
         return await self._queue(proto, args)
 
     @staticmethod
-    def _queue(proto: _Protocol, args: tuple[Any, ...], defer: bool = False) -> asyncio.Future[Any]:
+    def _queue(proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.send(hiredis.pack_command(args), fut, loop.time(), defer)
+        proto.send(hiredis.pack_command(args), fut, loop.time())
         return fut
 
-    def call(self, *args: Any, defer: bool = False) -> Awaitable[Any]:
+    def call(self, *args: Any) -> Awaitable[Any]:
         """One command's reply. Raises ReplyError (Redis said no) or StoreUnavailable. While the
-        connection is up, the reply's future itself (no coroutine frames on the request path).
-        `defer`: the command may wait up to `defer_window` to share a later command's write."""
+        connection is up, the reply's future itself (no coroutine frames on the request path)."""
         proto = self._protocol
         if proto is not None and proto.transport is not None:
-            return self._queue(proto, args, defer)
-        return self._call_connecting(args, defer)
+            return self._queue(proto, args)
+        return self._call_connecting(args)
 
-    async def _call_connecting(self, args: tuple[Any, ...], defer: bool = False) -> Any:
-        proto = await self._ready()
-        if proto.transport is None:
-            raise StoreUnavailable("redis: connection lost")
-        return await self._queue(proto, args, defer)
+    async def _call_connecting(self, args: tuple[Any, ...]) -> Any:
+        return await self._send(await self._ready(), args)
 
     async def close(self) -> None:
         if self._connecting is not None and not self._connecting.done():

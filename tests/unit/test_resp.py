@@ -58,57 +58,6 @@ def test_scripts_are_loaded_once_when_redis_does_not_know_them(loop: str, redis_
     run(loop, go)
 
 
-class _CountingTransport:
-    """The connection's transport, counting writes (uvloop's transports take no new attributes)."""
-
-    def __init__(self, real: Any) -> None:
-        self.real = real
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-        self.real.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-
-@pytest.mark.parametrize("loop", LOOPS)
-def test_deferred_commands_share_the_next_write_and_keep_their_order(loop: str, redis_url: str) -> None:
-    async def go() -> None:
-        conn = RespConnection(redis_url, defer_window=0.2)
-        key = f"resp:{uuid.uuid4().hex}"
-        assert await conn.call("PING") == "PONG"
-        proto = conn._protocol
-        assert proto is not None
-        counting = _CountingTransport(proto.transport)
-        proto.transport = counting  # type: ignore[assignment]
-        # Deferred commands wait; an urgent one takes them along, after them (their order kept).
-        deferred = [asyncio.ensure_future(conn.call("RPUSH", key, f"d{i}", defer=True)) for i in range(3)]
-        await asyncio.sleep(0.05)
-        assert counting.writes == [] and not any(d.done() for d in deferred)
-        urgent = await conn.call("RPUSH", key, "u")
-        assert urgent == 4 and [await d for d in deferred] == [1, 2, 3]
-        assert len(counting.writes) == 1
-        assert await conn.call("LRANGE", key, 0, -1) == ["d0", "d1", "d2", "u"]
-        # Alone, a deferred command goes out by itself once the window has passed.
-        counting.writes.clear()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        assert await conn.call("RPUSH", key, "late", defer=True) == 5
-        assert loop.time() - started >= 0.15 and len(counting.writes) == 1
-        # A connection lost with deferred commands unwritten fails them like any other.
-        pending = asyncio.ensure_future(conn.call("RPUSH", key, "lost", defer=True))
-        await asyncio.sleep(0)
-        proto.fail("test")
-        with pytest.raises(StoreUnavailable):
-            await pending
-        assert await conn.call("LLEN", key) == 5  # never written; the next call reconnects
-        await conn.close()
-
-    run(loop, go)
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_killed_connection_fails_its_calls_then_reconnects(loop: str, redis_url: str) -> None:
     async def go() -> None:
