@@ -7,9 +7,11 @@ to acquire, one to settle.
   A   Envoy alone (the ext_proc filter removed), for scale
   B   gateway, key without limits
   L   gateway, key with limits
+  R   gateway, a key whose tenant has only requests and tokens per minute (two rate checks, no
+      budget, no concurrency: what most tenants set), for comparison; the floors are judged on L
 
-wrk, non-streamed chat JSON: added p50 / p99 at 1 connection and req/s at 16 connections, B and L
-alternating in each of --repeats rounds, medians reported; server CPU per request from
+wrk, non-streamed chat JSON: added p50 / p99 at 1 connection and req/s at 16 connections, B, L and
+R in rotating order in each of --repeats rounds, medians reported; server CPU per request from
 /proc/<pid>/stat over each run. Run by hand (not part of the test suite); needs wrk:
 
     .venv/bin/python tests/bench/bench_limits.py [--duration 8] [--repeats 3]
@@ -64,6 +66,9 @@ def main() -> None:
     stack, admin = make_stack(work, redis_url)
     free_key, _ = admin.key("bench-free", "free")
     limited, limited_key = admin.key("bench-limited", "limited")
+    rated, _ = admin.key("bench-rated", "rated")
+    done = admin.cli("limits", "set", "--tenant", "bench-rated", "--rpm", "1000000000", "--tpm", "1000000000000")
+    assert done.returncode == 0, done.stderr
     for scope in (["--tenant", "bench-limited"], ["--key", limited_key.id]):
         flags = (
             ["--rpm", "1000000000", "--tpm", "1000000000000", "--budget-usd", "999999999"]
@@ -81,12 +86,11 @@ def main() -> None:
         alone_url = f"http://127.0.0.1:{alone_ports.listener}/v1/chat/completions"
         provider = PROVIDER_KEYS["OPENAI_API_KEY"]
         for conns in (1, 16):
-            for key in (free_key, limited):
+            for key in (free_key, limited, rated):
                 measure(server_pid, url, key, conns, 2)  # warm-up
             for rnd in range(args.repeats):
-                order = [("B", free_key), ("L", limited)]
-                if rnd % 2:
-                    order.reverse()
+                order = [("B", free_key), ("L", limited), ("R", rated)]
+                order = order[rnd % 3 :] + order[: rnd % 3]
                 results.setdefault(("A", conns), []).append(
                     wrk(alone_url, CHAT, conns, args.duration, {"Authorization": f"Bearer {provider}"})
                 )
@@ -107,7 +111,12 @@ def main() -> None:
     print(f"medians of {args.repeats} rounds, {args.duration} s each (2-core machine, everything on it)\n")
     print("| | req/s (1 conn) | p50 / p99 ms (1 conn) | req/s (16 conns) | p50 ms (16) | server CPU µs/req (16) |")
     print("|---|---|---|---|---|---|")
-    for name, label in (("A", "A Envoy alone"), ("B", "B gateway, no limits"), ("L", "L gateway, all limits")):
+    for name, label in (
+        ("A", "A Envoy alone"),
+        ("B", "B gateway, no limits"),
+        ("L", "L gateway, all limits"),
+        ("R", "R gateway, tenant rpm + tpm only"),
+    ):
         cpu = "-" if name == "A" else f"{med(name, 16, 'cpu_us'):.0f}"
         print(
             f"| {label} | {med(name, 1, 'rps'):.0f} | {med(name, 1, 'p50'):.2f} / {med(name, 1, 'p99'):.2f} | "
@@ -121,7 +130,16 @@ def main() -> None:
     print(f"\nlimits add {added_p50:+.2f} ms p50 at 1 connection (floor <= 0.3: {p50_verdict})")
     print(f"throughput with limits {ratio:.2f} x without at 16 connections (floor >= 0.90: {rps_verdict})")
     print(f"server CPU added per request: {cpu_added:+.0f} µs")
-    summary: dict[str, Any] = {"added_p50_ms": added_p50, "rps_ratio_16": ratio, "cpu_added_us": cpu_added}
+    r_p50 = med("R", 1, "p50") - med("B", 1, "p50")
+    r_ratio = med("R", 16, "rps") / med("B", 16, "rps")
+    r_cpu = med("R", 16, "cpu_us") - med("B", 16, "cpu_us")
+    print(f"tenant rpm + tpm only (R): {r_p50:+.2f} ms p50 at 1 connection, {r_ratio:.2f} x at 16, {r_cpu:+.0f} µs CPU")
+    summary: dict[str, Any] = {
+        "added_p50_ms": added_p50,
+        "rps_ratio_16": ratio,
+        "cpu_added_us": cpu_added,
+        "rate_only": {"added_p50_ms": r_p50, "rps_ratio_16": r_ratio, "cpu_added_us": r_cpu},
+    }
     print(summary)
 
 
