@@ -248,6 +248,15 @@ class UsageSink(ABC):
     async def close(self) -> None:
         await self.spool.close()
 
+    async def _append_to_spool(self, recs: Iterable[UsageRecord]) -> int:
+        """Append records to the spool together (its writer fsyncs them in one go) and count them;
+        how many it kept. A record it could not keep was counted and logged by the spool."""
+        results = await asyncio.gather(*(self.spool.append(r) for r in recs), return_exceptions=True)
+        kept = sum(ok is True for ok in results)
+        self.counters.spooled += kept
+        self.counters.failed += sum(isinstance(ok, BaseException) for ok in results)
+        return kept
+
     def metrics(self) -> dict[str, int]:
         c = self.spool.counters
         return {
@@ -514,13 +523,7 @@ class RedisUsageSink(UsageSink):
         return results
 
     async def _spool(self, recs: Iterable[UsageRecord]) -> None:
-        recs = list(recs)
-        results = await asyncio.gather(*(self.spool.append(r) for r in recs), return_exceptions=True)
-        for ok in results:
-            if ok is True:
-                self.counters.spooled += 1
-            elif isinstance(ok, BaseException):
-                self.counters.failed += 1
+        await self._append_to_spool(recs)
         self._replay_wanted.set()
 
     def _mark_down(self, err: BaseException) -> None:
@@ -754,9 +757,7 @@ class EmbeddedUsageSink(UsageSink):
         self._direct_backoff = 0.0
 
     async def _spool(self, recs: Sequence[UsageRecord]) -> None:
-        kept = await asyncio.gather(*(self.spool.append(rec) for rec in recs))
-        self.counters.spooled += sum(kept)
-        self._unflushed += sum(kept)
+        self._unflushed += await self._append_to_spool(recs)
         if self._unflushed >= self.batch:
             self._wake.set()
 
