@@ -1,4 +1,6 @@
-"""Limits shared by every replica, in Redis: one script call per request to acquire, one to settle.
+"""Limits shared by every replica, in Redis: one script call per request to acquire, one to settle
+(a request with only rate limits has none of its own: its token estimate settles with its tenant's
+next acquire, see RedisLimiter.ended).
 
 Every key of a request's limits carries its tenant's hash tag (`{t:<tenant>}`, the same as the usage
 records' and aggregates'), so one script can read a tenant's budget aggregates and update its limits
@@ -27,6 +29,8 @@ Amounts are passed to HINCRBY as the decimal text the gateway wrote, never throu
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -37,9 +41,14 @@ from ..store.redis import RedisBackend, tenant_tag
 from ..store.resp import ReplyError
 from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateState, Verdict, remaining
 
-# KEYS, per check in order: rate: TAT key; concurrency: slot set; budget: reservations, their
-# leases, the period's total (or its day's aggregate for a daily budget).
-# ARGV: request id, lease (µs), then per check: kind ('r' / 'c' / 'b') and its arguments:
+log = logging.getLogger("extproc.limits")
+
+# KEYS, first one TAT key per deferred token settlement (see RedisLimiter.ended), then per check in
+# order: rate: TAT key; concurrency: slot set; budget: reservations, their leases, the period's
+# total (or its day's aggregate for a daily budget).
+# ARGV: request id, lease (µs), per deferred settlement 'f', interval, units to add (negative: a
+# refund; applied first, whatever the verdict), then per check: kind ('r' / 'c' / 'b') and its
+# arguments:
 #   r: interval (µs per unit), cost    c: limit    b: field, budget, amount, '1' when the total must
 #   have been started (a week or a month) else '0'
 # Every check is evaluated (so a refusal can still report the rate limits' state). Returns
@@ -63,6 +72,18 @@ local rates = {}
 local failed, wait, fused = 0, 0, 0
 local function refuse(w, u)
   if failed == 0 then failed, wait, fused = i, w, u end
+end
+while a <= #ARGV and ARGV[a] == 'f' do
+  local tat = redis.call('GET', KEYS[k])
+  if tat then
+    local new = tonumber(tat) + tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2])
+    if new <= now then
+      redis.call('DEL', KEYS[k])
+    else
+      redis.call('SET', KEYS[k], string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+    end
+  end
+  k, a = k + 1, a + 3
 end
 while a <= #ARGV do
   i = i + 1
@@ -252,6 +273,8 @@ return 1
 
 # An alert marker outlives its period by this much (clock skew between replicas at the boundary).
 _ALERT_SLACK_DAYS = 2
+# How long a deferred token settlement waits for its tenant's next ACQUIRE (RedisLimiter.ended).
+DEFER_S = 0.02
 
 
 class RedisLimiter(Limiter):
@@ -263,6 +286,14 @@ class RedisLimiter(Limiter):
         # Arguments go to Redis as text; hiredis converts numbers slower than str() once.
         self._lease = str(self.lease_us)
         self._parts: dict[tuple[Any, ...], tuple[list[str], list[Any]]] = {}
+        # Token settlements of requests that ended and held only rate limits, not in Redis yet, per
+        # tenant: (TAT key, interval text) -> units to add. See `ended`.
+        self._deferred: dict[str, dict[tuple[str, str], int]] = {}
+        self._flush_timers: dict[str, asyncio.TimerHandle] = {}
+        self._flushing: set[asyncio.Task[None]] = set()
+        # Deferred settlements Redis could not take (an outage): the TAT keeps the estimate until it
+        # runs out (at most a minute), the conservative side.
+        self.deferred_dropped = 0
 
     def _base(self, tenant: str) -> str:
         return f"{self.prefix}{tenant_tag(tenant)}:"
@@ -329,7 +360,21 @@ class RedisLimiter(Limiter):
                 args += ca
             else:
                 args += [*ca, c.cost, _started(c)]
-        res = await self._run(ACQUIRE, keys, args)
+        deferred = self._deferred.pop(demand.tenant, None)
+        if deferred:
+            # Applied first by the same script (same tenant: same hash slot).
+            fkeys: list[str] = []
+            fargs: list[Any] = []
+            for (key, interval), units in deferred.items():
+                fkeys.append(key)
+                fargs += ["f", interval, units]
+            try:
+                res = await self._run(ACQUIRE, [*fkeys, *keys], [*args[:2], *fargs, *args[2:]])
+            except StoreUnavailable:
+                self._defer_units(demand.tenant, deferred)
+                raise
+        else:
+            res = await self._run(ACQUIRE, keys, args)
         starts = 0
         while int(res[0]) == -1:
             # The first check of a week or a month (here or on any replica): start its total.
@@ -370,10 +415,72 @@ class RedisLimiter(Limiter):
 
     async def ended(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         """Everything `settle` does but dropping the budget reservations: the usage record drops
-        them when its spend is in the aggregates. A settle with the same figures has nothing left."""
+        them when its spend is in the aggregates. A settle with the same figures has nothing left.
+
+        A request that held only rate limits has nothing left to settle but its token estimate, and
+        that costs no script call of its own: the difference is kept here and applied by the same
+        tenant's next ACQUIRE, before that request's checks (so this process's next request sees it
+        exactly), or DEFER_S later by one call for all of the tenant's when no request came. Under
+        load that saves a script call per request (the limit check stays one round trip). Another
+        replica may see the estimate for those ms: a refund arrives late, never early, and a
+        charge above the estimate (rare: the output is bounded by max_tokens) at most DEFER_S late."""
+        if all(c.kind == "rate" for c in demand.checks):
+            self._defer_tokens(demand, tokens)
+            demand.ended = (tokens, pusd)
+            return []
         alerts = await self._settle(demand, tokens, pusd, "end")
         demand.ended = (tokens, pusd)
         return alerts
+
+    def _defer_tokens(self, demand: Demand, tokens: int) -> None:
+        units: dict[tuple[str, str], int] = {}
+        day = datetime.now(UTC).date()
+        for c in demand.checks:
+            if c.what == "tokens" and tokens != c.cost:
+                (key,), (_, interval) = self._acquire_parts(demand.tenant, c, day)
+                units[(key, interval)] = units.get((key, interval), 0) + tokens - c.cost
+        if units:
+            self._defer_units(demand.tenant, units)
+
+    def _defer_units(self, tenant: str, units: dict[tuple[str, str], int]) -> None:
+        pending = self._deferred.setdefault(tenant, {})
+        for part, n in units.items():
+            pending[part] = pending.get(part, 0) + n
+        if tenant not in self._flush_timers:
+            loop = asyncio.get_running_loop()
+            self._flush_timers[tenant] = loop.call_later(DEFER_S, self._flush_later, tenant)
+
+    def _flush_later(self, tenant: str) -> None:
+        self._flush_timers.pop(tenant, None)
+        if tenant in self._deferred:
+            task = asyncio.ensure_future(self._flush_deferred(tenant))
+            self._flushing.add(task)
+            task.add_done_callback(self._flushing.discard)
+
+    async def _flush_deferred(self, tenant: str) -> None:
+        pending = self._deferred.pop(tenant, None)
+        if not pending:
+            return
+        keys: list[str] = []
+        args: list[Any] = ["", "end"]
+        for (key, interval), units in pending.items():
+            keys.append(key)
+            args += ["r", interval, units]
+        try:
+            await self._run(SETTLE, keys, args)
+        except StoreUnavailable as err:
+            self.deferred_dropped += len(keys)
+            log.debug("limits: %d deferred token settlements dropped (%s)", len(keys), err)
+
+    async def close(self) -> None:
+        """What is still deferred goes to Redis now (shutdown)."""
+        for timer in self._flush_timers.values():
+            timer.cancel()
+        self._flush_timers.clear()
+        if self._flushing:
+            await asyncio.wait(self._flushing)
+        for tenant in list(self._deferred):
+            await self._flush_deferred(tenant)
 
     async def settle(self, demand: Demand, tokens: int, pusd: int) -> list[Alert]:
         if demand.ended == (tokens, pusd):

@@ -854,3 +854,74 @@ async def test_finish_settles_when_the_end_call_was_cancelled() -> None:
     ctx.state[stage.name] = _Held(demand, {}, ending)
     await stage.finish(ctx)
     assert settled == [("r1", 7, 9)]  # no usage record: the estimate stays charged
+
+
+def _deferred(limiter: Limiter) -> dict[str, Any]:
+    assert isinstance(limiter, RedisLimiter)
+    return limiter._deferred
+
+
+async def test_rate_only_requests_settle_with_the_next_acquire(rh: Harness) -> None:
+    """A request with only rate limits settles its token estimate without a call of its own: the
+    tenant's next ACQUIRE applies the difference first, so that request already sees it (refunds
+    and charges above the estimate alike), and exactly once."""
+    h = rh
+    rule = h.rule(tpm=1000, rpm=100)
+    d = h.demand((rule,), tokens=1000)
+    assert (await h.limiter.acquire(d)).allowed
+    await h.limiter.ended(d, 100, 0)  # 900 come back, not yet in Redis
+    assert list(_deferred(h.limiter)[h.tenant].values()) == [-900]
+    assert await h.limiter.settle(d, 100, 0) == []  # finish: nothing left to settle
+    nxt = h.demand((rule,), tokens=900)
+    v = await h.limiter.acquire(nxt)
+    assert v.allowed
+    tokens = v.tightest("tokens")
+    assert tokens is not None and tokens.remaining == 0
+    assert _deferred(h.limiter) == {}
+    # Above the estimate: the next request pays for it, once.
+    over = h.demand((h.rule("k2", tpm=10_000),), tokens=100)
+    assert (await h.limiter.acquire(over)).allowed
+    await h.limiter.ended(over, 700, 0)
+    v = await h.limiter.acquire(h.demand((h.rule("k2", tpm=10_000),), tokens=0))
+    state = v.tightest("tokens")
+    assert state is not None and 9299 <= state.remaining <= 9301
+    v = await h.limiter.acquire(h.demand((h.rule("k2", tpm=10_000),), tokens=0))
+    state = v.tightest("tokens")
+    assert state is not None and 9299 <= state.remaining <= 9302  # not charged twice
+
+
+async def test_deferred_settlements_go_out_alone_when_no_request_comes(rh: Harness) -> None:
+    """No further request from the tenant: one call a few ms later settles them all; close()
+    sends what is left at once."""
+    h = rh
+    limiter = h.limiter
+    assert isinstance(limiter, RedisLimiter)
+    rule = h.rule(tpm=1000)
+    for _ in range(2):
+        d = h.demand((rule,), tokens=500)
+        assert (await limiter.acquire(d)).allowed
+        await limiter.ended(d, 50, 0)
+    # The second request's ACQUIRE carried the first's refund; the second's waits.
+    assert list(_deferred(limiter)[h.tenant].values()) == [-450]
+    await asyncio.sleep(0.1)  # DEFER_S (0.02) and the call
+    assert _deferred(limiter) == {}
+    [status] = await limiter.status(h.tenant, plan((rule,), 0, 0))
+    assert 99 <= status.used <= 100  # 2 x 50 used
+    d = h.demand((rule,), tokens=800)
+    assert (await limiter.acquire(d)).allowed
+    await limiter.ended(d, 0, 0)
+    await limiter.close()
+    assert _deferred(limiter) == {}
+    [status] = await limiter.status(h.tenant, plan((rule,), 0, 0))
+    assert 99 <= status.used <= 100
+
+
+async def test_requests_with_budgets_or_concurrency_still_settle_at_the_end(rh: Harness) -> None:
+    h = rh
+    rule = h.rule(tpm=1000, concurrency=1)
+    d = h.demand((rule,), tokens=1000)
+    assert (await h.limiter.acquire(d)).allowed
+    await h.limiter.ended(d, 100, 0)
+    assert _deferred(h.limiter) == {}
+    v = await h.limiter.acquire(h.demand((rule,), tokens=900))
+    assert v.allowed  # the slot is free and the 900 are back
