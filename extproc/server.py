@@ -235,7 +235,7 @@ def export_limits(metrics: GatewayMetrics, limits: LimitsService) -> None:
     metrics.counter_source(
         "gateway_limits_settle_problems",
         "Settlements retried later (store unreachable) or lost (their leases expire instead).",
-        lambda: {("retried",): lc.settle_retries, ("failed",): lc.settle_failures},
+        lambda: {("retried",): lc.settle_retries, ("failed",): lc.settle_failures + limits.primary.deferred_dropped},
         ("result",),
     )
     metrics.counter_source(

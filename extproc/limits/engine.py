@@ -176,6 +176,9 @@ def remaining(tat: float, now: float, interval: float) -> int:
 
 
 class Limiter(abc.ABC):
+    # Settlements kept back to go with a later call that then could not reach the store (a metric).
+    deferred_dropped: int = 0
+
     @abc.abstractmethod
     async def acquire(self, demand: Demand) -> Verdict:
         """Charge every check or none. Raises StoreUnavailable when the store cannot answer."""

@@ -68,7 +68,7 @@ async def run(port: int, requests: int, repeats: int) -> dict[tuple[str, int], l
 
     out: dict[tuple[str, int], list[tuple[float, float]]] = {}
     try:
-        for name, rules in RULES.items():  # warm-up: scripts loaded, period totals started
+        for rules in RULES.values():  # warm-up: scripts loaded, period totals started
             await worker(rules, 50)
         for _ in range(repeats):
             for name, rules in RULES.items():

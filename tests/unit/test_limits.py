@@ -21,6 +21,7 @@ from extproc.limits.engine import WINDOW_US, Check, Demand, Limiter, gcra, plan,
 from extproc.limits.local import FallbackLimiter, LocalLimiter
 from extproc.limits.redis import RedisLimiter
 from extproc.limits.spec import Limits, LimitsError, Rule, parse_limits, rules_of
+from extproc.store.errors import StoreUnavailable
 from extproc.store.redis import RedisBackend
 
 # -- pure arithmetic ----------------------------------------------------------------------------------
@@ -925,3 +926,23 @@ async def test_requests_with_budgets_or_concurrency_still_settle_at_the_end(rh: 
     assert _deferred(h.limiter) == {}
     v = await h.limiter.acquire(h.demand((rule,), tokens=900))
     assert v.allowed  # the slot is free and the 900 are back
+
+
+async def test_deferred_settlements_survive_a_failed_acquire_and_are_counted_when_lost() -> None:
+    """Redis unreachable: an ACQUIRE that carried deferred settlements gives them back (the next
+    call takes them); the timer's own call, failing too, drops them and counts it (the TAT keeps the
+    estimate until it runs out: the conservative side)."""
+    backend = RedisBackend("redis://127.0.0.1:1/0", timeout=0.2)
+    limiter = RedisLimiter(backend)
+    try:
+        rule = Rule("acme", "tenant", "", "", 0, tpm=1000)
+        limiter._defer_units("acme", {("k", "60000.0"): -5})
+        d = Demand("r1", "acme", plan((rule,), 10, 0), 10)
+        with pytest.raises(StoreUnavailable):
+            await limiter.acquire(d)
+        assert limiter._deferred == {"acme": {("k", "60000.0"): -5}}
+        await asyncio.sleep(0.1)  # DEFER_S: the timer's call fails as well
+        assert limiter._deferred == {} and limiter.deferred_dropped == 1
+    finally:
+        await limiter.close()
+        await backend.close()
