@@ -160,9 +160,8 @@ for _, p in ipairs(plan) do
     redis.call('ZADD', p[2], until_, rid)
     redis.call('PEXPIRE', p[2], math.ceil(lease / 500))
   else
-    if not redis.call('HGET', p[2], rid) then
-      redis.call('HSET', p[2], rid, p[4])
-      if p[4] ~= '0' then redis.call('HINCRBY', p[2], '__total', p[4]) end
+    if redis.call('HSETNX', p[2], rid, p[4]) == 1 and p[4] ~= '0' then
+      redis.call('HINCRBY', p[2], '__total', p[4])
     end
     redis.call('ZADD', p[3], until_, rid)
     redis.call('PEXPIRE', p[2], math.ceil(lease / 500))
@@ -218,6 +217,8 @@ while a <= #ARGV do
     local real, field, budget, started = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), ARGV[a + 4]
     local ttl, n = ARGV[a + 5], tonumber(ARGV[a + 6])
     local res, resx = KEYS[k], KEYS[k + 1]
+    -- The sum of the ended requests' real amounts, when this call changed it (HINCRBY answers it).
+    local ended_sum = nil
     if ending then
       local amt = redis.call('HGET', res, rid)
       -- Gone already (its lease ran out): it stays gone.
@@ -226,7 +227,7 @@ while a <= #ARGV do
         if amt ~= '0' then redis.call('HINCRBY', res, '__total', '-' .. amt) end
         if real ~= '0' then
           redis.call('HINCRBY', res, '__total', real)
-          redis.call('HINCRBY', res, '__real', real)
+          ended_sum = redis.call('HINCRBY', res, '__real', real)
         end
       end
     else
@@ -234,7 +235,7 @@ while a <= #ARGV do
     end
     local spent = redis.call('HMGET', KEYS[k + 2], field, '__init')
     if started == '0' or spent[2] then
-      local used = tonumber(spent[1] or '0') + tonumber(redis.call('HGET', res, '__real') or '0')
+      local used = tonumber(spent[1] or '0') + tonumber(ended_sum or redis.call('HGET', res, '__real') or '0')
       for j = 1, n do
         if used >= tonumber(ARGV[a + 6 + j]) * budget then
           if redis.call('SET', KEYS[k + 2 + j], '1', 'NX', 'PX', ttl) then
