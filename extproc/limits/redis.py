@@ -43,6 +43,21 @@ from .engine import WINDOW_US, Alert, Check, CheckStatus, Demand, Limiter, RateS
 
 log = logging.getLogger("extproc.limits")
 
+# Moves a rate limit's TAT by `delta` µs (a refund when negative) if it exists, deleting it once it
+# is back in the past; the key lives until its TAT, plus a second (as ACQUIRE sets it).
+MOVE_TAT_LUA = """
+local function move_tat(key, delta, now)
+  local tat = redis.call('GET', key)
+  if not tat then return end
+  local new = tonumber(tat) + delta
+  if new <= now then
+    redis.call('DEL', key)
+  else
+    redis.call('SET', key, string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+  end
+end
+"""
+
 # KEYS, first one TAT key per deferred token settlement (see RedisLimiter.ended), then per check in
 # order: rate: TAT key; concurrency: slot set; budget: reservations, their leases, the period's
 # total (or its day's aggregate for a daily budget).
@@ -59,6 +74,7 @@ log = logging.getLogger("extproc.limits")
 # concurrency: slots held before this request, 0; budget: used before this request, 0.
 ACQUIRE = (
     DROP_RESERVATION_LUA
+    + MOVE_TAT_LUA
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -74,15 +90,7 @@ local function refuse(w, u)
   if failed == 0 then failed, wait, fused = i, w, u end
 end
 while a <= #ARGV and ARGV[a] == 'f' do
-  local tat = redis.call('GET', KEYS[k])
-  if tat then
-    local new = tonumber(tat) + tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2])
-    if new <= now then
-      redis.call('DEL', KEYS[k])
-    else
-      redis.call('SET', KEYS[k], string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000) + 1000)
-    end
-  end
+  move_tat(KEYS[k], tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2]), now)
   k, a = k + 1, a + 3
 end
 while a <= #ARGV do
@@ -189,6 +197,7 @@ return out
 # started (the period began since this request's check) sends no alert now: the next request does.
 SETTLE = (
     DROP_RESERVATION_LUA
+    + MOVE_TAT_LUA
     + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -200,15 +209,7 @@ while a <= #ARGV do
   i = i + 1
   local kind = ARGV[a]
   if kind == 'r' then
-    local tat = redis.call('GET', KEYS[k])
-    if tat then
-      local new = tonumber(tat) + tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2])
-      if new <= now then
-        redis.call('DEL', KEYS[k])
-      else
-        redis.call('SET', KEYS[k], string.format('%.17g', new), 'PX', math.ceil((new - now) / 1000) + 1000)
-      end
-    end
+    move_tat(KEYS[k], tonumber(ARGV[a + 1]) * tonumber(ARGV[a + 2]), now)
     k, a = k + 1, a + 3
   elseif kind == 'c' then
     redis.call('ZREM', KEYS[k], rid)
