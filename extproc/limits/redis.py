@@ -365,11 +365,7 @@ class RedisLimiter(Limiter):
         deferred = self._deferred.pop(demand.tenant, None)
         if deferred:
             # Applied first by the same script (same tenant: same hash slot).
-            fkeys: list[str] = []
-            fargs: list[Any] = []
-            for (key, interval), units in deferred.items():
-                fkeys.append(key)
-                fargs += ["f", interval, units]
+            fkeys, fargs = _rate_entries(deferred, "f")
             try:
                 res = await self._run(ACQUIRE, [*fkeys, *keys], [*args[:2], *fargs, *args[2:]])
             except StoreUnavailable:
@@ -426,23 +422,9 @@ class RedisLimiter(Limiter):
         load that saves a script call per request (the limit check stays one round trip). Another
         replica may see the estimate for those ms: a refund arrives late, never early, and a
         charge above the estimate (rare: the output is bounded by max_tokens) at most DEFER_S late."""
-        if all(c.kind == "rate" for c in demand.checks):
-            self._defer_tokens(demand, tokens)
-            demand.ended = (tokens, pusd)
-            return []
         alerts = await self._settle(demand, tokens, pusd, "end")
         demand.ended = (tokens, pusd)
         return alerts
-
-    def _defer_tokens(self, demand: Demand, tokens: int) -> None:
-        units: dict[tuple[str, str], int] = {}
-        day = datetime.now(UTC).date()
-        for c in demand.checks:
-            if c.what == "tokens" and tokens != c.cost:
-                (key,), (_, interval) = self._acquire_parts(demand.tenant, c, day)
-                units[(key, interval)] = units.get((key, interval), 0) + tokens - c.cost
-        if units:
-            self._defer_units(demand.tenant, units)
 
     def _defer_units(self, tenant: str, units: dict[tuple[str, str], int]) -> None:
         pending = self._deferred.setdefault(tenant, {})
@@ -463,13 +445,9 @@ class RedisLimiter(Limiter):
         pending = self._deferred.pop(tenant, None)
         if not pending:
             return
-        keys: list[str] = []
-        args: list[Any] = ["", "end"]
-        for (key, interval), units in pending.items():
-            keys.append(key)
-            args += ["r", interval, units]
+        keys, args = _rate_entries(pending, "r")
         try:
-            await self._run(SETTLE, keys, args)
+            await self._run(SETTLE, keys, ["", "end", *args])
         except StoreUnavailable as err:
             self.deferred_dropped += len(keys)
             log.debug("limits: %d deferred token settlements dropped (%s)", len(keys), err)
@@ -497,12 +475,21 @@ class RedisLimiter(Limiter):
         charged = demand.ended[0] if demand.ended is not None else None
         # The checks passed to the script, in its numbering (a request slot needs no settling).
         passed: list[Check] = []
+        # The end of a request that held only rate limits calls nothing: its token differences wait
+        # for the tenant's next ACQUIRE (see `ended`).
+        deferred: dict[tuple[str, str], int] | None = (
+            {} if mode == "end" and all(c.kind == "rate" for c in demand.checks) else None
+        )
         for c in demand.checks:
             if c.what == "tokens":
                 before = c.cost if charged is None else charged
                 if tokens == before:
                     continue
                 ck, ca = self._acquire_parts(demand.tenant, c, day)
+                if deferred is not None:
+                    part = (ck[0], ca[1])
+                    deferred[part] = deferred.get(part, 0) + tokens - before
+                    continue
                 keys += ck
                 args += [*ca, tokens - before]
             elif c.kind == "concurrency":
@@ -515,6 +502,8 @@ class RedisLimiter(Limiter):
             else:
                 continue
             passed.append(c)
+        if deferred:
+            self._defer_units(demand.tenant, deferred)
         if not passed:
             return []
         res = await self._run(SETTLE, keys, args)
@@ -590,6 +579,16 @@ class RedisLimiter(Limiter):
                 end = seconds_to_end(c.rule.period, datetime.now(UTC))
                 out.append(CheckStatus(c, used, max(0, c.limit - used), end))
         return out
+
+
+def _rate_entries(pending: dict[tuple[str, str], int], kind: str) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of token differences for a script: per TAT key `kind`, interval, units."""
+    keys: list[str] = []
+    args: list[Any] = []
+    for (key, interval), units in pending.items():
+        keys.append(key)
+        args += [kind, interval, units]
+    return keys, args
 
 
 def _started(c: Check) -> str:
