@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -31,13 +29,13 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from extproc.devstack import free_port, tcp_open, wait_until  # noqa: E402
 from extproc.limits.engine import Demand, plan  # noqa: E402
 from extproc.limits.redis import RedisLimiter  # noqa: E402
 from extproc.limits.spec import Rule  # noqa: E402
 from extproc.store.redis import RedisBackend  # noqa: E402
+from tests.bench.bench_gateway import start_redis  # noqa: E402
+from tests.bench.bench_limits import cpu_seconds  # noqa: E402
 
-_TICKS = os.sysconf("SC_CLK_TCK")
 RULES = {
     "L": (
         Rule("t", "tenant", "", "", 0, rpm=10**9, tpm=10**12, budget_pusd=10**20, alert_at=(0.8, 1.0)),
@@ -49,15 +47,11 @@ RULES = {
 ESTIMATE, USED = (4116, 10**6), (30, 3 * 10**4)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
-
-
-async def run(port: int, requests: int, repeats: int) -> dict[tuple[str, int], list[tuple[float, float]]]:
-    backend = RedisBackend(f"redis://127.0.0.1:{port}/0", prefix="bench:")
+async def run(
+    url: str, redis_pid: int, requests: int, repeats: int
+) -> dict[tuple[str, int], list[tuple[float, float]]]:
+    backend = RedisBackend(url, prefix="bench:")
     limiter = RedisLimiter(backend)
-    redis_pid = int((await backend.client.info("server"))["process_id"])
 
     async def worker(rules: tuple[Rule, ...], n: int) -> None:
         for _ in range(n):
@@ -90,14 +84,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4000)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    port = free_port()
-    redis = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
+    redis, url = start_redis()
     try:
-        wait_until("redis", lambda: tcp_open(port), [redis], 30)
-        results = uvloop.run(run(port, args.requests, args.repeats))
+        results = uvloop.run(run(url, redis.pid, args.requests, args.repeats))
     finally:
         redis.terminate()
         redis.wait(10)
