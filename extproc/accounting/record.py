@@ -3,7 +3,7 @@ the access log, other tools): change them only with a migration."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,13 +68,20 @@ class UsageRecord:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UsageRecord:
-        values = {k: v for k, v in d.items() if k in _FIELD_SET}
-        ts = values.get("ts")
+        """Fields missing from `d` take their defaults, keys that are not fields are ignored.
+        Positional: keyword arguments whose names come from parsed JSON are not interned, so
+        matching 26 of them to parameters compares strings (~4 µs a record; ~1 µs this way), and
+        the ledger consumer parses every record it moves."""
+        missing = _REQUIRED.difference(d)
+        if missing:
+            raise TypeError(f"missing fields: {', '.join(sorted(missing))}")
+        values: list[Any] = [d.get(name, default) for name, default in _DEFAULTS]
+        ts = values[_TS]
         if isinstance(ts, str):
-            values["ts"] = parse_ts(ts)
+            values[_TS] = parse_ts(ts)
         elif isinstance(ts, datetime) and ts.tzinfo is None:
-            values["ts"] = ts.replace(tzinfo=UTC)
-        return cls(**values)
+            values[_TS] = ts.replace(tzinfo=UTC)
+        return cls(*values)
 
 
 def format_ts(ts: datetime) -> str:
@@ -89,6 +96,9 @@ def parse_ts(text: str) -> datetime:
 
 
 _FIELDS = tuple(f.name for f in fields(UsageRecord))
-# from_dict keeps only these (a set built per call was half its cost: every record the ledger
-# consumer moves is parsed with it).
-_FIELD_SET = frozenset(_FIELDS)
+# from_dict: every field with its default (None for the required ones, which must be present),
+# in the order of the constructor's parameters.
+_DEFAULTS = tuple((f.name, None if f.default is MISSING else f.default) for f in fields(UsageRecord))
+_REQUIRED = frozenset(f.name for f in fields(UsageRecord) if f.default is MISSING and f.default_factory is MISSING)
+_TS = _FIELDS.index("ts")
+assert all(f.default_factory is MISSING for f in fields(UsageRecord)), "from_dict shares no mutable default"

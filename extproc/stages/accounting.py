@@ -25,6 +25,7 @@ import orjson
 from ..accounting.pricing import PriceTable, cost_usd, format_usd
 from ..accounting.record import UsageRecord
 from ..accounting.sink import UsageSink
+from ..accounting.spool import record_json
 from ..accounting.tokenizer import count_tokens, estimate_input_tokens
 from ..pipeline import Need, Outcome, RequestContext, ResponseChunk, Stage
 from ..providers import ADAPTERS, ProviderAdapter, StreamReader, Usage
@@ -180,8 +181,9 @@ class AccountingStage(Stage):
         self.counters.records += 1
         self.counters.estimated += rec.estimated
         ctx.usage = rec
-        await self.sink.record(rec, ctx.usage_release)
-        usage_log.info("%s", orjson.dumps(rec.to_dict()).decode())
+        payload = record_json(rec)
+        await self.sink.record(rec, ctx.usage_release, payload)
+        usage_log.info("%s", payload.decode())
 
     # -- building the record --------------------------------------------------------------------
 

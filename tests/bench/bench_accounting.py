@@ -36,7 +36,8 @@ Run by hand (not part of the test suite); needs wrk (apt-get install wrk); ~6 mi
         [--profile "B'"]
 
 --profile NAME runs one more window of that configuration at --streams under py-spy
-(.venv/bin/pip install py-spy) and prints where the server's CPU goes, per thread.
+(.venv/bin/pip install py-spy) and prints where the server's CPU goes, per thread; with --only json,
+a wrk run of non-streamed requests instead.
 """
 
 from __future__ import annotations
@@ -1236,12 +1237,21 @@ def run_profile(
         )
 
     quiet.wait(meter)
-    run = _run_loop(stream_run(t, up_port, meter, args.streams, args.interval_ms_64, args.window, on_window))
+    if args.only == "json":
+        # Non-streamed requests instead: wrk for the window plus a second, py-spy once it runs.
+        timer = threading.Timer(1.0, on_window, ("start",))
+        timer.start()
+        run = wrk_run(t, meter, args.wrk_connections, seconds + 2, work / "post.lua")
+        timer.join()
+        kept = ("rps", "p50_ms", "cpu_us_per_request", "others_cores")
+    else:
+        run = _run_loop(stream_run(t, up_port, meter, args.streams, args.interval_ms_64, args.window, on_window))
+        kept = ("event_ms", "cpu_us_per_chunk", "chunks_in_window", "others_cores")
     for p in procs:
         p.wait(60)
     prof: dict[str, Any] = summarize_profile(raw) if raw.exists() else {"error": "py-spy wrote nothing"}
     prof["config"] = t.name
-    prof["run"] = {k: run[k] for k in ("event_ms", "cpu_us_per_chunk", "chunks_in_window", "others_cores")}
+    prof["run"] = {k: run[k] for k in kept}
     return prof
 
 
@@ -1468,7 +1478,8 @@ def print_tables(report: dict[str, Any], args: argparse.Namespace) -> None:
     if prof and "threads" in prof:
         print()
         print(
-            f"### Server profile under {prof['config']} at {args.streams} streams "
+            f"### Server profile under {prof['config']} "
+            f"{'non-streamed (wrk)' if args.only == 'json' else f'at {args.streams} streams'} "
             f"(py-spy, {prof['samples']} samples of busy threads; % of that thread's samples)"
         )
         print(

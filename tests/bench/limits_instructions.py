@@ -20,12 +20,13 @@ Each key sends --requests sequential chat requests (non-streamed), followed by a
 records' batch, the ledger consumer); per process, the window's count minus what the same length of
 idle time costs (timers, health checks, measured first over 10 s), divided by the requests.
 
-    .venv/bin/python tests/bench/limits_instructions.py [--requests 300]
+    .venv/bin/python tests/bench/limits_instructions.py [--requests 300] [--clients 1]
 
 Reads: instructions per request of Envoy, the server and Redis for B, L and R, and L / B and R / B
 of their sum. Under callgrind a request takes ~50 ms, longer than the 20 ms a rate-only request's
 token settlement waits for its tenant's next check (RedisLimiter.ended), so here every settlement
-goes out on its own call: limiter_cost.py measures that saving.
+goes out on its own call: limiter_cost.py measures that saving. With --clients 4 requests of the
+same key overlap (as under load: the next check of the tenant comes before the 20 ms are over).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -56,6 +58,7 @@ KEYS = ("B", "L", "R")
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--clients", type=int, default=1, help="requests in flight at once")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind not found: apt-get install valgrind")
@@ -115,13 +118,21 @@ def main() -> None:
             subprocess.run(["callgrind_control", *a, *pids], check=True, capture_output=True)
 
         windows: dict[str, float] = {}
-        with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+        clients = [httpx.Client(base_url=stack.base_url, timeout=120) for _ in range(args.clients)]
+        pool = ThreadPoolExecutor(args.clients)
 
-            def send(key: str, n: int) -> None:
-                for _ in range(n):
-                    r = client.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"})
-                    r.raise_for_status()
+        def send_one(client: httpx.Client, key: str, n: int) -> None:
+            for _ in range(n):
+                r = client.post("/v1/chat/completions", json=BODY, headers={"authorization": f"Bearer {key}"})
+                r.raise_for_status()
 
+        def send(key: str, n: int) -> None:
+            """n requests from --clients clients at once (n split among them)."""
+            shares = [n // len(clients) + (i < n % len(clients)) for i in range(len(clients))]
+            for f in [pool.submit(send_one, c, key, k) for c, k in zip(clients, shares, strict=True)]:
+                f.result()
+
+        try:
             for name in KEYS:  # warm-up: connections, caches, scripts loaded, period totals started
                 send(keys[name], 30)
             time.sleep(TAIL_S)
@@ -135,6 +146,10 @@ def main() -> None:
                 control("-d")
                 windows[name] = time.monotonic() - started
             control("-i", "off")
+        finally:
+            pool.shutdown()
+            for c in clients:
+                c.close()
     finally:
         if stack is not None:
             stack.stop()
@@ -149,7 +164,8 @@ def main() -> None:
         for name, count in zip(KEYS, counts[1:], strict=True):
             per[name][proc] = (count - idle_rate * windows[name]) / args.requests
     base = sum(per["B"].values())
-    print(f"instructions per request over {args.requests} sequential requests (callgrind)\n")
+    how = "sequential" if args.clients == 1 else f"{args.clients} clients at once"
+    print(f"instructions per request over {args.requests} requests, {how} (callgrind)\n")
     print("| | Envoy | server | Redis | all | vs B |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in KEYS:

@@ -24,6 +24,7 @@ from extproc.accounting.spool import (
     TMP_PREFIX,
     Spool,
     encode_line,
+    parse_record,
     record_json,
 )
 
@@ -328,3 +329,61 @@ async def test_two_processes_replaying_one_directory_apply_each_record_once(tmp_
     assert len(a) + len(b) == n
     assert set(a) | set(b) == {rec(i).request_id for i in range(n)}
     assert segments(spool_dir) == []
+
+
+_FULL = UsageRecord(
+    request_id="r-full",
+    ts=datetime(2026, 12, 7, 16, 0, 0, 123000, tzinfo=UTC),
+    tenant="acme",
+    key_id="k1",
+    model="gpt-5.5",
+    status=200,
+    stream=True,
+    ttft_ms=12.5,
+    input_tokens=10,
+    cached_input_tokens=4,
+    output_tokens=3,
+    total_tokens=13,
+    cost_usd="0.000123",
+    pii={"EMAIL": 2},
+    attempts=2,
+)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        # Every field, as the sink writes it: the same record back.
+        (record_json(_FULL), _FULL),
+        # Only the required fields: the rest take their defaults.
+        (
+            b'{"request_id":"r1","ts":"2026-12-07T16:00:00.000Z"}',
+            UsageRecord("r1", datetime(2026, 12, 7, 16, tzinfo=UTC)),
+        ),
+        # Keys that are not fields (a newer writer) are ignored.
+        (
+            b'{"request_id":"r1","ts":"2026-12-07T16:00:00.000Z","future":1,"tenant":"t"}',
+            UsageRecord("r1", datetime(2026, 12, 7, 16, tzinfo=UTC), tenant="t"),
+        ),
+        # A timestamp without a zone is UTC.
+        (b'{"request_id":"r1","ts":"2026-12-07T16:00:00"}', UsageRecord("r1", datetime(2026, 12, 7, 16, tzinfo=UTC))),
+    ],
+)
+def test_parse_record_reads_what_the_sink_writes(payload: bytes, expected: UsageRecord) -> None:
+    assert parse_record(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{",
+        b"[]",
+        b'{"ts":"2026-12-07T16:00:00Z"}',
+        b'{"request_id":"r1"}',
+        b'{"request_id":"","ts":"x"}',
+        b'{"request_id":"r1","ts":"yesterday"}',
+    ],
+)
+def test_parse_record_refuses_what_is_not_a_record(payload: bytes) -> None:
+    with pytest.raises(ValueError):
+        parse_record(payload)
