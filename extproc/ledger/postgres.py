@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from ..accounting.record import TOKEN_FIELDS, UsageRecord
-from ._codec import COLUMNS, prepare, to_record
+from ._codec import COLUMNS, prepare, row_tuple, to_record
 from .base import (
     GROUP_FIELDS,
     Filters,
@@ -227,7 +227,7 @@ class PostgresLedger(Ledger):
         if not rows:
             return 0
         async with self._session() as conn, conn.transaction(), conn.cursor() as cur:
-            await cur.executemany(_INSERT, [tuple(row.values[c] for c in COLUMNS) for row in rows])
+            await cur.executemany(_INSERT, [row_tuple(row.values) for row in rows])
             return max(cur.rowcount, 0)
 
     async def list(

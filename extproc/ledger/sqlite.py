@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..accounting.record import TOKEN_FIELDS, UsageRecord
-from ._codec import COLUMNS, EXACT, decimal_text, prepare, to_record
+from ._codec import COLUMNS, EXACT, decimal_text, prepare, row_tuple, to_record
 from .base import GROUP_FIELDS, Filters, GroupBy, Ledger, LedgerSchemaError, LedgerUnavailable, Migration, ReportRow
 from .base import report_row as _report_row
 
@@ -102,7 +102,9 @@ _DAY = "substr(ts, 1, 10)"
 
 
 def ts_text(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Microseconds and a Z, four-digit years: sorts as text. isoformat, not strftime: ~1 µs less
+    per row the consumer moves (and glibc's %Y writes year 999 as "999")."""
+    return ts.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 class _DecimalSum:
@@ -253,7 +255,7 @@ class SqliteLedger(Ledger):
             return 0
         params = []
         for row in rows:
-            values = dict(row.values)
+            values = row.values  # prepare() made it for this call alone: converted in place
             values["ts"] = ts_text(values["ts"])
             values["cost_usd"] = None if values["cost_usd"] is None else decimal_text(values["cost_usd"])
             values["saved_usd"] = None if values["saved_usd"] is None else decimal_text(values["saved_usd"])
@@ -261,7 +263,7 @@ class SqliteLedger(Ledger):
             values["estimated"] = int(values["estimated"])
             values["cache_hit"] = int(values["cache_hit"])
             values["cache_counted"] = int(values["cache_counted"])
-            params.append(tuple(values[c] for c in COLUMNS))
+            params.append(row_tuple(values))
 
         def op(db: sqlite3.Connection) -> int:
             before = db.total_changes
