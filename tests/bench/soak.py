@@ -939,6 +939,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="experiment: env var for the stack's processes"
     )
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="experiment: env var for the server only (an allocator: PYTHONMALLOC=malloc, LD_PRELOAD=...)",
+    )
     args = p.parse_args(argv)
     unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
@@ -1014,6 +1021,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.env:
         name, _, value = item.partition("=")
         stack.env[name] = value
+    if args.server_env:
+        # The server alone (an allocator preloaded into Envoy would meet its own tcmalloc).
+        stack.wrap["server"] = ["env", *args.server_env]
 
     stopped = threading.Event()
 
@@ -1074,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
         end_sample = sampler.measure()
         config = f"envoy {stack.envoy_config}" + (f"; grpc options {args.grpc_option}" if args.grpc_option else "")
         config += f"; env {args.env}" if args.env else ""
+        config += f"; server env {args.server_env}" if args.server_env else ""
         summary: dict[str, Any] = {
             "started": started,
             "wall_seconds": time.monotonic() - t_start,
