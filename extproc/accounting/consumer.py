@@ -99,6 +99,7 @@ class LedgerConsumer:
         refresh_interval: float = 10.0,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
+        linger: float = 0.1,
     ) -> None:
         self.backend = backend
         self.ledger = ledger
@@ -110,6 +111,13 @@ class LedgerConsumer:
         self.refresh_interval = refresh_interval
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        # After a round that moved less than a full batch, wait this long before reading again, so
+        # that records arriving one by one move in batches: every round costs a read and an
+        # acknowledgement (Redis round trips), a ledger transaction (a sync to disk) and two thread
+        # hops, ~2 ms of CPU per round on a 2-core VM, where a lone record took ~1.7 ms of the
+        # server's CPU at one request at a time. Records reach the ledger up to `linger` later;
+        # they are in the stream (durable) all along.
+        self.linger = linger
         self.prefix = backend.prefix
         self.streams_key = f"{self.prefix}usage:streams"
         self.dead_key = f"{self.prefix}usage:dead"
@@ -156,8 +164,10 @@ class LedgerConsumer:
         delay = self.min_backoff
         while not self._stop.is_set():
             try:
-                await self.step()
+                handled = await self.step()
                 delay = self.min_backoff
+                if 0 < handled < self.count and self.linger:
+                    await self._sleep(self.linger)
             except _Stopping:
                 return
             except Exception as err:

@@ -2,7 +2,10 @@
 in a way latency is not). Drives the real stack with wrk at one connection for a fixed time and
 divides the server process's user+system CPU by the requests served.
 
-    .venv/bin/python tests/bench/bench_server_cpu.py [--duration 10]
+    .venv/bin/python tests/bench/bench_server_cpu.py [--duration 10] [--connections 1] [--redis]
+
+--redis: the Redis backend (a redis-server of its own), where records go through a Redis stream and
+the server's ledger consumer moves them into the SQLite ledger.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.bench.bench_gateway import start_redis  # noqa: E402
 from tests.e2e.conftest import make_stack  # noqa: E402
 
 BODY = '{"model":"gpt-5.5","messages":[{"role":"user","content":"hello there, how are you today?"}]}'
@@ -32,9 +36,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--redis", action="store_true", help="the Redis backend instead of the embedded one")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
-    stack, admin = make_stack(work, None)
+    redis, url = start_redis() if args.redis else (None, None)
+    stack, admin = make_stack(work, url)
     secret, _ = admin.key("bench", "cpu")
     stack.start()
     try:
@@ -60,6 +66,9 @@ def main() -> None:
         print(f"{n} requests, server CPU {used:.2f} s -> {used / n * 1e6:.0f} us CPU per request")
     finally:
         stack.stop()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
 
 
 if __name__ == "__main__":

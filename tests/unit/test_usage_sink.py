@@ -559,6 +559,31 @@ async def test_consumer_finds_tenant_streams_created_after_it_started(
     await sink.close()
 
 
+@pytest.mark.parametrize(("linger", "most_rounds"), [(0.0, 20), (0.5, 4)])
+async def test_records_arriving_one_by_one_move_in_batches(
+    backend: RedisBackend, ledger: FakeLedger, tmp_path: Path, linger: float, most_rounds: int
+) -> None:
+    """After a round that moved less than a full batch the consumer lingers before reading again,
+    so records that arrive one at a time (a request at a time) share a round: its read, its
+    acknowledgement, its ledger transaction. Without the linger each record is a round of its own."""
+    consumer = fast_consumer(backend, ledger, linger=linger)
+    await consumer.start()
+    sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
+    await sink.start()
+    records = [make_record(i) for i in range(20)]
+    for r in records:
+        await sink.record(r)
+        await asyncio.sleep(0.05)
+    await eventually(lambda: _true(len(ledger.ids()) == 20), what="ledger filled")
+    assert ledger.ids() == sorted(r.request_id for r in records)
+    if linger:
+        assert ledger.attempts <= most_rounds, f"{ledger.attempts} ledger transactions for 20 records"
+    else:
+        assert ledger.attempts >= 10, "without a linger the records move (nearly) one by one"
+    await consumer.close()
+    await sink.close()
+
+
 async def test_a_dead_consumers_entries_are_claimed_and_inserted_once(
     backend: RedisBackend, ledger: FakeLedger, tmp_path: Path
 ) -> None:
