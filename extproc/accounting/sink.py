@@ -395,7 +395,7 @@ class RedisUsageSink(UsageSink):
         if named is None:
             key_id = rec.key_id or "_"
             named = (
-                f"{self.prefix}{tenant_tag(rec.tenant)}:usage",
+                self.stream_name(rec.tenant),
                 *(aggregate_key(self.prefix, rec.tenant, day, scope, sid) for scope, sid in scope_ids(rec)),
                 *(
                     aggregate_key(self.prefix, rec.tenant, period, scope, key_id)
