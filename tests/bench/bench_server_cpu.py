@@ -2,7 +2,8 @@
 in a way latency is not). Drives the real stack with wrk at one connection for a fixed time and
 divides the server process's user+system CPU by the requests served.
 
-    .venv/bin/python tests/bench/bench_server_cpu.py [--duration 10] [--connections 1] [--redis]
+    .venv/bin/python tests/bench/bench_server_cpu.py [--duration 10] [--connections 1] [--redis] [--limits]
+        [--profile OUT]
 
 --redis: the Redis backend (a redis-server of its own), where records go through a Redis stream and
 the server's ledger consumer moves them into the SQLite ledger.
@@ -37,11 +38,16 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=1)
     parser.add_argument("--redis", action="store_true", help="the Redis backend instead of the embedded one")
+    parser.add_argument("--limits", action="store_true", help="the tenant has requests and tokens per minute")
+    parser.add_argument("--profile", type=Path, help="py-spy raw profile of the server over the measured run")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cpu-"))
     redis, url = start_redis() if args.redis else (None, None)
     stack, admin = make_stack(work, url)
     secret, _ = admin.key("bench", "cpu")
+    if args.limits:
+        done = admin.cli("limits", "set", "--tenant", "bench", "--rpm", "1000000000", "--tpm", "1000000000000")
+        assert done.returncode == 0, done.stderr
     stack.start()
     try:
         pid = stack.procs["server"].pid
@@ -52,6 +58,13 @@ def main() -> None:
         )
         url = stack.base_url + "/v1/chat/completions"
         subprocess.run(["wrk", "-t1", "-c1", "-d2s", "-s", str(lua), url], capture_output=True, check=True)
+        spy = None
+        if args.profile:
+            py_spy = Path(sys.executable).with_name("py-spy")
+            cmd = [str(py_spy), "record", "-r", "500", "-f", "raw", "-o", str(args.profile), "-p", str(pid)]
+            spy = subprocess.Popen(
+                [*cmd, "-d", str(args.duration)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
         before = cpu_seconds(pid)
         out = subprocess.run(
             ["wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "-s", str(lua), url],
@@ -60,6 +73,8 @@ def main() -> None:
             check=True,
         ).stdout
         used = cpu_seconds(pid) - before
+        if spy is not None:
+            spy.wait(30)
         m = re.search(r"(\d+) requests in", out)
         assert m and "Non-2xx" not in out, out
         n = int(m.group(1))

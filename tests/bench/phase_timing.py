@@ -7,7 +7,9 @@ tenant with requests and tokens per minute) with a timing hook loaded into the s
 sitecustomize.py in a temp dir (nothing shipped is edited), sends --requests sequential chat
 requests, and prints per message kind the median time from the bytes' arrival (data_received) to
 the start of handling (the stream's task getting to it) and the median handling time (the stages
-and the reply), skipping the first 100 of each.
+and the reply), skipping the first 100 of each; then per message kind and stage the median time in
+the stage's hook (the processor's own per-stage timings), awaits included (the limits check's Redis
+round trip shows under limits/request_body).
 
     .venv/bin/python tests/bench/phase_timing.py [--requests 1000] [--no-limits]
 """
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -57,7 +60,9 @@ if b"serve" in open("/proc/self/cmdline", "rb").read():
         try:
             return await _handle(self, req)
         finally:
-            _rows.append((req.WhichOneof("request"), started - arrived, _clock() - started))
+            ctx = getattr(self, "ctx", None)
+            stages = dict(ctx.timings) if ctx is not None else {}
+            _rows.append((req.WhichOneof("request"), started - arrived, _clock() - started, stages))
 
     processor.Processor.handle = handle
     atexit.register(lambda: open(os.environ["PHASE_TIMING_OUT"], "w").write(json.dumps(_rows)))
@@ -99,14 +104,37 @@ def main() -> None:
     print("|---|---:|---:|")
     total = 0.0
     for kind in KINDS:
-        waits = [w * 1e6 for k, w, _ in rows if k == kind][100:]
-        spans = [h * 1e6 for k, _, h in rows if k == kind][100:]
+        waits = [w * 1e6 for k, w, _, _ in rows if k == kind][100:]
+        spans = [h * 1e6 for k, _, h, _ in rows if k == kind][100:]
         if not spans:
             continue
         wait, span = statistics.median(waits), statistics.median(spans)
         total += wait + span
         print(f"| {kind} | {wait:.0f} | {span:.0f} |")
     print(f"\nin the server: ~{total:.0f} µs of the {per_request * 1e6:.0f} µs per request")
+    print("\n| message | stage | µs p50 (the stage's hook for that message, awaits included) |")
+    print("|---|---|---:|")
+    for kind, stage, value in stage_medians(rows):
+        print(f"| {kind} | {stage} | {value:.0f} |")
+
+
+def stage_medians(rows: list[list[Any]]) -> list[tuple[str, str, float]]:
+    """Per message kind and stage, the median time in the stage's hook (ctx.timings accumulates per
+    stage over a request's messages: each message's share is the difference to the one before)."""
+    spent: dict[tuple[str, str], list[float]] = {}
+    before: dict[str, float] = {}
+    for kind, _, _, stages in rows:
+        if kind == "request_headers":
+            before = {}
+        for stage, total in stages.items():
+            spent.setdefault((kind, stage), []).append((total - before.get(stage, 0.0)) * 1e6)
+        before = stages
+    out = []
+    for (kind, stage), values in spent.items():
+        med = statistics.median(values[100:] or values)
+        if med >= 5:
+            out.append((kind, stage, med))
+    return sorted(out, key=lambda r: (KINDS.index(r[0]) if r[0] in KINDS else 9, -r[2]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,193 @@
+"""What the processor and the stages cost per streamed response chunk, in one process, without
+Envoy, the transport or the network: the part of bench_accounting.py's "server CPU per chunk" that
+the gateway's own Python code decides, measured where this machine's noise moves it least.
+
+bench_accounting.py measures the floor itself (server CPU per chunk at 64 streams, from /proc), but
+its figures swing with the machine (the same code gave 50.8 and 86.9 µs for B on one day), and its
+py-spy breakdown rests on a few hundred samples. Here the real pipelines of its configurations
+(B0 without accounting, R with a stage that only asks for the response, B with accounting, B' the
+same with the stream edited because the client did not ask for usage) are driven by the messages
+Envoy would send for one SSE stream of --events events, one event per chunk: request headers and
+body, response headers, the chunks. The embedded backend in a temporary directory (its records go
+to a SQLite ledger, as `extproc dev` does). Per configuration, the best of --repeats rounds of
+--streams streams (the least disturbed), in process CPU time:
+
+    .venv/bin/python tests/bench/chunk_cost.py [--streams 200] [--events 100] [--repeats 7]
+
+Reads: µs per stream and per chunk, and per chunk over B0 (what reading the response and
+accounting add); the transport's share (the gRPC message in and out) is not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from extproc.wire import external_processor_pb2 as ep  # noqa: E402
+from tests.bench.bench_accounting import _CHUNK, MESSAGES, MODEL, read_response_stage  # noqa: E402
+from tests.e2e.conftest import PROVIDER_KEYS, Admin, write_config  # noqa: E402
+
+CONFIGS = ("B0", "R", "B", "B'")
+
+
+def _headers(req: Any, pairs: dict[str, str]) -> None:
+    for k, v in pairs.items():
+        h = req.headers.headers.add()
+        h.key = k
+        h.raw_value = v.encode()
+
+
+def stream_messages(secret: str, events: int, include_usage: bool, n: int) -> list[ep.ProcessingRequest]:
+    """What Envoy sends the server for one streamed chat completion (bytes serialized, as they
+    arrive: each stream parses its own)."""
+    body: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    out = []
+    req = ep.ProcessingRequest()
+    _headers(
+        req.request_headers,
+        {
+            ":method": "POST",
+            ":path": "/v1/chat/completions",
+            ":authority": "bench",
+            "content-type": "application/json",
+            "x-request-id": f"rid-{n}",
+            "authorization": f"Bearer {secret}",
+        },
+    )
+    out.append(req)
+    req = ep.ProcessingRequest()
+    req.request_body.body = orjson.dumps(body)
+    req.request_body.end_of_stream = True
+    out.append(req)
+    req = ep.ProcessingRequest()
+    _headers(req.response_headers, {":status": "200", "content-type": "text/event-stream; charset=utf-8"})
+    out.append(req)
+    for i in range(events):
+        delta = b'{"role":"assistant","content":""}' if i == 0 else b'{"content":"tok"}'
+        data = _CHUNK % (n, delta, b"null", b',"usage":null' if include_usage else b"")
+        req = ep.ProcessingRequest()
+        req.response_body.body = b"data: " + data + b"\n\n"
+        out.append(req)
+    last = _CHUNK % (n, b"{}", b'"stop"', b',"usage":null' if include_usage else b"")
+    tail = b"data: " + last + b"\n\n"
+    if include_usage:
+        usage = b'{"prompt_tokens":8,"completion_tokens":%d,"total_tokens":%d}' % (events, events + 8)
+        tail += b'data: {"id":"chatcmpl-t%d","object":"chat.completion.chunk","created":1767225600,"model":"%s",' % (
+            n,
+            MODEL.encode(),
+        )
+        tail += b'"system_fingerprint":"fp_bench","choices":[],"usage":' + usage + b"}\n\n"
+    req = ep.ProcessingRequest()
+    req.response_body.body = tail + b"data: [DONE]\n\n"
+    req.response_body.end_of_stream = True
+    out.append(req)
+    return [ep.ProcessingRequest.FromString(m.SerializeToString()) for m in out]
+
+
+async def pipelines(config_path: Path) -> tuple[dict[str, Any], Any]:
+    from extproc import server
+    from extproc.auth.credentials import load_provider_auth
+    from extproc.auth.service import KeyService
+    from extproc.config import load_config
+    from extproc.pipeline import Pipeline
+    from extproc.stages import default_stages
+
+    config = load_config(str(config_path))
+    runtime = await server.build_runtime(config, metrics=False)
+    keys = KeyService(runtime.store, config)
+    auth = load_provider_auth(config)
+    plain = Pipeline(default_stages(config, keys, auth))
+    probe_stages = default_stages(config, keys, auth)
+    probe_stages.insert(len(probe_stages) - 1, read_response_stage())
+    return {"B0": plain, "R": Pipeline(probe_stages), "B": runtime.pipeline, "B'": runtime.pipeline}, runtime
+
+
+async def one_round(pipeline: Any, streams: list[list[ep.ProcessingRequest]]) -> tuple[float, int]:
+    from extproc.processor import run_stream
+
+    sent = 0
+
+    async def write(resp: ep.ProcessingResponse) -> None:
+        nonlocal sent
+        resp.SerializeToString()  # as the transport does
+        sent += 1
+
+    t0 = time.process_time()
+    for msgs in streams:
+        it = iter(msgs)
+
+        async def read(it: Any = it) -> ep.ProcessingRequest | None:
+            return next(it, None)
+
+        await run_stream(pipeline, read, write)
+    # Records and ledger rows of this round, written by the sink's tasks and threads, count too.
+    await asyncio.sleep(0.05)
+    return time.process_time() - t0, sent
+
+
+async def main_async(args: argparse.Namespace, config_path: Path, secret: str) -> None:
+    pipes, runtime = await pipelines(config_path)
+    results: dict[str, list[float]] = {c: [] for c in args.only or CONFIGS}
+    replies: dict[str, int] = {}
+    try:
+        n = 0
+        for _ in range(args.repeats):
+            for c in args.only or CONFIGS:
+                batch = []
+                for _ in range(args.streams):
+                    n += 1
+                    batch.append(stream_messages(secret, args.events, c != "B'", n))
+                cpu, sent = await one_round(pipes[c], batch)
+                results[c].append(cpu / args.streams)
+                replies[c] = sent // args.streams
+    finally:
+        await runtime.close()
+    chunks = args.events + 1
+    best = {c: min(v) * 1e6 for c, v in results.items()}
+    print(f"per stream of {chunks} response chunks, best of {args.repeats} rounds of {args.streams} streams")
+    print(f"({time.strftime('%Y-%m-%d %H:%M')}, process CPU time, one process, no transport)\n")
+    print("| config | µs per stream | median | replies | µs per chunk over B0 |")
+    print("|---|---:|---:|---:|---:|")
+    for c, rounds in results.items():
+        med = statistics.median(rounds) * 1e6
+        over = f"{(best[c] - best['B0']) / chunks:.1f}" if "B0" in best else "-"
+        print(f"| {c} | {best[c]:,.0f} | {med:,.0f} | {replies[c]} | {over} |")
+    if set(best) != set(CONFIGS):
+        return
+    print(f"\naccounting's own per chunk (B - R): {(best['B'] - best['R']) / chunks:.1f} µs; ", end="")
+    edit = (best["B'"] - best["B"]) / chunks
+    print(f"editing the stream (B' - B): {edit:.1f} µs")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", type=int, default=200)
+    p.add_argument("--events", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--only", type=lambda v: v.split(","), help="comma-separated configs (for a profiler)")
+    args = p.parse_args()
+    import uvloop
+
+    work = Path(tempfile.mkdtemp(prefix="chunk-cost-"))
+    os.environ.update(PROVIDER_KEYS)
+    config_path = write_config(work, redis=False)
+    secret, _ = Admin(config_path, None).key("bench", "chunk-cost")
+    uvloop.run(main_async(args, config_path, secret))
+
+
+if __name__ == "__main__":
+    main()
