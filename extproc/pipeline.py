@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,6 +89,18 @@ class ResponseChunk:
     replaced: bool = False
 
 
+def new_request_id() -> str:
+    """A random (version 4) UUID in its canonical text form, as str(uuid.uuid4()) gives it, at less
+    than half its cost (uuid.UUID's constructor validates and converts in Python): one per exchange,
+    on the path of every request. From os.urandom, not the random module, whose state worker
+    processes would share after a fork (records are idempotent by this id)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 class RequestContext:
     """Everything known about one HTTP exchange, filled in phase by phase."""
 
@@ -149,7 +161,7 @@ class RequestContext:
         self.header_bytes = 0
         # The gateway's own id for this exchange (x-gateway-request-id, the usage record's key). Never
         # taken from the client: records are idempotent by it, so a chosen id could skip a charge.
-        self.request_id = str(uuid.uuid4())
+        self.request_id = new_request_id()
         self.ts = time.time()
         self.started_at = time.monotonic()
         # Per-request state of each stage, by stage name: nothing per-request lives on a stage.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import orjson
 import pytest
 
@@ -9,7 +11,7 @@ from extproc.auth.credentials import load_provider_auth
 from extproc.auth.keys import hash_key
 from extproc.auth.service import KeyService
 from extproc.config import TranslationConfig, parse_config
-from extproc.pipeline import Need, Pipeline, RequestContext, ResponseChunk, Stage
+from extproc.pipeline import Need, Pipeline, RequestContext, ResponseChunk, Stage, new_request_id
 from extproc.processor import Processor
 from extproc.stages import default_stages
 from extproc.wire import core_pb2
@@ -274,3 +276,11 @@ async def test_stage_crash_is_a_500_without_details() -> None:
     _, r = await run(proc, headers_msg("/v1/chat/completions"), body_msg(b'{"model":"gpt-5.5"}'))
     assert r.immediate_response.status.code == 500
     assert b"secret" not in r.immediate_response.body
+
+
+def test_request_ids_are_canonical_random_uuids() -> None:
+    ids = {new_request_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for rid in ids:
+        u = uuid.UUID(rid)
+        assert str(u) == rid and u.version == 4 and u.variant == uuid.RFC_4122
