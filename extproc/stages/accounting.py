@@ -273,7 +273,7 @@ class AccountingStage(Stage):
             if isinstance(body, dict):
                 rec.input_tokens = estimate_input_tokens(ex.request_schema, body, model)
         reader = ex.reader
-        text = "".join(reader.text) if reader is not None else ex.json_text
+        text = reader.text if reader is not None else ex.json_text
         output = count_tokens(text, model) if text else 0
         if reader is not None and reader.dropped_chars:
             output += reader.dropped_chars // 4

@@ -62,7 +62,7 @@ class ContentCaptureStage(Stage):
         cap: _Capture | None = ctx.state.pop(self.name, None)
         if cap is None:
             return
-        text = "".join(cap.reader.text) if cap.reader is not None else cap.json_text
+        text = cap.reader.text if cap.reader is not None else cap.json_text
         if text:
             if self.scrub is not None:
                 tenant = ctx.identity.tenant if ctx.identity is not None else ""

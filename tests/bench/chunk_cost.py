@@ -14,8 +14,11 @@ to a SQLite ledger, as `extproc dev` does). Per configuration, the best of --rep
 
     .venv/bin/python tests/bench/chunk_cost.py [--streams 200] [--events 100] [--repeats 7]
 
-Reads: µs per stream and per chunk, and per chunk over B0 (what reading the response and
-accounting add); the transport's share (the gRPC message in and out) is not in it.
+Each configuration runs streams of one event and of --events events: the slope between the two is
+the cost of one more chunk, the intercept the cost per request (the request's messages, the usage
+record, the ledger's commit). Reads: µs per stream, per request and per chunk, and per chunk what
+reading the response, accounting and editing the stream add; the transport's share (the gRPC
+message in and out, the event loop) is not in it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -141,36 +143,40 @@ async def one_round(pipeline: Any, streams: list[list[ep.ProcessingRequest]]) ->
 
 async def main_async(args: argparse.Namespace, config_path: Path, secret: str) -> None:
     pipes, runtime = await pipelines(config_path)
-    results: dict[str, list[float]] = {c: [] for c in args.only or CONFIGS}
-    replies: dict[str, int] = {}
+    configs = args.only or CONFIGS
+    # Per configuration and stream length (1 event, --events events): CPU per stream of each round.
+    results: dict[tuple[str, int], list[float]] = {}
     try:
         n = 0
         for _ in range(args.repeats):
-            for c in args.only or CONFIGS:
-                batch = []
-                for _ in range(args.streams):
-                    n += 1
-                    batch.append(stream_messages(secret, args.events, c != "B'", n))
-                cpu, sent = await one_round(pipes[c], batch)
-                results[c].append(cpu / args.streams)
-                replies[c] = sent // args.streams
+            for c in configs:
+                for events in (1, args.events):
+                    batch = []
+                    for _ in range(args.streams):
+                        n += 1
+                        batch.append(stream_messages(secret, events, c != "B'", n))
+                    cpu, _ = await one_round(pipes[c], batch)
+                    results.setdefault((c, events), []).append(cpu / args.streams)
     finally:
         await runtime.close()
-    chunks = args.events + 1
-    best = {c: min(v) * 1e6 for c, v in results.items()}
-    print(f"per stream of {chunks} response chunks, best of {args.repeats} rounds of {args.streams} streams")
+    best = {k: min(v) * 1e6 for k, v in results.items()}
+    print(f"best of {args.repeats} rounds of {args.streams} streams each, streams of 1 and of {args.events} events")
     print(f"({time.strftime('%Y-%m-%d %H:%M')}, process CPU time, one process, no transport)\n")
-    print("| config | µs per stream | median | replies | µs per chunk over B0 |")
-    print("|---|---:|---:|---:|---:|")
-    for c, rounds in results.items():
-        med = statistics.median(rounds) * 1e6
-        over = f"{(best[c] - best['B0']) / chunks:.1f}" if "B0" in best else "-"
-        print(f"| {c} | {best[c]:,.0f} | {med:,.0f} | {replies[c]} | {over} |")
-    if set(best) != set(CONFIGS):
+    print(f"| config | µs per stream of {args.events + 1} chunks | per request (intercept) | per chunk (slope) |")
+    print("|---|---:|---:|---:|")
+    slope: dict[str, float] = {}
+    for c in configs:
+        long, short = best[(c, args.events)], best[(c, 1)]
+        # A stream of k events has k + 1 response chunks (the last carries the end): the slope
+        # between the two lengths is the cost of one more chunk, the rest is per request.
+        slope[c] = (long - short) / (args.events - 1)
+        print(f"| {c} | {long:,.0f} | {short - 2 * slope[c]:,.0f} | {slope[c]:.1f} |")
+    if set(configs) != set(CONFIGS):
         return
-    print(f"\naccounting's own per chunk (B - R): {(best['B'] - best['R']) / chunks:.1f} µs; ", end="")
-    edit = (best["B'"] - best["B"]) / chunks
-    print(f"editing the stream (B' - B): {edit:.1f} µs")
+    print(f"\nper chunk: reading the response (R - B0) {slope['R'] - slope['B0']:.1f} µs, ", end="")
+    print(f"accounting (B - R) {slope['B'] - slope['R']:.1f} µs, editing the stream (B' - B) ", end="")
+    edit = slope["B'"] - slope["B"]
+    print(f"{edit:.1f} µs")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 from extproc.providers import ADAPTERS, StreamReader, Usage
+from extproc.providers.base import MAX_KEPT_TEXT
 from extproc.providers.openai import OpenAIStreamReader
 from extproc.sse import SSEEvent, SSEParser
 
@@ -388,3 +389,23 @@ def test_unchanged_events_keep_their_bytes() -> None:
 )
 def test_error_codes(schema: str, body: object, code: str | None) -> None:
     assert ADAPTERS[schema].error_code_from_json(body) == code
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 1000])
+def test_kept_text_is_joined_as_it_grows(count: int) -> None:
+    """A long stream keeps its text in a few strings, not one per event, and loses none of it."""
+    reader = OpenAIStreamReader()
+    pieces = [f"w{i} " for i in range(count)]
+    for piece in pieces:
+        reader.keep_text(piece)
+    assert reader.text == "".join(pieces)
+    assert reader.text_chars == len(reader.text)
+    assert len(reader._pieces) < 64 and len(reader._joined) == count // 64
+
+
+def test_kept_text_stops_at_its_bound() -> None:
+    reader = OpenAIStreamReader()
+    for _ in range(3):
+        reader.keep_text("x" * (MAX_KEPT_TEXT // 2))
+    assert reader.text_chars == len(reader.text) == MAX_KEPT_TEXT
+    assert reader.dropped_chars == MAX_KEPT_TEXT // 2
