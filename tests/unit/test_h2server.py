@@ -196,18 +196,23 @@ async def test_a_reset_stream_still_finishes(env: Env) -> None:
     assert env.probe.finished == ["/hold"]
 
 
-async def test_unknown_method_compressed_and_oversized_messages(env: Env) -> None:
+async def test_unknown_method_compressed_oversized_and_malformed_messages(env: Env) -> None:
     c = await env.client()
     unknown = c.open(b"/grpc.health.v1.Health/Check", end=True)
     compressed = c.open()
     c.conn.send_data(compressed, b"\x01\x00\x00\x00\x02ab", end_stream=True)
     big = c.open()
     c.conn.send_data(big, b"\x00" + (2 * 1024 * 1024).to_bytes(4, "big") + b"x" * 100)
+    # Not a ProcessingRequest (a truncated field): refused when the stream's task takes it.
+    garbage = c.open()
+    c.conn.send_data(garbage, b"\x00\x00\x00\x00\x02\x0a\x7f", end_stream=True)
     c.flush()
-    await c.pump(lambda c: all(c.ended(s) for s in (unknown, compressed, big)))
+    await c.pump(lambda c: all(c.ended(s) for s in (unknown, compressed, big, garbage)))
     assert c.trailers(unknown)["grpc-status"] == "12"
     assert c.trailers(compressed)["grpc-status"] == "12"
     assert c.trailers(big)["grpc-status"] == "8"
+    assert c.trailers(garbage)["grpc-status"] == "3"
+    assert c.trailers(garbage)["grpc-message"] == "not an ext_proc ProcessingRequest"
     # The connection carries on.
     ok = c.open()
     c.conn.send_data(ok, headers_message("/after"), end_stream=True)
