@@ -287,11 +287,8 @@ def server_main(argv: list[str]) -> None:
     import logging
 
     from extproc import server
-    from extproc.auth.credentials import load_provider_auth
-    from extproc.auth.service import KeyService
     from extproc.config import load_config
     from extproc.pipeline import Pipeline
-    from extproc.stages import default_stages
 
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -321,11 +318,7 @@ def server_main(argv: list[str]) -> None:
 
     async def without_accounting() -> None:
         runtime = await server.build_runtime(config)
-        stages = default_stages(config, KeyService(runtime.store, config), load_provider_auth(config))
-        assert not any(s.name == "accounting" for s in stages), "B0 must not account"
-        if args.mode == "probe":
-            stages.insert(len(stages) - 1, read_response_stage())  # where default_stages puts accounting
-        pipeline = Pipeline(stages)
+        pipeline = Pipeline(baseline_stages(config, runtime.store, probe=args.mode == "probe"))
         try:
             grpc_server, _ = server.create_server(config, pipeline, args.listen)
             await server._run_server(config, grpc_server, args.listen, lambda: None, None)
@@ -333,6 +326,20 @@ def server_main(argv: list[str]) -> None:
             await runtime.close()
 
     _run_loop(without_accounting())
+
+
+def baseline_stages(config: Any, store: Any, probe: bool) -> list[Any]:
+    """B0's stages: default_stages() without accounting (nor limits, PII or metrics); with `probe`,
+    R's: B0 plus ReadResponse where default_stages puts accounting."""
+    from extproc.auth.credentials import load_provider_auth
+    from extproc.auth.service import KeyService
+    from extproc.stages import default_stages
+
+    stages = default_stages(config, KeyService(store, config), load_provider_auth(config))
+    assert not any(s.name == "accounting" for s in stages), "B0 must not account"
+    if probe:
+        stages.insert(len(stages) - 1, read_response_stage())
+    return stages
 
 
 def read_response_stage() -> Any:

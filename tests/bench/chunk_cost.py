@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from extproc.wire import external_processor_pb2 as ep  # noqa: E402
-from tests.bench.bench_accounting import _CHUNK, MESSAGES, MODEL, read_response_stage  # noqa: E402
+from tests.bench.bench_accounting import _CHUNK, MESSAGES, MODEL, baseline_stages  # noqa: E402
 from tests.e2e.conftest import PROVIDER_KEYS, Admin, write_config  # noqa: E402
 
 CONFIGS = ("B0", "R", "B", "B'")
@@ -102,20 +102,14 @@ def stream_messages(secret: str, events: int, include_usage: bool, n: int) -> li
 
 async def pipelines(config_path: Path) -> tuple[dict[str, Any], Any]:
     from extproc import server
-    from extproc.auth.credentials import load_provider_auth
-    from extproc.auth.service import KeyService
     from extproc.config import load_config
     from extproc.pipeline import Pipeline
-    from extproc.stages import default_stages
 
     config = load_config(str(config_path))
     runtime = await server.build_runtime(config, metrics=False)
-    keys = KeyService(runtime.store, config)
-    auth = load_provider_auth(config)
-    plain = Pipeline(default_stages(config, keys, auth))
-    probe_stages = default_stages(config, keys, auth)
-    probe_stages.insert(len(probe_stages) - 1, read_response_stage())
-    return {"B0": plain, "R": Pipeline(probe_stages), "B": runtime.pipeline, "B'": runtime.pipeline}, runtime
+    plain = Pipeline(baseline_stages(config, runtime.store, probe=False))
+    probe = Pipeline(baseline_stages(config, runtime.store, probe=True))
+    return {"B0": plain, "R": probe, "B": runtime.pipeline, "B'": runtime.pipeline}, runtime
 
 
 async def one_round(pipeline: Any, streams: list[list[ep.ProcessingRequest]]) -> tuple[float, int]:
