@@ -183,7 +183,7 @@ class LedgerConsumer:
         """One round: refresh the stream list, claim abandoned entries, read new ones, move them.
         Returns how many entries it handled."""
         now = time.monotonic()
-        if now >= self._next_refresh:
+        if now >= self._next_refresh or await self._stream_count() != len(self._streams):
             await self._refresh()
             self._next_refresh = now + self.refresh_interval
         if not self._streams:
@@ -209,6 +209,12 @@ class LedgerConsumer:
             await self._move(entries)
             handled += len(entries)
         return handled
+
+    async def _stream_count(self) -> int:
+        """SCARD of the stream list, every round: a tenant's first records (a new stream, from any
+        replica) are read within a round, not up to `refresh_interval` later (the full list is read
+        only when the count moved, or every `refresh_interval` anyway)."""
+        return int(await self.backend.call(self._client.scard(self.streams_key)))
 
     async def _refresh(self) -> None:
         members = await self.backend.call(self._client.smembers(self.streams_key))

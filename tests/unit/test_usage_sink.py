@@ -543,17 +543,25 @@ async def test_ledger_down_keeps_entries_pending_then_inserts_once(
     await sink.close()
 
 
+@pytest.mark.parametrize("streams_before", [0, 1])
 async def test_consumer_finds_tenant_streams_created_after_it_started(
-    backend: RedisBackend, ledger: FakeLedger, tmp_path: Path
+    backend: RedisBackend, ledger: FakeLedger, tmp_path: Path, streams_before: int
 ) -> None:
-    consumer = fast_consumer(backend, ledger)
-    await consumer.start()
+    """Within a few reads, not after the full stream-list refresh (an hour here): a tenant's first
+    records once waited up to 10 s for the next refresh, with no stream yet or with others."""
+    consumer = fast_consumer(backend, ledger, refresh_interval=3600.0)
     sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
     await sink.start()
-    records = [make_record(i, tenant=t) for i, t in enumerate(["new-1", "new-2", "new-1"])]
+    records = [make_record(100 + i, tenant=f"old-{i}") for i in range(streams_before)]
     for r in records:
         await sink.record(r)
-    await eventually(lambda: _true(len(ledger.ids()) == 3), what="ledger filled")
+    await consumer.start()
+    await eventually(lambda: _true(len(ledger.ids()) == streams_before), what="first records moved")
+    new = [make_record(i, tenant=t) for i, t in enumerate(["new-1", "new-2", "new-1"])]
+    for r in new:
+        await sink.record(r)
+    records += new
+    await eventually(lambda: _true(len(ledger.ids()) == len(records)), limit=3.0, what="ledger filled")
     assert ledger.ids() == sorted(r.request_id for r in records)
     await consumer.close()
     await sink.close()
