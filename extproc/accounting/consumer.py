@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
 from ..store.errors import StoreUnavailable
-from ..store.redis import RedisBackend
+from ..store.redis import RedisBackend, bounded
 from ..throttle import LogThrottle
 from .record import UsageRecord
 from .sink import LedgerWriter, insert_setting_aside
@@ -53,7 +53,7 @@ async def _call(coro: Awaitable[T], seconds: float) -> T:
     """Like RedisBackend.call, but lets Redis's own answers (ResponseError: BUSYGROUP, NOGROUP)
     through, because they mean something here."""
     try:
-        return await asyncio.wait_for(coro, seconds)
+        return await bounded(coro, seconds)
     except ResponseError:
         raise
     except (RedisError, OSError, TimeoutError) as err:
