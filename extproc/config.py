@@ -302,6 +302,8 @@ class CacheSpec(_Strict):
     embedding_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     # An embedding that takes longer is a miss (the request goes to the provider).
     embedding_timeout_seconds: float | None = Field(default=None, gt=0, le=60)
+    # A search of the cached vectors that takes longer is a miss (the request goes to the provider).
+    search_timeout_seconds: float | None = Field(default=None, gt=0, le=10)
     # Hits count against the caller's limits and token budgets (with the original answer's
     # tokens; USD budgets see their cost, 0). Default: hits count against nothing.
     count_hits: bool | None = None

@@ -55,6 +55,7 @@ class CacheSettings:
     embedding: str = "local"
     embedding_key_env: str | None = None
     embedding_timeout_seconds: float = 2.0
+    search_timeout_seconds: float = semantic.SEARCH_TIMEOUT
     count_hits: bool = False
 
 
@@ -151,7 +152,7 @@ class CacheStage(Stage):
         if directive != "refresh":
             entry = await self.store.get(identity.tenant, model, key)
             if entry is None and bucket is not None and vector is not None:
-                entry = await self._similar(identity.tenant, model, bucket, vector, settings.similarity_threshold)
+                entry = await self._similar(identity.tenant, model, bucket, vector, settings)
             if entry is not None and entry.schema == adapter.schema:
                 self.hits += 1
                 if settings.count_hits:
@@ -206,12 +207,15 @@ class CacheStage(Stage):
         await self.store.close()
 
     async def _similar(
-        self, tenant: str, model: str, bucket: str, vector: semantic.Vector, threshold: float
+        self, tenant: str, model: str, bucket: str, vector: semantic.Vector, settings: CacheSettings
     ) -> Entry | None:
         """The entry of the closest earlier turn in the bucket, if close enough; a search slower
-        than SEARCH_TIMEOUT is a miss."""
+        than `search_timeout_seconds` is a miss."""
+        threshold = settings.similarity_threshold
         try:
-            packed = await asyncio.wait_for(self.store.candidates(tenant, model, bucket), semantic.SEARCH_TIMEOUT)
+            packed = await asyncio.wait_for(
+                self.store.candidates(tenant, model, bucket), settings.search_timeout_seconds
+            )
         except TimeoutError:
             return None
         if len(packed) > 16 and isinstance(vector, list):

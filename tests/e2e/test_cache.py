@@ -79,7 +79,8 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     kind = request.param
     ports = free_ports()
     overrides: dict[str, Any] = {
-        "cache": {"mode": "exact", "ttl_seconds": 600},
+        # A generous vector search: the default 50 ms is a miss on a machine running two test workers.
+        "cache": {"mode": "exact", "ttl_seconds": 600, "search_timeout_seconds": 5},
         # The semantic tenant's embeddings go through this stack's Envoy with the embedder's key.
         "server": {"envoy_url": f"http://127.0.0.1:{ports.listener}"},
         "auth": {"static_keys": [{"id": "embedder", "name": "e", "tenant": "embedder", "sha256": hash_key(EMBED_KEY)}]},

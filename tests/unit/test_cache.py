@@ -124,6 +124,8 @@ def test_settings_model_over_tenant_over_default() -> None:
         ({"ttl_seconds": 0}, "cache.ttl_seconds"),
         ({"max_entry_bytes": 10}, "cache.max_entry_bytes"),
         ({"surprise": 1}, "cache.surprise"),
+        ({"search_timeout_seconds": 0}, "cache.search_timeout_seconds"),
+        ({"search_timeout_seconds": 11}, "cache.search_timeout_seconds"),
     ],
 )
 def test_bad_cache_config_names_the_field(cache: dict[str, Any], error: str) -> None:
@@ -252,6 +254,43 @@ def test_an_embeddings_model_must_be_an_openai_model_with_a_key(cache: dict[str,
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert error in str(info.value)
+
+
+class _SlowSearch(EmbeddedCacheStore):
+    """Vectors found after `delay` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(":memory:")
+        self.delay = delay
+
+    async def candidates(self, tenant: str, model: str, bucket: str) -> dict[str, str]:
+        await asyncio.sleep(self.delay)
+        return await super().candidates(tenant, model, bucket)
+
+
+@pytest.mark.parametrize(
+    ("delay", "limit", "found"),
+    [(0.0, None, True), (0.2, None, False), (0.2, 1.0, True), (0.2, 0.1, False)],
+)
+async def test_a_search_slower_than_search_timeout_seconds_is_a_miss(
+    delay: float, limit: float | None, found: bool
+) -> None:
+    from extproc.cache import semantic
+
+    cache: dict[str, Any] = {"mode": "semantic"}
+    if limit is not None:
+        cache["search_timeout_seconds"] = limit
+    config = parse_config({"providers": {"openai": {"schema": "openai"}}, "cache": cache})
+    store = _SlowSearch(delay)
+    stage = CacheStage(config, store)
+    settings = stage.settings_for("t", "gpt")
+    assert settings.search_timeout_seconds == (limit if limit is not None else 0.05)
+    vector = semantic.embed("how could an api gateway help our weather api")
+    await store.put("t", "gpt", "k", entry("cached").encode(), 60)
+    await store.add_vector("t", "gpt", "b", "k", semantic.pack(vector), 60)
+    hit = await stage._similar("t", "gpt", "b", vector, settings)
+    assert (hit is not None) is found
+    await store.close()
 
 
 def test_dense_vectors_are_scored_with_numpy() -> None:
