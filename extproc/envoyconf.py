@@ -406,27 +406,28 @@ def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
                     f"its {n} server endpoint(s) admit (server.max_concurrent_streams "
                     f"{server.max_concurrent_streams} each)"
                 )
-        h2 = (
-            (extproc.get("typed_extension_protocol_options") or {})
-            .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
-            .get("explicit_http_config", {})
-            .get("http2_protocol_options", {})
-        )
-        per_connection = h2.get("max_concurrent_streams")
-        if extproc and (per_connection is None or int(per_connection) < server.max_concurrent_streams):
-            # Unset, Envoy carried ~1,000 streams per connection: a burst made it open connections
-            # to the server and queue streams while they connected (README, "Soak").
-            problems.append(
-                f"envoy.yaml cluster {EXTPROC_CLUSTER!r} http2_protocol_options.max_concurrent_streams "
-                f"({per_connection if per_connection is not None else 'unset'}) must be at least "
-                f"server.max_concurrent_streams ({server.max_concurrent_streams}): one connection carries "
-                "what one server process takes"
-            )
         if body is not None and body >= server.max_message_bytes:
             problems.append(
                 f"gateway.yaml server.max_message_bytes ({server.max_message_bytes}) must exceed envoy.yaml's "
                 f"buffer filter max_request_bytes ({body})"
             )
+    extproc = clusters(cfg).get(EXTPROC_CLUSTER, {})
+    h2 = (
+        (extproc.get("typed_extension_protocol_options") or {})
+        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
+        .get("explicit_http_config", {})
+        .get("http2_protocol_options", {})
+    )
+    per_connection = h2.get("max_concurrent_streams")
+    if extproc and (per_connection is None or int(per_connection) < server.max_concurrent_streams):
+        # Unset, Envoy carried ~1,000 streams per connection: a burst made it open connections
+        # to the server and queue streams while they connected (README, "Soak").
+        problems.append(
+            f"envoy.yaml cluster {EXTPROC_CLUSTER!r} http2_protocol_options.max_concurrent_streams "
+            f"({per_connection if per_connection is not None else 'unset'}) must be at least "
+            f"server.max_concurrent_streams ({server.max_concurrent_streams}): one connection carries "
+            "what one server process takes"
+        )
     return problems
 
 
