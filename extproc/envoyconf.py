@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -395,30 +395,24 @@ def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
                 f"{HEADER_ROOM_KB} below envoy.yaml max_request_headers_kb ({kb})"
             )
         body = request_body_limit(hcm)
-        extproc = clusters(cfg).get(EXTPROC_CLUSTER, {})
-        endpoints = sum(len(e.get("lb_endpoints", [])) for e in extproc.get("load_assignment", {}).get("endpoints", []))
-        n = max(endpoints, 1)
-        for t in (extproc.get("circuit_breakers") or {}).get("thresholds", []):
-            breaker = int(t.get("max_requests", 1024))
-            if breaker > server.max_concurrent_streams * n:
-                problems.append(
-                    f"envoy.yaml cluster {EXTPROC_CLUSTER!r} circuit breaker max_requests ({breaker}) exceeds what "
-                    f"its {n} server endpoint(s) admit (server.max_concurrent_streams "
-                    f"{server.max_concurrent_streams} each)"
-                )
         if body is not None and body >= server.max_message_bytes:
             problems.append(
                 f"gateway.yaml server.max_message_bytes ({server.max_message_bytes}) must exceed envoy.yaml's "
                 f"buffer filter max_request_bytes ({body})"
             )
+    # The extproc cluster's limits once per config (they were checked, and reported, per listener).
     extproc = clusters(cfg).get(EXTPROC_CLUSTER, {})
-    h2 = (
-        (extproc.get("typed_extension_protocol_options") or {})
-        .get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {})
-        .get("explicit_http_config", {})
-        .get("http2_protocol_options", {})
-    )
-    per_connection = h2.get("max_concurrent_streams")
+    endpoints = sum(len(e.get("lb_endpoints", [])) for e in extproc.get("load_assignment", {}).get("endpoints", []))
+    n = max(endpoints, 1)
+    for t in (extproc.get("circuit_breakers") or {}).get("thresholds", []):
+        breaker = int(t.get("max_requests", 1024))
+        if breaker > server.max_concurrent_streams * n:
+            problems.append(
+                f"envoy.yaml cluster {EXTPROC_CLUSTER!r} circuit breaker max_requests ({breaker}) exceeds what "
+                f"its {n} server endpoint(s) admit (server.max_concurrent_streams "
+                f"{server.max_concurrent_streams} each)"
+            )
+    per_connection = http2_options(extproc).get("max_concurrent_streams")
     if extproc and (per_connection is None or int(per_connection) < server.max_concurrent_streams):
         # Unset, Envoy carried ~1,000 streams per connection: a burst made it open connections
         # to the server and queue streams while they connected (README, "Soak").
@@ -429,6 +423,14 @@ def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
             "what one server process takes"
         )
     return problems
+
+
+def http2_options(cluster: dict[str, Any]) -> dict[str, Any]:
+    """A cluster's explicit `http2_protocol_options` ({} when it sets none)."""
+    opts = (cluster.get("typed_extension_protocol_options") or {}).get(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {}
+    )
+    return cast(dict[str, Any], opts.get("explicit_http_config", {}).get("http2_protocol_options", {}))
 
 
 def request_body_limit(hcm: dict[str, Any]) -> int | None:

@@ -384,8 +384,6 @@ def test_check_requires_room_for_the_gateways_headers() -> None:
     assert not [p for p in envoyconf.check(ok, cfg) if "http2_protocol_options" in p]
     many = parse_config({**BASE, "server": {"max_concurrent_streams": 6000}})
     assert sum("max_concurrent_streams (5000) must be at least" in p for p in envoyconf.check(many, cfg)) == 1
-    h2 = envoyconf.clusters(cfg)["extproc"]["typed_extension_protocol_options"]
-    del h2["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]["http2_protocol_options"][
-        "max_concurrent_streams"
-    ]
+    assert sum("circuit breaker max_requests (5000)" in p for p in envoyconf.check(few, cfg)) == 1
+    del envoyconf.http2_options(envoyconf.clusters(cfg)["extproc"])["max_concurrent_streams"]
     assert sum("max_concurrent_streams (unset)" in p for p in envoyconf.check(ok, cfg)) == 1
