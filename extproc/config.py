@@ -231,6 +231,10 @@ class LedgerConfig(_Strict):
     database_url_env: str | None = None
     # SQLite ledger file when no database_url_env is set; default: ledger.db next to store.path.
     path: str | None = None
+    # Redis backend: whether each server process moves usage records from Redis into the ledger.
+    # false: `extproc db consume` does it, as a process of its own (the servers then open no
+    # database connection). The embedded backend writes records straight into its ledger.
+    consumer: bool = True
 
 
 class UsageConfig(_Strict):
@@ -570,6 +574,11 @@ class GatewayConfig(_Strict):
             raise ValueError(
                 f"server.workers: {self.server.workers} workers need store.backend redis (the embedded store's "
                 "limits, caches and key changes belong to one process)"
+            )
+        if not self.ledger.consumer and self.store.backend == "embedded":
+            raise ValueError(
+                "ledger.consumer: false needs store.backend redis (the embedded backend writes each record "
+                "straight into its ledger: there is no consumer to run elsewhere)"
             )
         ids: set[str] = set()
         hashes: set[str] = set()

@@ -107,7 +107,8 @@ class Runtime:
     backend: Backend
     store: KeyStore
     sink: UsageSink
-    ledger: Ledger
+    # None on the Redis backend with ledger.consumer false.
+    ledger: Ledger | None
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     limits: LimitsService | None = None
     metrics: GatewayMetrics = field(default_factory=GatewayMetrics)
@@ -142,16 +143,21 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     # be in production from the start, and no estimate waits for it.
     await asyncio.to_thread(tokenizer.warm_up)
     backend = open_backend(config)
-    ledger = open_ledger(config)
-    closers: list[Callable[[], Awaitable[None]]] = [backend.close, ledger.close]
-    try:
-        await ledger.check_schema()
-    except LedgerSchemaError as err:
-        await ledger.close()
-        raise ConfigError(str(err)) from None
-    except LedgerUnavailable as err:
-        # Records wait in Redis (or the spool) until the database is back.
-        log.warning("usage ledger unreachable at startup (%s); records will wait", err)
+    on_redis = isinstance(backend, RedisBackend)
+    # On Redis with `ledger.consumer: false` this process never touches the ledger (`extproc db
+    # consume` moves the records): no database connection, nor its URL, per server.
+    ledger = open_ledger(config) if not on_redis or config.ledger.consumer else None
+    closers: list[Callable[[], Awaitable[None]]] = [backend.close]
+    if ledger is not None:
+        closers.append(ledger.close)
+        try:
+            await ledger.check_schema()
+        except LedgerSchemaError as err:
+            await ledger.close()
+            raise ConfigError(str(err)) from None
+        except LedgerUnavailable as err:
+            # Records wait in Redis (or the spool) until the database is back.
+            log.warning("usage ledger unreachable at startup (%s); records will wait", err)
     store = open_store(backend)
     await store.start()
     closers.append(store.close)
@@ -159,10 +165,12 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     sink: UsageSink
     if isinstance(backend, RedisBackend):
         sink = RedisUsageSink(backend, spool)
-        consumer = LedgerConsumer(backend, ledger)
-        await consumer.start()
-        closers.append(consumer.close)
+        if ledger is not None:
+            consumer = LedgerConsumer(backend, ledger)
+            await consumer.start()
+            closers.append(consumer.close)
     else:
+        assert ledger is not None
         sink = EmbeddedUsageSink(backend, ledger, spool)
     await sink.start()
     # Closed before the consumer and the ledger: its last records still reach them.
@@ -257,7 +265,7 @@ def export_counters(
     accounting: AccountingStage,
     pii: PiiStage | None,
     backend: Backend,
-    ledger: Ledger,
+    ledger: Ledger | None,
     admission: AdmissionStage,
 ) -> None:
     """Figures other parts already keep, read when scraped (nothing added per request)."""
@@ -280,7 +288,9 @@ def export_counters(
     metrics.counter_source(
         "gateway_redis_errors", "Redis calls that failed.", lambda: float(getattr(backend, "errors", 0))
     )
-    metrics.counter_source("gateway_db_errors", "Usage ledger calls that failed.", lambda: ledger.errors)
+    metrics.counter_source(
+        "gateway_db_errors", "Usage ledger calls that failed.", lambda: ledger.errors if ledger is not None else 0
+    )
     metrics.gauge("gateway_requests_in_flight", "Exchanges this process is handling.", lambda: adm.streams)
     metrics.gauge("gateway_request_body_bytes_in_flight", "Request body bytes held.", lambda: adm.body_bytes)
     metrics.counter_source(
@@ -311,7 +321,7 @@ def export_counters(
 
 
 async def start_limits(
-    config: GatewayConfig, backend: Backend, sink: UsageSink, ledger: Ledger
+    config: GatewayConfig, backend: Backend, sink: UsageSink, ledger: Ledger | None
 ) -> tuple[LimitsService, list[Callable[[], Awaitable[None]]]]:
     """The process's limiter, started: shared in Redis (with the per-process fallback for outages),
     or in memory on the embedded backend (its counters snapshotted for `extproc limits show`).
@@ -329,7 +339,7 @@ async def start_limits(
         )
         await service.start()
         return service, [service.close]
-    assert isinstance(sink, EmbeddedUsageSink)
+    assert isinstance(sink, EmbeddedUsageSink) and ledger is not None
     state = EmbeddedLimitsState(limits_state_path(config))
 
     async def once(key: str) -> bool:

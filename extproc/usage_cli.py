@@ -121,6 +121,12 @@ def cmd_db_migrate(args: argparse.Namespace) -> int:
     return _run(args, _migrate, check_schema=False)
 
 
+def _db_consume(args: argparse.Namespace) -> int:
+    from .consume_cli import cmd_db_consume  # redis and the consumer only for this command
+
+    return cmd_db_consume(args)
+
+
 # --- usage list ---
 
 
@@ -309,6 +315,12 @@ def add_parsers(sub: Any) -> None:
     p = db.add_parser("migrate", help="create or upgrade the ledger schema (safe to repeat)")
     _common(p)
     p.set_defaults(func=cmd_db_migrate)
+    p = db.add_parser(
+        "consume",
+        help="move usage records from Redis into the ledger until stopped (for servers with ledger.consumer: false)",
+    )
+    _common(p)
+    p.set_defaults(func=_db_consume)
 
     usage = sub.add_parser("usage", help="usage records and costs from the ledger").add_subparsers(
         dest="usage_command", required=True

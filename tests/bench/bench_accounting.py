@@ -852,13 +852,20 @@ def wrk_run(t: Target, meter: Meter, connections: int, duration: int, lua: Path)
 
 
 class Bench:
-    def __init__(self, work: Path, backend: str = "embedded", transport: str = "native") -> None:
+    def __init__(
+        self, work: Path, backend: str = "embedded", transport: str = "native", consumer: str = "in-server"
+    ) -> None:
         self.work = work
         # How the servers speak to Envoy (server.transport): native (the default) or grpcio.
         self.transport = transport
         # embedded: SQLite ledger fed through the spool; redis: the production path (Redis stream +
         # aggregates by script, the consumer moving records into the SQLite ledger).
         self.backend = backend
+        # redis: "in-server" (each server process runs the ledger consumer, the default) or "apart"
+        # (ledger.consumer false; `extproc db consume` beside the accounting gateway, its CPU reported
+        # on its own).
+        self.consumer = consumer
+        self.consumer_pid: int | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.stacks: list[Any] = []
         self.logs: list[Any] = []
@@ -900,7 +907,10 @@ class Bench:
                 self.work / name,
                 redis_url,
                 prefix=f"{name}:",
-                overrides={"server": {"transport": self.transport}},
+                overrides={
+                    "server": {"transport": self.transport},
+                    **({"ledger": {"consumer": False}} if self.consumer == "apart" else {}),
+                },
                 ports=ports,
                 with_mock=False,
                 with_server=False,
@@ -928,6 +938,14 @@ class Bench:
             self.stacks.append(stack)
             stack.start()
             gateways[mode] = (secret, ports.listener, srv.pid, stack.procs["envoy"].pid)
+            if self.consumer == "apart" and mode == "accounting":
+                assert redis_url is not None
+                consumer = self.spawn(
+                    "consumer",
+                    [sys.executable, "-m", "extproc", "db", "consume", "--config", str(admin.config_path)],
+                    env={"REDIS_URL": redis_url},
+                )
+                self.consumer_pid = consumer.pid
 
         alone_ports = envoyconf.LocalPorts(listener=free_port(), admin=free_port(), extproc=free_port(), mock=up_port)
         alone_cfg = envoy_alone(envoyconf.derive_local(envoyconf.load(ROOT / "envoy" / "envoy.yaml"), alone_ports))
@@ -1000,6 +1018,8 @@ class Bench:
             named["server"] = t.server_pid
         if t.envoy_pid:
             named["envoy"] = t.envoy_pid
+        if self.consumer_pid and t.name in ("B", "B'"):
+            named["consumer"] = self.consumer_pid
         every = [p.pid for p in self.procs] + [p.pid for st in self.stacks for p in st.procs.values()]
         names = self.thread_names.get(t.server_pid) if t.server_pid else None
         return Meter(named, [*every, os.getpid()], t.server_pid, names)
@@ -1099,11 +1119,19 @@ def main() -> None:
     )
     parser.add_argument("--profile", metavar="CONFIG", help="profile the server under CONFIG at --streams (py-spy)")
     parser.add_argument("--only", choices=("streams", "json"), help="run only the stream or the non-streamed part")
+    parser.add_argument(
+        "--consumer",
+        choices=("in-server", "apart"),
+        default="in-server",
+        help="redis backend: the ledger consumer in each server (default) or `extproc db consume` apart",
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.window, args.wrk_duration, args.quiet_budget = 1, 2.0, 2, 20
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
+    if args.consumer == "apart" and args.backend != "redis":
+        raise SystemExit("--consumer apart needs --backend redis (the embedded backend has no consumer)")
     if args.profile and args.profile not in ("B0", "R", "B", "B'"):
         raise SystemExit("--profile takes a gateway configuration: B0, R, B or B'")
     if (
@@ -1114,7 +1142,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-accounting-"))
     out_path = args.out or work / "report.json"
-    bench = Bench(work, args.backend, args.transport)
+    bench = Bench(work, args.backend, args.transport, args.consumer)
     started = time.monotonic()
     report: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -1126,6 +1154,7 @@ def main() -> None:
             "window_s": args.window,
             "repeats": args.repeats,
             "backend": args.backend,
+            "consumer": args.consumer,
             "transport": args.transport,
             "wrk": {"connections": args.wrk_connections, "duration_s": args.wrk_duration},
         },
@@ -1304,6 +1333,7 @@ def summarize(report: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 for g in THREAD_GROUPS
             },
             "envoy_cpu_us_per_request": med([r["cpu_us_per_request"].get("envoy") for r in rs]),
+            "consumer_cpu_us_per_request": med([r["cpu_us_per_request"].get("consumer") for r in rs]),
             "others_cores": med([r["others_cores"] for r in rs]),
         }
 
@@ -1457,6 +1487,12 @@ def print_tables(report: dict[str, Any], args: argparse.Namespace) -> None:
             f"\nAccounting adds {s['json_added_server_cpu_us']:.0f} µs server CPU per non-streamed request "
             "(B - B0, paired by repeat)."
         )
+        apart = s["json"].get("B", {}).get("consumer_cpu_us_per_request")
+        if apart is not None and not math.isnan(apart):
+            print(
+                f"The ledger consumer runs apart (`--consumer apart`: `extproc db consume`): {apart:.0f} µs of its "
+                "CPU per request of B, not in the server's figures."
+            )
     print()
     print("### Where the server CPU added by accounting goes (paired medians)")
     print()

@@ -47,6 +47,8 @@ def test_shipped_config_loads() -> None:
         ),
         (base(server={"listen": "x", "max_message_bytes": 10}), "server.max_message_bytes"),
         ([1, 2], "expected a mapping"),
+        (base(ledger={"consumer": False}), "ledger.consumer: false needs store.backend redis"),
+        (base(ledger={"consumer": "sometimes"}), "ledger.consumer"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(data: Any, message: str) -> None:
@@ -77,3 +79,9 @@ def test_the_readme_config_example_is_valid() -> None:
     config = parse_config(yaml.safe_load(text))
     assert config.tenants["platform"].limits is not None
     assert config.limits.failure_mode == "open"
+
+
+def test_ledger_consumer_defaults_on_and_can_be_moved_out_on_redis() -> None:
+    assert parse_config(base()).ledger.consumer is True
+    cfg = parse_config(base(store={"backend": "redis"}, ledger={"consumer": False}))
+    assert cfg.ledger.consumer is False

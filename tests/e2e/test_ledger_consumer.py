@@ -1,0 +1,95 @@
+"""`ledger.consumer: false`: the servers leave the ledger to `extproc db consume`, a process of its
+own. Through real Envoy, the real server and a real Redis: the server never opens the ledger, its
+records wait in Redis, and the separate consumer moves every one of them, once, then stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from redis import Redis
+
+from extproc.store.redis import tenant_tag
+
+from .conftest import ledger_records, make_stack
+
+CHAT = "/v1/chat/completions"
+BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello"}]}
+TENANT = "apart"
+
+
+def stream_ids(redis_url: str, prefix: str) -> list[str]:
+    """Request ids of the records waiting in the tenant's usage stream."""
+    with Redis.from_url(redis_url, decode_responses=True) as r:
+        entries = r.xrange(f"{prefix}{tenant_tag(TENANT)}:usage")
+    return [json.loads(fields["data"])["request_id"] for _, fields in entries]
+
+
+def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis_url: str) -> None:
+    stack, admin = make_stack(tmp_path, redis_url, overrides={"ledger": {"consumer": False}})
+    secret, _ = admin.key(TENANT, "k")
+    prefix = admin.config.store.redis_prefix
+    ledger_path = admin.config.ledger_path
+    stack.start()
+    consumer: subprocess.Popen[str] | None = None
+    try:
+        sent: list[str] = []
+        with httpx.Client(base_url=stack.base_url, headers={"authorization": f"Bearer {secret}"}, timeout=30) as c:
+            for i in range(6):
+                r = c.post(CHAT, json={**BODY, "stream": i % 2 == 1})
+                assert r.status_code == 200, r.text
+                sent.append(r.headers["x-gateway-request-id"])
+        # A server that ran a consumer would have moved them within ~0.1 s.
+        time.sleep(1.5)
+        assert sorted(stream_ids(redis_url, prefix)) == sorted(sent)
+        assert not ledger_path.exists(), "the server opened the ledger itself"
+
+        consumer = subprocess.Popen(
+            [sys.executable, "-m", "extproc", "db", "consume", "--config", str(admin.config_path)],
+            env={**os.environ, "REDIS_URL": redis_url},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        got: list[str] = []
+        while time.monotonic() < deadline:
+            if ledger_path.exists():
+                got = [rec.request_id for rec in ledger_records(admin.config)]
+                if set(sent) <= set(got):
+                    break
+            assert consumer.poll() is None, consumer.communicate()
+            time.sleep(0.2)
+        assert sorted(got) == sorted(sent), "every record in the ledger, once"
+        records = {rec.request_id: rec for rec in ledger_records(admin.config)}
+        assert [records[rid].stream for rid in sent] == [False, True] * 3
+        assert all(records[rid].tenant == TENANT and records[rid].output_tokens > 0 for rid in sent)
+        # Acknowledged and deleted from the stream once committed.
+        deadline = time.monotonic() + 10
+        while stream_ids(redis_url, prefix) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stream_ids(redis_url, prefix) == []
+
+        consumer.send_signal(signal.SIGTERM)
+        _, err = consumer.communicate(timeout=20)
+        assert consumer.returncode == 0, err
+        assert "6 records inserted" in err
+        consumer = None
+    finally:
+        if consumer is not None:
+            consumer.kill()
+            consumer.wait(10)
+        stack.stop()
+
+
+def test_db_consume_refuses_the_embedded_backend(tmp_path: Path) -> None:
+    _, admin = make_stack(tmp_path, None)
+    done = admin.cli("db", "consume")
+    assert done.returncode == 2
+    assert "store.backend is embedded" in done.stderr
