@@ -5,6 +5,8 @@ in the servers' gateway.yaml they leave it to this command, run apart (a Deploym
 or more replicas: they share Redis' consumer group, so the work spreads and survives any of them).
 The sidecars then hold no database connection and spend no CPU moving records, and the database
 sees a few writers instead of one per pod. Records wait in Redis, durable, while no consumer runs.
+With `--metrics-listen` it serves /metrics (the `gateway_ledger_*` figures, among them the backlog
+to alert on), /healthz, /readyz and /status, like a server's ops port.
 """
 
 from __future__ import annotations
@@ -14,12 +16,19 @@ import asyncio
 import logging
 import signal
 import sys
+import time
+from typing import Any
 
+from . import __version__
 from .accounting.consumer import LedgerConsumer
 from .cli_config import load_or_exit
-from .config import ConfigError
+from .config import ConfigError, GatewayConfig
 from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
 from .logsetup import configure_logging
+from .observability.health import Health
+from .observability.http import OpsServer, make_registry
+from .observability.metrics import GatewayMetrics
+from .server import export_consumer
 from .store import RedisBackend, open_backend
 
 log = logging.getLogger("extproc.accounting.consumer")
@@ -43,12 +52,20 @@ def cmd_db_consume(args: argparse.Namespace) -> int:
         print(err, file=sys.stderr)
         return 2
     assert isinstance(backend, RedisBackend)
-    return asyncio.run(consume(backend, ledger))
+    return asyncio.run(consume(config, backend, ledger, args.metrics_listen))
 
 
-async def consume(backend: RedisBackend, ledger: Ledger, stop: asyncio.Event | None = None) -> int:
+async def consume(
+    config: GatewayConfig,
+    backend: RedisBackend,
+    ledger: Ledger,
+    metrics_listen: str | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
     """Until SIGTERM or SIGINT (or `stop`); records not acknowledged by then stay pending in Redis
     for another consumer, as when a server stops."""
+    ops: OpsServer | None = None
+    health: Health | None = None
     try:
         try:
             await ledger.check_schema()
@@ -62,6 +79,17 @@ async def consume(backend: RedisBackend, ledger: Ledger, stop: asyncio.Event | N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         consumer = LedgerConsumer(backend, ledger)
+        if metrics_listen:
+            health = Health(config, backend.ping)
+            await health.start()
+            metrics = GatewayMetrics()
+            export_consumer(metrics, consumer)
+            ops = OpsServer(metrics_listen, make_registry(metrics), health, _status(consumer, health, time.time()))
+            try:
+                await ops.start()
+            except (OSError, ValueError) as err:
+                print(f"error: --metrics-listen {metrics_listen}: cannot listen ({err})", file=sys.stderr)
+                return 2
         await consumer.start()
         log.info("moving usage records from Redis (prefix %s) into the ledger %s", backend.prefix, ledger.target)
         try:
@@ -78,5 +106,30 @@ async def consume(backend: RedisBackend, ledger: Ledger, stop: asyncio.Event | N
         )
         return 0
     finally:
+        if ops is not None:
+            await ops.close()
+        if health is not None:
+            await health.close()
         await backend.close()
         await ledger.close()
+
+
+def _status(consumer: LedgerConsumer, health: Health, started: float) -> Any:
+    def status() -> dict[str, Any]:
+        c = consumer.counters
+        return {
+            "version": __version__,
+            "role": "ledger consumer",
+            "uptime_seconds": round(time.time() - started, 1),
+            "store": "redis",
+            "store_reachable": health.store_ok,
+            "ready": health.ready,
+            "reasons": health.reasons(),
+            "records_inserted": c.inserted,
+            "records_duplicate": c.duplicates,
+            "records_dead_lettered": c.dead_lettered,
+            "insert_failures": c.insert_failures,
+            "backlog": c.backlog,
+        }
+
+    return status

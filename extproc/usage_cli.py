@@ -320,6 +320,11 @@ def add_parsers(sub: Any) -> None:
         help="move usage records from Redis into the ledger until stopped (for servers with ledger.consumer: false)",
     )
     _common(p)
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz, /readyz, /status (default: off)",
+    )
     p.set_defaults(func=_db_consume)
 
     usage = sub.add_parser("usage", help="usage records and costs from the ledger").add_subparsers(

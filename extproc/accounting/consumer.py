@@ -72,6 +72,8 @@ class ConsumerCounters:
     acked: int = 0
     dead_lettered: int = 0
     insert_failures: int = 0
+    # Records in the usage streams (all tenants, this prefix) when last measured; -1: not yet.
+    backlog: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ class LedgerConsumer:
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
         refresh_interval: float = 10.0,
+        backlog_interval: float = 5.0,
         min_backoff: float = 0.1,
         max_backoff: float = 30.0,
         linger: float = 0.1,
@@ -109,6 +112,8 @@ class LedgerConsumer:
         self.block_ms = block_ms
         self.claim_idle_ms = claim_idle_ms
         self.refresh_interval = refresh_interval
+        # How often the backlog (records in the usage streams, not in the ledger yet) is measured.
+        self.backlog_interval = backlog_interval
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         # After a round that moved less than a full batch, wait this long before reading again, so
@@ -128,6 +133,7 @@ class LedgerConsumer:
         self._groups: set[str] = set()
         self._next_refresh = 0.0
         self._next_claim = 0.0
+        self._next_backlog = 0.0
         # Read this consumer's own pending entries before new ones (see the module docstring).
         self._own_pending = True
         self._stop = asyncio.Event()
@@ -186,6 +192,9 @@ class LedgerConsumer:
         if now >= self._next_refresh or await self._stream_count() != len(self._streams):
             await self._refresh()
             self._next_refresh = now + self.refresh_interval
+        if now >= self._next_backlog:
+            await self._measure_backlog()
+            self._next_backlog = now + self.backlog_interval
         if not self._streams:
             await self._sleep(min(self.refresh_interval, self.block_ms / 1000))
             return 0
@@ -209,6 +218,20 @@ class LedgerConsumer:
             await self._move(entries)
             handled += len(entries)
         return handled
+
+    async def _measure_backlog(self) -> None:
+        """XLEN of every usage stream, in one round trip: entries leave a stream only once the
+        ledger committed them (XACK + XDEL), so the sum is what the ledger does not have yet,
+        whichever consumer holds them. The alert that the money path is stuck: a consumer down,
+        the database down, or `ledger.consumer: false` with no `extproc db consume` running."""
+        if not self._streams:
+            self.counters.backlog = 0
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for stream in self._streams:
+            pipe.xlen(stream)
+        lengths = await self.backend.call(pipe.execute())
+        self.counters.backlog = sum(int(n) for n in lengths)
 
     async def _stream_count(self) -> int:
         """SCARD of the stream list, every round: a tenant's first records (a new stream, from any

@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 # The usage spool is one directory for every process of a host (each worker reports its size);
-# the build is the same in every worker.
-SHARED_GAUGES = frozenset({"gateway_usage_spool_bytes", "gateway_build_info"})
+# the build is the same in every worker; the ledger backlog is Redis' (each worker's consumer
+# measures the same streams).
+SHARED_GAUGES = frozenset({"gateway_usage_spool_bytes", "gateway_build_info", "gateway_ledger_backlog_records"})
 
 _Key = tuple[str, tuple[tuple[str, str], ...]]
 

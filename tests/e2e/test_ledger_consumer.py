@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from extproc.devstack import Stack, free_port
 from extproc.store.redis import tenant_tag
 
-from .conftest import ledger_records, make_stack
+from .conftest import grown, ledger_records, make_stack, scrape, series
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello"}]}
@@ -29,6 +31,16 @@ def stream_ids(redis_url: str, prefix: str) -> list[str]:
     with Redis.from_url(redis_url, decode_responses=True) as r:
         entries = r.xrange(f"{prefix}{tenant_tag(TENANT)}:usage")
     return [json.loads(fields["data"])["request_id"] for _, fields in entries]
+
+
+def metrics_of(port: int) -> dict[str, float]:
+    """`name{labels}` -> value of the consumer's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {
+        s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis_url: str) -> None:
@@ -50,8 +62,13 @@ def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis
         assert sorted(stream_ids(redis_url, prefix)) == sorted(sent)
         assert not ledger_path.exists(), "the server opened the ledger itself"
 
+        ops_port = free_port()
         consumer = subprocess.Popen(
-            [sys.executable, "-m", "extproc", "db", "consume", "--config", str(admin.config_path)],
+            [
+                sys.executable,
+                *("-m", "extproc", "db", "consume", "--config", str(admin.config_path)),
+                *("--metrics-listen", f"127.0.0.1:{ops_port}"),
+            ],
             env={**os.environ, "REDIS_URL": redis_url},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -76,6 +93,21 @@ def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis
             time.sleep(0.2)
         assert stream_ids(redis_url, prefix) == []
 
+        # Its ops port: what it moved, and the backlog (measured every 5 s) back to zero.
+        deadline = time.monotonic() + 15
+        while True:
+            m = metrics_of(ops_port)
+            if m.get("gateway_ledger_backlog_records") == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert m["gateway_ledger_records_total{result=inserted}"] == 6
+        assert m["gateway_ledger_records_total{result=dead_lettered}"] == 0
+        assert m["gateway_ledger_backlog_records"] == 0
+        assert m["gateway_ledger_insert_failures_total"] == 0
+        status = httpx.get(f"http://127.0.0.1:{ops_port}/status", timeout=5).json()
+        assert status["role"] == "ledger consumer" and status["records_inserted"] == 6 and status["ready"]
+        assert httpx.get(f"http://127.0.0.1:{ops_port}/healthz", timeout=5).status_code == 200
+
         consumer.send_signal(signal.SIGTERM)
         _, err = consumer.communicate(timeout=20)
         assert consumer.returncode == 0, err
@@ -93,3 +125,15 @@ def test_db_consume_refuses_the_embedded_backend(tmp_path: Path) -> None:
     done = admin.cli("db", "consume")
     assert done.returncode == 2
     assert "store.backend is embedded" in done.stderr
+
+
+def test_a_server_running_the_consumer_exports_its_figures(stack: Stack, api_key: str) -> None:
+    """The session's stack (Redis backend, the consumer in the server): its /metrics carry the same
+    gateway_ledger_* figures, and a served request's record counts as inserted."""
+    families: set[str] = set()
+    before = scrape(stack, families)
+    assert {"gateway_ledger_records", "gateway_ledger_insert_failures", "gateway_ledger_backlog_records"} <= families
+    r = httpx.post(f"{stack.base_url}{CHAT}", json=BODY, headers={"authorization": f"Bearer {api_key}"}, timeout=30)
+    assert r.status_code == 200
+    got = grown(stack, before, {series("gateway_ledger_records_total", result="inserted"): 1}, wait=10)
+    assert got[series("gateway_ledger_records_total", result="inserted")] >= 1

@@ -122,11 +122,14 @@ def test_more_commands_at_once_than_pool_connections_wait_for_one(redis_url: str
     requests got MaxConnectionsError (503s) from a healthy Redis."""
 
     async def go() -> None:
-        backend = RedisBackend(redis_url, prefix="t:", max_connections=4)
+        # A 5 s timeout, not the default 0.5 s: what is tested is that a command waits for a
+        # connection instead of failing at once; with two test workers loading the machine the
+        # last of the 212 waiters once took longer than 0.5 s (a flaky ConnectionError).
+        backend = RedisBackend(redis_url, prefix="t:", max_connections=4, timeout=5.0)
         key = f"t:pool:{uuid.uuid4().hex}"
         await backend.call(backend.client.set(key, "v"))
         # BLPOP holds its connection for 50 ms: 12 of them take three rounds of the four
-        # connections, well within the backend's 0.5 s timeout; 200 GETs wait their turn.
+        # connections, well within the timeout; 200 GETs wait their turn.
         got = await asyncio.gather(
             *(backend.call(backend.client.blpop([key + ":list"], timeout=0.05)) for _ in range(12)),
             *(backend.call(backend.client.get(key)) for _ in range(200)),

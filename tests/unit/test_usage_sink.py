@@ -543,6 +543,28 @@ async def test_ledger_down_keeps_entries_pending_then_inserts_once(
     await sink.close()
 
 
+async def test_consumer_measures_the_backlog_the_ledger_does_not_have_yet(
+    backend: RedisBackend, ledger: FakeLedger, tmp_path: Path
+) -> None:
+    """The alert that the money path is stuck: records of every tenant waiting in Redis, counted
+    while the ledger is down, back to zero once they are committed."""
+    sink = fast_sink(backend, Spool(tmp_path / "spool", max_bytes=MIB))
+    await sink.start()
+    records = [make_record(i, tenant=("acme", "other")[i % 2]) for i in range(30)]
+    await asyncio.gather(*(sink.record(r) for r in records))
+    ledger.down = True
+    consumer = fast_consumer(backend, ledger, backlog_interval=0.05)
+    assert consumer.counters.backlog == -1  # not measured yet: no sample rather than a false 0
+    await consumer.start()
+    await eventually(lambda: _true(consumer.counters.insert_failures >= 2), what="insert retried")
+    await eventually(lambda: _true(consumer.counters.backlog == 30), what="backlog of 30 measured")
+    ledger.down = False
+    await eventually(lambda: _true(len(ledger.ids()) == 30), what="ledger filled")
+    await eventually(lambda: _true(consumer.counters.backlog == 0), what="backlog back to 0")
+    await consumer.close()
+    await sink.close()
+
+
 @pytest.mark.parametrize("streams_before", [0, 1])
 async def test_consumer_finds_tenant_streams_created_after_it_started(
     backend: RedisBackend, ledger: FakeLedger, tmp_path: Path, streams_before: int

@@ -141,6 +141,9 @@ gateway_requests_in_flight 2.0
 # HELP gateway_usage_spool_bytes Spool.
 # TYPE gateway_usage_spool_bytes gauge
 gateway_usage_spool_bytes 100.0
+# HELP gateway_ledger_backlog_records Backlog.
+# TYPE gateway_ledger_backlog_records gauge
+gateway_ledger_backlog_records 40.0
 # HELP gateway_build_info Build.
 # TYPE gateway_build_info gauge
 gateway_build_info{version="0.1.0"} 1.0
@@ -162,6 +165,9 @@ gateway_requests_in_flight 5.0
 # HELP gateway_usage_spool_bytes Spool.
 # TYPE gateway_usage_spool_bytes gauge
 gateway_usage_spool_bytes 120.0
+# HELP gateway_ledger_backlog_records Backlog.
+# TYPE gateway_ledger_backlog_records gauge
+gateway_ledger_backlog_records 42.0
 # HELP gateway_build_info Build.
 # TYPE gateway_build_info gauge
 gateway_build_info{version="0.1.0"} 1.0
@@ -195,6 +201,7 @@ def s(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
         (s("gateway_requests_created", model="gpt-5", status="200"), 900.0),  # created: the earliest
         (s("gateway_requests_in_flight"), 7.0),  # gauges: sum
         (s("gateway_usage_spool_bytes"), 120.0),  # one shared directory: max
+        (s("gateway_ledger_backlog_records"), 42.0),  # Redis' streams, measured by each worker: max
         (s("gateway_build_info", version="0.1.0"), 1.0),
         (s("gen_ai_client_token_usage_bucket", gen_ai_token_type="input", le="1.0"), 1.0),  # histograms: sum
         (s("gen_ai_client_token_usage_bucket", gen_ai_token_type="input", le="+Inf"), 5.0),
