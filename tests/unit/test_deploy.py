@@ -34,8 +34,8 @@ def k8s_docs() -> list[dict[str, Any]]:
     return docs
 
 
-def deployment() -> dict[str, Any]:
-    return next(d for d in k8s_docs() if d["kind"] == "Deployment")
+def deployment(name: str = "llm-gateway") -> dict[str, Any]:
+    return next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == name)
 
 
 def containers() -> dict[str, dict[str, Any]]:
@@ -68,6 +68,7 @@ def test_k8s_gateway_config_is_the_repo_one_with_redis() -> None:
     config = load_config(K8S / "gateway.yaml")
     assert config.store.backend == "redis", "replicas need the shared store"
     assert config.ledger.database_url_env == "DATABASE_URL", "replicas share one durable ledger"
+    assert config.ledger.consumer is False, "the ledger-consumer Deployment writes the ledger, not the pods"
     replicas = deployment()["spec"]["replicas"]
     assert config.limits.expected_replicas == replicas, "the outage fallback divides limits by the replicas"
 
@@ -82,7 +83,38 @@ def test_local_state_is_on_a_writable_volume() -> None:
     for path in (config.spool_path, config.state_dir):
         assert any(str(path).startswith(w.rstrip("/") + "/") or str(path) == w for w in writable), path
     env = {e["name"]: e for e in ext["env"]}
-    assert "secretKeyRef" in env["DATABASE_URL"]["valueFrom"], "the ledger URL holds a password: a Secret"
+    assert "DATABASE_URL" not in env, "the gateway pods do not connect to the ledger (ledger.consumer: false)"
+
+
+def test_the_ledger_consumer_deployment() -> None:
+    """`extproc db consume` with the gateway pods' own gateway.yaml, the same Redis, the ledger URL
+    from the Secret, probes and Prometheus annotations on the port it serves."""
+    dep = deployment("llm-gateway-ledger-consumer")
+    spec = dep["spec"]["template"]["spec"]
+    (c,) = spec["containers"]
+    assert c["image"] == containers()["extproc"]["image"]
+    args = c["args"]
+    assert args[:2] == ["db", "consume"]
+    config_path = Path(args[args.index("--config") + 1])
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(config_path.parent)])
+    gateway_volume = next(
+        v for v in deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "gateway-config"
+    )
+    assert volume["configMap"] == gateway_volume["configMap"], "the pods' gateway.yaml"
+    config = load_config(K8S / config_path.name)
+    env = {e["name"]: e for e in c["env"]}
+    server_env = {e["name"]: e for e in containers()["extproc"]["env"]}
+    assert env[config.store.redis_url_env] == server_env[config.store.redis_url_env], "the same Redis"
+    assert config.ledger.database_url_env is not None
+    assert "secretKeyRef" in env[config.ledger.database_url_env]["valueFrom"], "the ledger URL: a Secret"
+    host, port = args[args.index("--metrics-listen") + 1].rsplit(":", 1)
+    assert host == "0.0.0.0", "the kubelet probes the pod IP"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": int(port)}
+    assert (c["livenessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["port"]) == ("/healthz", "metrics")
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == port
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
 
 
 def test_k8s_configs_are_consistent() -> None:
@@ -149,12 +181,19 @@ def test_compose_wiring() -> None:
     assert mock_env["MOCK_OPENAI_KEY"] == env["OPENAI_API_KEY"]
     assert mock_env["MOCK_ANTHROPIC_KEY"] == env["ANTHROPIC_API_KEY"]
     assert not any("key" in a for a in services["mock-provider"]["command"]), "no secret on a command line"
-    gateway = load_config(ROOT / services["extproc"]["volumes"][0].split(":")[0])
+    gateway_yaml = services["extproc"]["volumes"][0]
+    gateway = load_config(ROOT / gateway_yaml.split(":")[0])
     assert env[gateway.store.redis_url_env] == "redis://redis:6379/0" and "redis" in services
     assert gateway.ledger.database_url_env is not None
     pg = services["postgres"]["environment"]
     url = f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
-    assert env[gateway.ledger.database_url_env] == url
+    # The server leaves the ledger to ledger-consumer (gateway.yaml ledger.consumer: false).
+    assert not gateway.ledger.consumer and gateway.ledger.database_url_env not in env
+    consumer = services["ledger-consumer"]
+    assert consumer["command"][:2] == ["db", "consume"] and consumer["volumes"][0] == gateway_yaml
+    assert consumer["environment"][gateway.ledger.database_url_env] == url
+    assert consumer["environment"][gateway.store.redis_url_env] == env[gateway.store.redis_url_env]
+    assert {"redis", "ledger-migrate"} <= set(consumer["depends_on"])
     assert services["ledger-migrate"]["environment"][gateway.ledger.database_url_env] == url
     assert services["ledger-migrate"]["command"][:2] == ["db", "migrate"]
     mounted = {v.split(":")[1] for v in services["extproc"]["volumes"]}

@@ -300,7 +300,7 @@ def test_prometheus_scrapes_inside_the_pod(job: str, path: str, port: int | None
     config = load_yaml(PROMETHEUS)
     assert config["global"]["scrape_interval"] == "15s"
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert set(jobs) == {"extproc", "envoy"}
+    assert set(jobs) == {"extproc", "envoy", "ledger-consumer"}
     targets = [t for sc in jobs[job]["static_configs"] for t in sc["targets"]]
     assert jobs[job].get("metrics_path", "/metrics") == path
     if port is None:  # Envoy's admin port, as envoy-compose.yaml binds it
@@ -310,6 +310,15 @@ def test_prometheus_scrapes_inside_the_pod(job: str, path: str, port: int | None
     assert targets == [f"127.0.0.1:{port}"]
     prometheus = compose()["services"]["prometheus"]
     assert mounted_file("prometheus", flag(prometheus["command"], "config.file")) == PROMETHEUS
+
+
+def test_prometheus_scrapes_the_compose_ledger_consumer() -> None:
+    """A service of its own (outside the pod's namespace): by its compose name, on the port its
+    --metrics-listen serves."""
+    jobs = {j["job_name"]: j for j in load_yaml(PROMETHEUS)["scrape_configs"]}
+    command = compose()["services"]["ledger-consumer"]["command"]
+    _, port = host_port(command[command.index("--metrics-listen") + 1])
+    assert [t for sc in jobs["ledger-consumer"]["static_configs"] for t in sc["targets"]] == [f"ledger-consumer:{port}"]
 
 
 def test_compose_server_metrics_listen_is_what_prometheus_scrapes() -> None:
