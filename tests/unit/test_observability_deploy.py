@@ -62,6 +62,9 @@ COUNTERS_AND_GAUGES = {
     "gateway_cache_lookups_total",
     "gateway_cache_saved_usd_total",
     "gateway_fallbacks_total",
+    "gateway_ledger_records_total",
+    "gateway_ledger_insert_failures_total",
+    "gateway_ledger_backlog_records",
 }
 EXPORTED = COUNTERS_AND_GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 # Metrics carrying tenant and model labels: their panels must follow the dashboard's filters.
