@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
@@ -43,11 +45,34 @@ def metrics_of(port: int) -> dict[str, float]:
     }
 
 
-def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis_url: str) -> None:
-    stack, admin = make_stack(tmp_path, redis_url, overrides={"ledger": {"consumer": False}})
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_records_wait_in_redis_until_db_consume_moves_them(
+    tmp_path: Path, redis_url: str, request: pytest.FixtureRequest, db: str
+) -> None:
+    """SQLite (the default ledger) and PostgreSQL (production's): on PostgreSQL the server starts
+    without the URL's variable in its environment, though gateway.yaml names it (it never opens
+    the ledger); only the consumer has it."""
+    ledger: dict[str, object] = {"consumer": False}
+    db_env: dict[str, str] = {}
+    if db == "postgres":
+        # A name nobody's environment has: the server cannot find it anywhere.
+        name = f"LEDGER_URL_{uuid.uuid4().hex[:8].upper()}"
+        ledger["database_url_env"] = name
+        db_env = {name: request.getfixturevalue("pg_schema_url")}
+    stack, admin = make_stack(tmp_path, redis_url, overrides={"ledger": ledger})
+    assert not set(db_env) & {*os.environ, *stack.env}
+    if db_env:
+        done = admin.cli("db", "migrate", env=db_env)
+        assert done.returncode == 0, done.stderr
     secret, _ = admin.key(TENANT, "k")
     prefix = admin.config.store.redis_prefix
     ledger_path = admin.config.ledger_path
+
+    def in_ledger() -> list[str]:
+        if not db_env and not ledger_path.exists():
+            return []
+        return [rec.request_id for rec in ledger_records(admin.config, db_env)]
+
     stack.start()
     consumer: subprocess.Popen[str] | None = None
     try:
@@ -61,6 +86,7 @@ def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis
         time.sleep(1.5)
         assert sorted(stream_ids(redis_url, prefix)) == sorted(sent)
         assert not ledger_path.exists(), "the server opened the ledger itself"
+        assert in_ledger() == []
 
         ops_port = free_port()
         consumer = subprocess.Popen(
@@ -69,7 +95,7 @@ def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis
                 *("-m", "extproc", "db", "consume", "--config", str(admin.config_path)),
                 *("--metrics-listen", f"127.0.0.1:{ops_port}"),
             ],
-            env={**os.environ, "REDIS_URL": redis_url},
+            env={**os.environ, "REDIS_URL": redis_url, **db_env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -77,14 +103,13 @@ def test_records_wait_in_redis_until_db_consume_moves_them(tmp_path: Path, redis
         deadline = time.monotonic() + 20
         got: list[str] = []
         while time.monotonic() < deadline:
-            if ledger_path.exists():
-                got = [rec.request_id for rec in ledger_records(admin.config)]
-                if set(sent) <= set(got):
-                    break
+            got = in_ledger()
+            if set(sent) <= set(got):
+                break
             assert consumer.poll() is None, consumer.communicate()
             time.sleep(0.2)
         assert sorted(got) == sorted(sent), "every record in the ledger, once"
-        records = {rec.request_id: rec for rec in ledger_records(admin.config)}
+        records = {rec.request_id: rec for rec in ledger_records(admin.config, db_env)}
         assert [records[rid].stream for rid in sent] == [False, True] * 3
         assert all(records[rid].tenant == TENANT and records[rid].output_tokens > 0 for rid in sent)
         # Acknowledged and deleted from the stream once committed.
