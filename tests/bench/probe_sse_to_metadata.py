@@ -14,11 +14,17 @@ the filter (the price of the extraction).
 The filter's config is the JSON content parser (`envoy.content_parsers.json`) with json_to_metadata
 rules (a path of keys, a metadata key, a type): its exact fields were read from the descriptors
 compiled into the envoy binary (`tests/unit/test_wire_conformance.py: envoy_descriptor`).
+
+Then the gRPC access log service (`envoy.access_loggers.http_grpc`, flush interval 10 ms) to a
+Python server in this process (the ALS messages decoded with the descriptors from the binary too):
+what a record built from it would have (the extracted usage, status, Envoy's timings) and how long
+after the client had the last byte the entry arrives.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import http.server
 import json
 import os
@@ -35,10 +41,26 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
+from google.protobuf import (  # noqa: E402  # noqa: E402
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    json_format,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
+
 from extproc.devstack import free_port, tcp_open, wait_until  # noqa: E402
 from extproc.envoyconf import envoy_binary  # noqa: E402
+from tests.unit.test_wire_conformance import envoy_descriptor  # noqa: E402
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_H2_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _JSON_PARSER = "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser"
 _TICKS = os.sysconf("SC_CLK_TCK")
 NS = "gateway.usage"
@@ -144,7 +166,59 @@ def rules(fields: dict[str, list[str]]) -> list[dict[str, Any]]:
     ]
 
 
-def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filter: bool) -> str:
+def als_message_class() -> Any:
+    """StreamAccessLogsMessage from the FileDescriptorProtos compiled into the envoy binary."""
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+    for mod in (any_pb2, duration_pb2, timestamp_pb2, struct_pb2, wrappers_pb2, empty_pb2):
+        fdp = descriptor_pb2.FileDescriptorProto()
+        mod.DESCRIPTOR.CopyToProto(fdp)
+        pool.Add(fdp)
+        added.add(fdp.name)
+
+    def add(name: str) -> None:
+        if name in added:
+            return
+        fd = envoy_descriptor(name)
+        for dep in fd.dependency:
+            add(dep)
+        pool.Add(fd)
+        added.add(name)
+
+    add("envoy/service/accesslog/v3/als.proto")
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("envoy.service.accesslog.v3.StreamAccessLogsMessage")
+    )
+
+
+class AccessLogs:
+    """The ALS server's side: every HTTP entry as a dict, with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.cls = als_message_class()
+        self.entries: list[tuple[float, dict[str, Any]]] = []
+        self.lock = threading.Lock()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def stream(requests: Any, context: Any) -> bytes:
+            for msg in requests:
+                now = time.monotonic()
+                for entry in msg.http_logs.log_entry:
+                    with self.lock:
+                        self.entries.append((now, json_format.MessageToDict(entry)))
+            return b""
+
+        return grpc.method_handlers_generic_handler(
+            "envoy.service.accesslog.v3.AccessLogService",
+            {
+                "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
+                    stream, request_deserializer=self.cls.FromString, response_serializer=lambda r: r
+                )
+            },
+        )
+
+
+def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filter: bool, als: int | None = None) -> str:
     filters: list[dict[str, Any]] = []
     if with_filter:
         filters.append(
@@ -171,6 +245,31 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
         }
     )
     fmt = {"path": "%REQ(:PATH)%", **{k: f"%DYNAMIC_METADATA({NS}:{k})%" for k in (*OPENAI_FIELDS, *ANTHROPIC_FIELDS)}}
+    access_logs: list[dict[str, Any]] = [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(log),
+                "log_format": {"json_format": fmt},
+            },
+        }
+    ]
+    if als is not None:
+        access_logs.append(
+            {
+                "name": "envoy.access_loggers.http_grpc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                    "common_config": {
+                        "log_name": "gateway",
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "als"}},
+                        "buffer_flush_interval": "0.010s",
+                    },
+                },
+            }
+        )
     hcm = {
         "@type": _HCM,
         "stat_prefix": "probe",
@@ -180,16 +279,7 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
             ]
         },
         "http_filters": filters,
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": str(log),
-                    "log_format": {"json_format": fmt},
-                },
-            }
-        ],
+        "access_log": access_logs,
     }
     config = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -203,6 +293,37 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
                 }
             ],
             "clusters": [
+                *(
+                    [
+                        {
+                            "name": "als",
+                            "typed_extension_protocol_options": {
+                                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                                    "@type": _H2_OPTIONS,
+                                    "explicit_http_config": {"http2_protocol_options": {}},
+                                }
+                            },
+                            "load_assignment": {
+                                "cluster_name": "als",
+                                "endpoints": [
+                                    {
+                                        "lb_endpoints": [
+                                            {
+                                                "endpoint": {
+                                                    "address": {
+                                                        "socket_address": {"address": "127.0.0.1", "port_value": als}
+                                                    }
+                                                }
+                                            }
+                                        ]
+                                    }
+                                ],
+                            },
+                        }
+                    ]
+                    if als is not None
+                    else []
+                ),
                 {
                     "name": "up",
                     "load_assignment": {
@@ -221,7 +342,7 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
                             }
                         ],
                     },
-                }
+                },
             ],
         },
     }
@@ -263,6 +384,69 @@ def run(with_filter: bool, upstream_port: int, args: argparse.Namespace) -> dict
         envoy.wait(10)
 
 
+def probe_als(upstream_port: int) -> None:
+    """One stream of each API through Envoy with the filter and the gRPC access log."""
+    logs = AccessLogs()
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((logs.handler(),))
+    als_port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{als_port}")
+    server.start()
+    work = Path(tempfile.mkdtemp(prefix="probe-sse-als-"))
+    listener, admin = free_port(), free_port()
+    (work / "envoy.json").write_text(envoy_config(listener, upstream_port, admin, work / "a.log", True, als_port))
+    cmd = [envoy_binary(), "-c", str(work / "envoy.json"), "--log-level", "error", "--disable-hot-restart"]
+    envoy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=(work / "envoy.log").open("wb"))
+    try:
+        wait_until("envoy", lambda: tcp_open(listener), [envoy], 30)
+        delays: list[float] = []
+        missing = 0
+        for path in ("/openai", "/anthropic") * 10:
+            with urllib.request.urlopen(f"http://127.0.0.1:{listener}{path}", timeout=10) as r:
+                r.read()
+            done = time.monotonic()
+            before = len(logs.entries)
+            deadline = done + 2
+            while len(logs.entries) == before and time.monotonic() < deadline:
+                time.sleep(0.001)
+            if len(logs.entries) == before:
+                missing += 1  # not within 2 s: counted, the next request's wait starts afresh
+            else:
+                delays.append((logs.entries[-1][0] - done) * 1000)
+        time.sleep(1)
+        stats = urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats", timeout=5).read().decode()
+        als_stats = [line for line in stats.splitlines() if line.startswith("cluster.als.upstream_rq_total")]
+        print("gRPC access-log entries (the last of each API), the fields a record would use:")
+        for _, entry in logs.entries[-2:]:
+            common = entry.get("commonProperties", {})
+            print(
+                "  ",
+                json.dumps(
+                    {
+                        "path": entry.get("request", {}).get("path"),
+                        "status": entry.get("response", {}).get("responseCode"),
+                        "usage": common.get("metadata", {}).get("filterMetadata", {}).get(NS),
+                        "time_to_first_upstream_rx_byte": common.get("timeToFirstUpstreamRxByte"),
+                        "time_to_last_downstream_tx_byte": common.get("timeToLastDownstreamTxByte"),
+                        "response_body_bytes": entry.get("response", {}).get("responseBodyBytes"),
+                    }
+                ),
+            )
+        print(
+            f"entries: {len(logs.entries)} for 20 requests; {missing} not within 2 s of the response's end; "
+            f"{'; '.join(als_stats)}"
+        )
+        if delays:
+            print(
+                f"an entry arrived after the client had the last byte: median {statistics.median(delays):.1f} ms, "
+                f"max {max(delays):.1f} ms (buffer_flush_interval 10 ms)"
+            )
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
+        server.stop(0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--events", type=int, default=200)
@@ -291,6 +475,7 @@ def main() -> None:
                 f"Envoy CPU per event {'with' if with_filter else 'without'} the filter: "
                 f"median {statistics.median(per):.2f} µs ({', '.join(f'{v:.2f}' for v in per)})"
             )
+        probe_als(upstream_port)
     finally:
         upstream.shutdown()
 
