@@ -40,8 +40,8 @@ from extproc.wire import core_pb2  # noqa: E402
 from extproc.wire import external_processor_pb2 as ep  # noqa: E402
 from extproc.wire import external_processor_pb2_grpc as epg  # noqa: E402
 from extproc.wire import processing_mode_pb2 as pm  # noqa: E402
+from tests.bench.envoy_minimal import ROUTER, bootstrap, cluster  # noqa: E402
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 UPSTREAM_BODY = json.dumps({"usage": {"prompt_tokens": 3}}).encode()
 NEW_BODY = json.dumps({"edited": True}).encode()
 
@@ -99,71 +99,21 @@ class Probe(epg.ExternalProcessorServicer):
 
 
 def envoy_config(listener: int, upstream: int, extproc: int) -> str:
-    def cluster(name: str, port: int, h2: bool) -> dict[str, Any]:
-        c: dict[str, Any] = {
-            "name": name,
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
-                        ]
-                    }
-                ],
+    ext_proc = {
+        "name": "envoy.filters.http.ext_proc",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "xp"}},
+            "allow_mode_override": True,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
             },
-        }
-        if h2:
-            c["typed_extension_protocol_options"] = {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            }
-        return c
-
-    hcm = {
-        "@type": _HCM,
-        "stat_prefix": "probe",
-        "route_config": {
-            "virtual_hosts": [
-                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}
-            ]
         },
-        "http_filters": [
-            {
-                "name": "envoy.filters.http.ext_proc",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                    "grpc_service": {"envoy_grpc": {"cluster_name": "xp"}},
-                    "allow_mode_override": True,
-                    "processing_mode": {
-                        "request_header_mode": "SEND",
-                        "response_header_mode": "SEND",
-                        "request_body_mode": "NONE",
-                        "response_body_mode": "NONE",
-                    },
-                },
-            },
-            {
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-            },
-        ],
     }
-    listener_cfg = {
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-        ],
-    }
-    config = {
-        "static_resources": {
-            "listeners": [listener_cfg],
-            "clusters": [cluster("up", upstream, False), cluster("xp", extproc, True)],
-        }
-    }
-    return json.dumps(config)
+    return bootstrap(listener, [ext_proc, ROUTER], [cluster("up", upstream), cluster("xp", extproc, h2=True)])
 
 
 def start_envoy(work: Path) -> subprocess.Popen[bytes]:

@@ -57,10 +57,9 @@ from google.protobuf import (  # noqa: E402  # noqa: E402
 
 from extproc.devstack import free_port, tcp_open, wait_until  # noqa: E402
 from extproc.envoyconf import envoy_binary  # noqa: E402
+from tests.bench.envoy_minimal import ROUTER, bootstrap, cluster  # noqa: E402
 from tests.unit.test_wire_conformance import envoy_descriptor  # noqa: E402
 
-_HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-_H2_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _JSON_PARSER = "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser"
 _TICKS = os.sysconf("SC_CLK_TCK")
 NS = "gateway.usage"
@@ -238,12 +237,7 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
                 },
             }
         )
-    filters.append(
-        {
-            "name": "envoy.filters.http.router",
-            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-        }
-    )
+    filters.append(ROUTER)
     fmt = {"path": "%REQ(:PATH)%", **{k: f"%DYNAMIC_METADATA({NS}:{k})%" for k in (*OPENAI_FIELDS, *ANTHROPIC_FIELDS)}}
     access_logs: list[dict[str, Any]] = [
         {
@@ -270,83 +264,8 @@ def envoy_config(listener: int, upstream: int, admin: int, log: Path, with_filte
                 },
             }
         )
-    hcm = {
-        "@type": _HCM,
-        "stat_prefix": "probe",
-        "route_config": {
-            "virtual_hosts": [
-                {"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "up"}}]}
-            ]
-        },
-        "http_filters": filters,
-        "access_log": access_logs,
-    }
-    config = {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
-            "clusters": [
-                *(
-                    [
-                        {
-                            "name": "als",
-                            "typed_extension_protocol_options": {
-                                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                                    "@type": _H2_OPTIONS,
-                                    "explicit_http_config": {"http2_protocol_options": {}},
-                                }
-                            },
-                            "load_assignment": {
-                                "cluster_name": "als",
-                                "endpoints": [
-                                    {
-                                        "lb_endpoints": [
-                                            {
-                                                "endpoint": {
-                                                    "address": {
-                                                        "socket_address": {"address": "127.0.0.1", "port_value": als}
-                                                    }
-                                                }
-                                            }
-                                        ]
-                                    }
-                                ],
-                            },
-                        }
-                    ]
-                    if als is not None
-                    else []
-                ),
-                {
-                    "name": "up",
-                    "load_assignment": {
-                        "cluster_name": "up",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": upstream}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                },
-            ],
-        },
-    }
-    return json.dumps(config)
+    clusters = [cluster("up", upstream), *([cluster("als", als, h2=True)] if als is not None else [])]
+    return bootstrap(listener, filters, clusters, access_log=access_logs, admin=admin)
 
 
 def cpu_seconds(pid: int) -> float:
