@@ -120,6 +120,8 @@ class Target:
     url: str  # the chat completions URL
     headers: dict[str, str]
     pid: int | None = None  # the process whose CPU is counted (the ext_proc server)
+    # `extproc db consume` when the ledger consumer runs apart (--consumer apart): counted on its own.
+    consumer_pid: int | None = None
     failed: str | None = None  # why the target was dropped (LiteLLM only)
 
     @property
@@ -241,6 +243,7 @@ def wrk_run(
 ) -> dict[str, float] | None:
     """One wrk run against `t` (its CPU per request when it has a server pid); None when it failed."""
     before = cpu_seconds(t.pid) if t.pid else 0.0
+    consumer_before = cpu_seconds(t.consumer_pid) if t.consumer_pid else 0.0
     try:
         r = wrk(t.url, body, conns, duration, {**t.headers, **(extra or {})})
     except WRK_ERRORS as e:
@@ -250,6 +253,8 @@ def wrk_run(
         return None
     if t.pid and r["rps"] > 0:
         r["cpu_us"] = (cpu_seconds(t.pid) - before) / (r["rps"] * duration) * 1e6
+    if t.consumer_pid and r["rps"] > 0:
+        r["consumer_cpu_us"] = (cpu_seconds(t.consumer_pid) - consumer_before) / (r["rps"] * duration) * 1e6
     return r
 
 
@@ -832,6 +837,11 @@ def markdown(res: Results, info: dict[str, Any], d: dict[str, Any], names: list[
         if n == "C" and not info.get("litellm_ok"):
             note = f"**not run**: {info.get('litellm_skipped', 'skipped')}"
         md.append(f"- **{LABELS[n]}**: {note}")
+    if args.get("consumer") == "apart":
+        md.append(
+            "- the ledger consumer runs apart (`--consumer apart`: `extproc db consume` on the same Redis and "
+            "machine, as k8s/ledger-consumer.yaml runs it); its CPU is in section 5, not in the server's"
+        )
     if not info.get("checks", {}).get("pii_masked", True):
         md.append("- **warning**: B' prompt reached the mock unmasked (see the JSON `checks`).")
     if info.get("ledger"):
@@ -957,6 +967,11 @@ def markdown(res: Results, info: dict[str, Any], d: dict[str, Any], names: list[
         (f"per stream, 16 connections (wrk, {SSE_TOKENS} tokens)", "stream_c16", "cpu_us"),
     ):
         md.append(f"| {label} | {f2(m(fig, 'B', key), '.0f')} | {f2(m(fig, 'BP', key), '.0f')} |")
+    if args.get("consumer") == "apart":
+        md.append(
+            "| the ledger consumer apart (`extproc db consume`), per request, non-streamed, 16 connections "
+            f"| {f2(m('c16', 'B', 'consumer_cpu_us'), '.0f')} | {f2(m('c16', 'BP', 'consumer_cpu_us'), '.0f')} |"
+        )
 
     md += ["", "## 6. Ratios", ""]
     md += ["| ratio | B / A | B' / A |", "|---|---|---|"]
@@ -1007,6 +1022,12 @@ def main() -> None:
     parser.add_argument("--skip-litellm", action="store_true", help="leave target C out")
     parser.add_argument("--streams", default="500,1000,2000", help="open-stream counts, comma-separated")
     parser.add_argument("--litellm-venv", type=Path, help="venv for LiteLLM (default OUT/litellm-venv; reused)")
+    parser.add_argument(
+        "--consumer",
+        choices=("in-server", "apart"),
+        default="in-server",
+        help="the ledger consumer in the server (the repo's gateway.yaml) or apart (as k8s/ runs it)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -1033,7 +1054,13 @@ def main() -> None:
         "git_commit": git_commit(),
         "machine": machine(),
         "envoy_version": envoy_version(),
-        "settings": {"duration": args.duration, "repeats": args.repeats, "streams": counts, "out": str(out)},
+        "settings": {
+            "duration": args.duration,
+            "repeats": args.repeats,
+            "streams": counts,
+            "out": str(out),
+            "consumer": args.consumer,
+        },
         "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
     }
     results = Results()
@@ -1053,12 +1080,24 @@ def main() -> None:
     try:
         redis, redis_url = start_redis()
         cleanup.callback(stop_process, redis)
-        stack, admin = make_stack(out / "stack", redis_url, overrides=OVERRIDES)
+        overrides = {**OVERRIDES, **({"ledger": {"consumer": False}} if args.consumer == "apart" else {})}
+        stack, admin = make_stack(out / "stack", redis_url, overrides=overrides)
         key_b, _ = admin.key("bench", "suite")
         key_bp, _ = admin.key("bench-pii", "suite")
         cleanup.callback(stack.stop)
         stack.start()
         server_pid = stack.procs["server"].pid
+        consumer_pid: int | None = None
+        if args.consumer == "apart":
+            # As k8s/ledger-consumer.yaml runs it: a process of its own on the same Redis.
+            consumer = subprocess.Popen(
+                [sys.executable, "-m", "extproc", "db", "consume", "--config", str(admin.config_path)],
+                env={**os.environ, "REDIS_URL": redis_url},
+                stdout=subprocess.DEVNULL,
+                stderr=(out / "consumer.log").open("wb"),
+            )
+            cleanup.callback(stop_process, consumer)
+            consumer_pid = consumer.pid
 
         alone, alone_ports = start_envoy_alone(out, stack.ports.mock)
         cleanup.callback(stop_process, alone)
@@ -1067,8 +1106,8 @@ def main() -> None:
         targets = [
             Target("U", stack.mock_url + PATH, provider),
             Target("A", f"http://127.0.0.1:{alone_ports.listener}{PATH}", provider),
-            Target("B", stack.base_url + PATH, {"Authorization": f"Bearer {key_b}"}, pid=server_pid),
-            Target("BP", stack.base_url + PATH, {"Authorization": f"Bearer {key_bp}"}, pid=server_pid),
+            Target("B", stack.base_url + PATH, {"Authorization": f"Bearer {key_b}"}, server_pid, consumer_pid),
+            Target("BP", stack.base_url + PATH, {"Authorization": f"Bearer {key_bp}"}, server_pid, consumer_pid),
         ]
         litellm: subprocess.Popen[bytes] | None = None
         if litellm_exe is not None:
