@@ -279,6 +279,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if status.get("role") == "ledger consumer":  # `extproc db consume --metrics-listen`
+        backlog = status.get("backlog", -1)
+        rows = [
+            ("role", "ledger consumer (extproc db consume)"),
+            ("version", status.get("version")),
+            ("uptime", _duration(float(status.get("uptime_seconds", 0)))),
+            ("ready", "yes" if status.get("ready") else "no: " + "; ".join(status.get("reasons") or [])),
+            ("store", f"redis ({'reachable' if status.get('store_reachable') else 'UNREACHABLE'})"),
+            ("records inserted", status.get("records_inserted")),
+            ("already in the ledger", status.get("records_duplicate")),
+            ("dead letters", status.get("records_dead_lettered")),
+            ("insert failures", status.get("insert_failures")),
+            ("backlog", "not measured yet" if backlog is None or backlog < 0 else f"{backlog} records in Redis"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key:<{width}}  {value}")
+        return 0 if status.get("ready") else 3
     rows = [
         ("version", status.get("version")),
         ("uptime", _duration(float(status.get("uptime_seconds", 0)))),

@@ -21,7 +21,7 @@ from redis import Redis
 from extproc.devstack import Stack, free_port
 from extproc.store.redis import tenant_tag
 
-from .conftest import grown, ledger_records, make_stack, scrape, series
+from .conftest import extproc_status, grown, ledger_records, make_stack, scrape, series
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello"}]}
@@ -132,6 +132,10 @@ def test_records_wait_in_redis_until_db_consume_moves_them(
         status = httpx.get(f"http://127.0.0.1:{ops_port}/status", timeout=5).json()
         assert status["role"] == "ledger consumer" and status["records_inserted"] == 6 and status["ready"]
         assert httpx.get(f"http://127.0.0.1:{ops_port}/healthz", timeout=5).status_code == 200
+        shown = extproc_status(f"http://127.0.0.1:{ops_port}")
+        assert shown.returncode == 0, shown.stderr
+        assert "ledger consumer" in shown.stdout and "records inserted" in shown.stdout
+        assert "0 records in Redis" in shown.stdout
 
         consumer.send_signal(signal.SIGTERM)
         _, err = consumer.communicate(timeout=20)
