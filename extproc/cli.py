@@ -279,36 +279,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    rows = [
+        ("version", status.get("version")),
+        ("uptime", _duration(float(status.get("uptime_seconds", 0)))),
+        ("ready", "yes" if status.get("ready") else "no: " + "; ".join(status.get("reasons") or [])),
+        ("store", f"{status.get('store')} ({'reachable' if status.get('store_reachable') else 'UNREACHABLE'})"),
+    ]
     if status.get("role") == "ledger consumer":  # `extproc db consume --metrics-listen`
         backlog = status.get("backlog", -1)
-        rows = [
-            ("role", "ledger consumer (extproc db consume)"),
-            ("version", status.get("version")),
-            ("uptime", _duration(float(status.get("uptime_seconds", 0)))),
-            ("ready", "yes" if status.get("ready") else "no: " + "; ".join(status.get("reasons") or [])),
-            ("store", f"redis ({'reachable' if status.get('store_reachable') else 'UNREACHABLE'})"),
+        rows.insert(0, ("role", "ledger consumer (extproc db consume)"))
+        rows += [
             ("records inserted", status.get("records_inserted")),
             ("already in the ledger", status.get("records_duplicate")),
             ("dead letters", status.get("records_dead_lettered")),
             ("insert failures", status.get("insert_failures")),
             ("backlog", "not measured yet" if backlog is None or backlog < 0 else f"{backlog} records in Redis"),
         ]
-        width = max(len(k) for k, _ in rows)
-        for key, value in rows:
-            print(f"{key:<{width}}  {value}")
-        return 0 if status.get("ready") else 3
-    rows = [
-        ("version", status.get("version")),
-        ("uptime", _duration(float(status.get("uptime_seconds", 0)))),
-        ("ready", "yes" if status.get("ready") else "no: " + "; ".join(status.get("reasons") or [])),
-        ("store", f"{status.get('store')} ({'reachable' if status.get('store_reachable') else 'UNREACHABLE'})"),
-        ("transport", status.get("transport")),
-        ("in-flight requests", status.get("in_flight")),
-        ("open streams", status.get("open_streams")),
-        ("usage spool", f"{status.get('spool_bytes', 0)} bytes"),
-        ("records replayed", status.get("records_replayed")),
-        ("tracing", "on" if status.get("tracing") else "off"),
-    ]
+    else:
+        rows += [
+            ("transport", status.get("transport")),
+            ("in-flight requests", status.get("in_flight")),
+            ("open streams", status.get("open_streams")),
+            ("usage spool", f"{status.get('spool_bytes', 0)} bytes"),
+            ("records replayed", status.get("records_replayed")),
+            ("tracing", "on" if status.get("tracing") else "off"),
+        ]
     for w in status.get("workers") or ():
         state = "ready" if w.get("ready") else "NOT READY"
         rows.append(
