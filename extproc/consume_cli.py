@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from . import __version__
-from .accounting.consumer import LedgerConsumer
+from .accounting.consumer import LedgerConsumer, export_consumer
 from .cli_config import load_or_exit
 from .config import ConfigError, GatewayConfig
 from .ledger import Ledger, LedgerSchemaError, LedgerUnavailable, open_ledger
@@ -28,7 +28,6 @@ from .logsetup import configure_logging
 from .observability.health import Health
 from .observability.http import OpsServer, make_registry
 from .observability.metrics import GatewayMetrics
-from .server import export_consumer
 from .store import RedisBackend, open_backend
 
 log = logging.getLogger("extproc.accounting.consumer")

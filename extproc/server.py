@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from . import __version__, allocator
 from .accounting import tokenizer
-from .accounting.consumer import LedgerConsumer
+from .accounting.consumer import LedgerConsumer, export_consumer
 from .accounting.pricing import PriceTable
 from .accounting.sink import EmbeddedUsageSink, RedisUsageSink, UsageSink
 from .accounting.spool import Spool
@@ -163,14 +163,13 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     closers.append(store.close)
     spool = Spool(config.spool_path, config.usage.spool_max_bytes)
     sink: UsageSink
-    consumers: list[LedgerConsumer] = []
+    consumer: LedgerConsumer | None = None
     if isinstance(backend, RedisBackend):
         sink = RedisUsageSink(backend, spool)
         if ledger is not None:
             consumer = LedgerConsumer(backend, ledger)
             await consumer.start()
             closers.append(consumer.close)
-            consumers.append(consumer)
     else:
         assert ledger is not None
         sink = EmbeddedUsageSink(backend, ledger, spool)
@@ -208,7 +207,7 @@ async def build_runtime(config: GatewayConfig, extra_stages: tuple[Stage, ...] =
     closers.append(health.close)
     export_counters(gateway_metrics, sink, accounting, pii, backend, ledger, admission)
     export_limits(gateway_metrics, limits)
-    for consumer in consumers:
+    if consumer is not None:
         export_consumer(gateway_metrics, consumer)
     trimmer = asyncio.create_task(allocator.trim_after_peaks(admission.counters.take_peak))
 
@@ -260,29 +259,6 @@ def export_limits(metrics: GatewayMetrics, limits: LimitsService) -> None:
             ("dropped",): alerts.webhook_dropped,
         },
         ("result",),
-    )
-
-
-def export_consumer(metrics: GatewayMetrics, consumer: LedgerConsumer) -> None:
-    """The ledger consumer's figures: in a server that runs one, or in `extproc db consume`."""
-    cc = consumer.counters
-    metrics.counter_source(
-        "gateway_ledger_records",
-        "Usage records the ledger consumer handled, by result.",
-        lambda: {("inserted",): cc.inserted, ("duplicate",): cc.duplicates, ("dead_lettered",): cc.dead_lettered},
-        ("result",),
-    )
-    metrics.counter_source(
-        "gateway_ledger_insert_failures", "Ledger inserts that failed and were retried.", lambda: cc.insert_failures
-    )
-
-    def backlog() -> dict[tuple[str, ...], float]:
-        return {} if cc.backlog < 0 else {(): float(cc.backlog)}
-
-    metrics.gauge(
-        "gateway_ledger_backlog_records",
-        "Usage records in Redis not in the ledger yet (all tenants), measured every few seconds.",
-        backlog,
     )
 
 

@@ -32,7 +32,7 @@ import socket
 import time
 from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
@@ -43,6 +43,9 @@ from ..throttle import LogThrottle
 from .record import UsageRecord
 from .sink import LedgerWriter, insert_setting_aside
 from .spool import parse_record
+
+if TYPE_CHECKING:
+    from ..observability.metrics import GatewayMetrics
 
 log = logging.getLogger("extproc.accounting.consumer")
 
@@ -390,3 +393,27 @@ def _entries(reply: Any) -> Iterable[_Entry]:
 def _describe(err: BaseException) -> str:
     text = str(err)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def export_consumer(metrics: GatewayMetrics, consumer: LedgerConsumer) -> None:
+    """The ledger consumer's figures: in a server that runs one, or in `extproc db consume` (here,
+    not in the server module, so that command does not load the whole server to export them)."""
+    cc = consumer.counters
+    metrics.counter_source(
+        "gateway_ledger_records",
+        "Usage records the ledger consumer handled, by result.",
+        lambda: {("inserted",): cc.inserted, ("duplicate",): cc.duplicates, ("dead_lettered",): cc.dead_lettered},
+        ("result",),
+    )
+    metrics.counter_source(
+        "gateway_ledger_insert_failures", "Ledger inserts that failed and were retried.", lambda: cc.insert_failures
+    )
+
+    def backlog() -> dict[tuple[str, ...], float]:
+        return {} if cc.backlog < 0 else {(): float(cc.backlog)}
+
+    metrics.gauge(
+        "gateway_ledger_backlog_records",
+        "Usage records in Redis not in the ledger yet (all tenants), measured every few seconds.",
+        backlog,
+    )
