@@ -427,9 +427,7 @@ def _limit_problems(gateway: GatewayConfig, cfg: dict[str, Any]) -> list[str]:
 
 def http2_options(cluster: dict[str, Any]) -> dict[str, Any]:
     """A cluster's explicit `http2_protocol_options` ({} when it sets none)."""
-    opts = (cluster.get("typed_extension_protocol_options") or {}).get(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions", {}
-    )
+    opts = (cluster.get("typed_extension_protocol_options") or {}).get(_HTTP_OPTIONS, {})
     return cast(dict[str, Any], opts.get("explicit_http_config", {}).get("http2_protocol_options", {}))
 
 
@@ -487,7 +485,7 @@ def _tracing(out: dict[str, Any], keep: bool, otlp: OtlpTarget | None, sampling_
         return
     if otlp is not None:
         _endpoint(collector, otlp.host, otlp.port)
-        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        key = _HTTP_OPTIONS
         if otlp.protocol != "grpc":
             collector.pop("typed_extension_protocol_options", None)
             collector["typed_extension_protocol_options"] = {
@@ -542,7 +540,7 @@ def derive_local(
         cluster.pop("transport_socket", None)
         # The mock speaks plain HTTP/1.1 (no ALPN to negotiate): keep the common options (idle
         # timeouts) and drop only the protocol choice.
-        key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+        key = _HTTP_OPTIONS
         options = cluster.pop("typed_extension_protocol_options", {}).get(key, {})
         if "common_http_protocol_options" in options:
             cluster["typed_extension_protocol_options"] = {
