@@ -208,7 +208,13 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 def scrape(stack: Stack, families: set[str] | None = None) -> Samples:
     """Every sample of the server's /metrics by (name, labels); adds the names of the families
     (also those without samples yet, e.g. no refusal so far) to `families`."""
-    r = httpx.get(f"http://127.0.0.1:{stack.ports.metrics}/metrics", timeout=5)
+    assert stack.ports.metrics is not None, "the stack serves no metrics port"
+    return scrape_port(stack.ports.metrics, families)
+
+
+def scrape_port(port: int, families: set[str] | None = None) -> Samples:
+    """`scrape` of any ops port on 127.0.0.1 (a server's, a ledger consumer's)."""
+    r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     out: Samples = {}
     for family in text_string_to_metric_families(r.text):

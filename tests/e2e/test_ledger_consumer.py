@@ -15,13 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
 from extproc.devstack import Stack, free_port
 from extproc.store.redis import tenant_tag
 
-from .conftest import extproc_status, grown, ledger_records, make_stack, scrape, series
+from .conftest import extproc_status, grown, ledger_records, make_stack, scrape, scrape_port, series
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "gpt-5.5", "messages": [{"role": "user", "content": "hello"}]}
@@ -33,16 +32,6 @@ def stream_ids(redis_url: str, prefix: str) -> list[str]:
     with Redis.from_url(redis_url, decode_responses=True) as r:
         entries = r.xrange(f"{prefix}{tenant_tag(TENANT)}:usage")
     return [json.loads(fields["data"])["request_id"] for _, fields in entries]
-
-
-def metrics_of(port: int) -> dict[str, float]:
-    """`name{labels}` -> value of the consumer's /metrics."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    return {
-        s.name + "".join(f"{{{k}={v}}}" for k, v in sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 @pytest.mark.parametrize("db", ["sqlite", "postgres"])
@@ -121,14 +110,14 @@ def test_records_wait_in_redis_until_db_consume_moves_them(
         # Its ops port: what it moved, and the backlog (measured every 5 s) back to zero.
         deadline = time.monotonic() + 15
         while True:
-            m = metrics_of(ops_port)
-            if m.get("gateway_ledger_backlog_records") == 0 or time.monotonic() > deadline:
+            m = scrape_port(ops_port)
+            if m.get(series("gateway_ledger_backlog_records")) == 0 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        assert m["gateway_ledger_records_total{result=inserted}"] == 6
-        assert m["gateway_ledger_records_total{result=dead_lettered}"] == 0
-        assert m["gateway_ledger_backlog_records"] == 0
-        assert m["gateway_ledger_insert_failures_total"] == 0
+        assert m[series("gateway_ledger_records_total", result="inserted")] == 6
+        assert m[series("gateway_ledger_records_total", result="dead_lettered")] == 0
+        assert m[series("gateway_ledger_backlog_records")] == 0
+        assert m[series("gateway_ledger_insert_failures_total")] == 0
         status = httpx.get(f"http://127.0.0.1:{ops_port}/status", timeout=5).json()
         assert status["role"] == "ledger consumer" and status["records_inserted"] == 6 and status["ready"]
         assert httpx.get(f"http://127.0.0.1:{ops_port}/healthz", timeout=5).status_code == 200
